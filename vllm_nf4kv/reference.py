@@ -1,0 +1,235 @@
+"""Pure-torch NF4 codec: the ground truth for every kernel and backend.
+
+Each step is written so a kernel can reproduce it bit for bit: scale codes are
+found with integer operations on the fp32 bit pattern (no ``log2``), NF4 codes
+by counting how many of the 15 fp32 midpoints a value exceeds, and values are
+decoded as ``level * scale`` in fp32. Kernels are tested for equality of codes
+and scale codes against this module; this module is tested against the math.
+
+Non-finite input has a defined result: NaN is stored as 0, +-inf as the largest
+representable magnitude. Nothing crashes and nothing poisons neighbouring
+groups.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_nf4kv.format import (
+    DEFAULT_SEARCH_STEPS,
+    NF4_LEVELS,
+    SCALE_CODE_MAX,
+    SCALE_CODE_MIN,
+    SCALE_EXP_BIAS,
+    SCALE_MANTISSA_BITS,
+    SCALE_MAX,
+    CellLayout,
+    RowFormat,
+)
+from vllm_nf4kv.rotation import rotate
+
+_FP32_MANTISSA_BITS = 23
+_DROPPED_BITS = _FP32_MANTISSA_BITS - SCALE_MANTISSA_BITS  # 20
+_FP32_EXP_BIAS = 127
+
+
+def nf4_levels(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 levels as fp32."""
+    return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+
+
+def nf4_midpoints(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 15 decision thresholds, computed in fp32 (kernels load this tensor)."""
+    levels = nf4_levels(device)
+    return (levels[:-1] + levels[1:]) / 2
+
+
+# ---------------------------------------------------------------- scale codes
+
+
+def encode_scale_ceil(scale: torch.Tensor) -> torch.Tensor:
+    """Smallest ue5m3 code whose value is >= ``scale`` (int32, 0 for scale == 0).
+
+    Integer-only on the fp32 bits: exponent = bits >> 23, the 3-bit mantissa is
+    the top 3 mantissa bits rounded *up*. Out-of-range scales clamp to the
+    smallest / largest code.
+    """
+    scale = scale.float().clamp(0.0, SCALE_MAX)
+    bits = scale.contiguous().view(torch.int32)
+    exponent = (bits >> _FP32_MANTISSA_BITS) - _FP32_EXP_BIAS + SCALE_EXP_BIAS
+    mantissa = ((bits & ((1 << _FP32_MANTISSA_BITS) - 1)) + ((1 << _DROPPED_BITS) - 1)) >> _DROPPED_BITS
+    code = (exponent << SCALE_MANTISSA_BITS) + mantissa  # a mantissa carry bumps the exponent
+    code = code.clamp(SCALE_CODE_MIN, SCALE_CODE_MAX)
+    return torch.where(scale > 0, code, torch.zeros_like(code))
+
+
+def decode_scale(code: torch.Tensor) -> torch.Tensor:
+    """fp32 value of ue5m3 codes, built from bits (exact; code 0 is 0.0)."""
+    code = code.to(torch.int32)
+    exponent = (code >> SCALE_MANTISSA_BITS) - SCALE_EXP_BIAS + _FP32_EXP_BIAS
+    bits = (exponent << _FP32_MANTISSA_BITS) | ((code & 7) << _DROPPED_BITS)
+    value = bits.view(torch.float32)
+    return torch.where(code > 0, value, torch.zeros_like(value))
+
+
+# ---------------------------------------------------------------- NF4 codes
+
+
+def nf4_encode(normalized: torch.Tensor) -> torch.Tensor:
+    """Nearest NF4 level index (uint8) of values in [-1, 1]: count midpoints below."""
+    midpoints = nf4_midpoints(normalized.device)
+    return (normalized.unsqueeze(-1) > midpoints).sum(-1).to(torch.uint8)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """``[..., 2n]`` codes 0..15 -> ``[..., n]`` bytes, even index in the high nibble."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"need an even number of codes, got {codes.shape[-1]}")
+    codes = codes.to(torch.uint8)
+    return (codes[..., 0::2] << 4) | codes[..., 1::2]
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`."""
+    high, low = packed >> 4, packed & 0x0F
+    return torch.stack([high, low], dim=-1).flatten(-2)
+
+
+def _sanitize(x: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(x.float(), nan=0.0, posinf=SCALE_MAX, neginf=-SCALE_MAX)
+
+
+def quantize_groups(
+    x: torch.Tensor, group_size: int, search_steps: int = DEFAULT_SEARCH_STEPS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``[..., D]`` (already rotated) to codes ``[..., D]`` and scale codes ``[..., D/g]``.
+
+    Scale choice: start from the smallest code that covers the group's absmax
+    (no clipping), then try ``search_steps - 1`` codes below it and keep the one
+    with the least squared error (the first, i.e. largest, on ties). Smaller
+    scales clip the extreme value but give the bulk finer levels; for Gaussian
+    groups that trade wins most of the time.
+    """
+    if x.shape[-1] % group_size:
+        raise ValueError(f"last dim {x.shape[-1]} is not a multiple of group_size {group_size}")
+    if search_steps < 1:
+        raise ValueError(f"search_steps must be >= 1, got {search_steps}")
+    groups = _sanitize(x).unflatten(-1, (-1, group_size))  # [..., G, g]
+    levels = nf4_levels(x.device)
+    first = encode_scale_ceil(groups.abs().amax(-1))  # [..., G]
+    best_code = first
+    best_codes: torch.Tensor | None = None
+    best_err: torch.Tensor | None = None
+    for step in range(search_steps):
+        code = torch.where(first > step, first - step, first)
+        scale = decode_scale(code).unsqueeze(-1)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = nf4_encode((groups / safe).clamp(-1.0, 1.0))
+        err = ((levels[codes.long()] * scale - groups) ** 2).sum(-1)
+        if best_err is None:
+            best_code, best_codes, best_err = code, codes, err
+        else:
+            better = err < best_err
+            best_code = torch.where(better, code, best_code)
+            best_codes = torch.where(better.unsqueeze(-1), codes, best_codes)
+            best_err = torch.where(better, err, best_err)
+    assert best_codes is not None
+    return best_codes.flatten(-2), best_code.to(torch.uint8)
+
+
+def dequantize_groups(codes: torch.Tensor, scale_codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Codes ``[..., D]`` and scale codes ``[..., D/g]`` back to fp32 ``[..., D]``."""
+    levels = nf4_levels(codes.device)[codes.long()].unflatten(-1, (-1, group_size))
+    return (levels * decode_scale(scale_codes).unsqueeze(-1)).flatten(-2)
+
+
+# ---------------------------------------------------------------- head rows
+
+
+def _check_rows(x: torch.Tensor, fmt: RowFormat, name: str) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor (fp32/fp16/bf16), got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != fmt.head_dim:
+        raise ValueError(f"{name} must end in head_dim={fmt.head_dim}, got shape {tuple(x.shape)}")
+
+
+def encode_rows(
+    x: torch.Tensor, fmt: RowFormat, search_steps: int = DEFAULT_SEARCH_STEPS
+) -> torch.Tensor:
+    """Rotate and quantize head vectors ``[..., D]`` into stored rows ``[..., row_bytes]``."""
+    _check_rows(x, fmt, "x")
+    codes, scale_codes = quantize_groups(rotate(_sanitize(x)), fmt.group_size, search_steps)
+    return torch.cat([pack_nibbles(codes), scale_codes], dim=-1)
+
+
+def decode_rows_rotated(rows: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
+    """Stored rows ``[..., row_bytes]`` to fp32 vectors in the *rotated* space."""
+    if rows.dtype != torch.uint8 or rows.shape[-1] != fmt.row_bytes:
+        raise ValueError(f"rows must be uint8 [..., {fmt.row_bytes}], got {rows.dtype} {tuple(rows.shape)}")
+    codes = unpack_nibbles(rows[..., : fmt.code_bytes])
+    return dequantize_groups(codes, rows[..., fmt.code_bytes :], fmt.group_size)
+
+
+def fake_quantize_rows(x: torch.Tensor, fmt: RowFormat, search_steps: int = DEFAULT_SEARCH_STEPS) -> torch.Tensor:
+    """Round trip in the original space, in ``x``'s dtype (for ablations and reports)."""
+    from vllm_nf4kv.rotation import unrotate
+
+    return unrotate(decode_rows_rotated(encode_rows(x, fmt, search_steps), fmt)).to(x.dtype)
+
+
+# ---------------------------------------------------------------- paged cache
+
+
+def write_paged(
+    kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes] uint8
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int, slot = block * block_size + offset; < 0 skipped
+    layout: CellLayout,
+    search_steps: int = DEFAULT_SEARCH_STEPS,
+) -> None:
+    """Quantize K/V and store each token's cells at its slot (the reference of the store kernel)."""
+    check_paged_cache(kv_cache, layout)
+    if key.shape != value.shape or key.dim() != 3 or key.shape[1] != kv_cache.shape[1]:
+        raise ValueError(
+            f"key/value must be [num_tokens, {kv_cache.shape[1]}, {layout.head_dim}], "
+            f"got {tuple(key.shape)} and {tuple(value.shape)}"
+        )
+    num_tokens = slot_mapping.shape[0]
+    key, value = key[:num_tokens], value[:num_tokens]
+    valid = slot_mapping >= 0
+    if not bool(valid.any()):
+        return
+    slots = slot_mapping[valid].long()
+    cells = torch.cat(
+        [encode_rows(key[valid], layout.key, search_steps), encode_rows(value[valid], layout.value, search_steps)],
+        dim=-1,
+    )  # [n, H, cell]
+    block_size = kv_cache.shape[2]
+    blocks, offsets = slots // block_size, slots % block_size
+    kv_cache[blocks, :, offsets, :] = cells
+
+
+def read_paged(
+    kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes] uint8
+    block_table: torch.Tensor,  # [num_blocks_of_seq] int
+    seq_len: int,
+    layout: CellLayout,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantize one sequence's first ``seq_len`` tokens: rotated fp32 K, V ``[seq_len, H, D]``."""
+    check_paged_cache(kv_cache, layout)
+    block_size = kv_cache.shape[2]
+    needed = -(-seq_len // block_size)
+    cells = kv_cache[block_table[:needed].long()]  # [n, H, bs, C]
+    cells = cells.transpose(1, 2).flatten(0, 1)[:seq_len]  # [seq_len, H, C]
+    key = decode_rows_rotated(cells[..., : layout.key.row_bytes], layout.key)
+    value = decode_rows_rotated(cells[..., layout.value_offset :], layout.value)
+    return key, value
+
+
+def check_paged_cache(kv_cache: torch.Tensor, layout: CellLayout) -> None:
+    if kv_cache.dtype != torch.uint8 or kv_cache.dim() != 4 or kv_cache.shape[-1] != layout.cell_bytes:
+        raise ValueError(
+            f"nf4 cache must be uint8 [num_blocks, num_kv_heads, block_size, {layout.cell_bytes}], "
+            f"got {kv_cache.dtype} {tuple(kv_cache.shape)}"
+        )
