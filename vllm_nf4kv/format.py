@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+KV_CACHE_DTYPE = "nf4"  # the --kv-cache-dtype value this plugin adds
+
 # The 16 NF4 levels exactly as bitsandbytes hard-codes them
 # (bitsandbytes/functional.py, ``get_4bit_type("nf4")``; generated there by
 # ``create_normal_map(offset=0.9677083, use_extra_value=True)``).

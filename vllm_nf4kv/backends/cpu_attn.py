@@ -1,0 +1,174 @@
+"""NF4 attention backend for vLLM's CPU platform (pure PyTorch).
+
+It reuses vLLM's CPU backend for everything that is not about the cache
+format (metadata fields, block sizes, head sizes) and replaces the two places
+that touch pages: ``do_kv_cache_update`` quantizes K/V into NF4 cells with the
+reference codec, and ``forward`` attends over the dequantized pages, the
+current chunk included, so a prefix-cache hit reads exactly what a cold run
+wrote.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from vllm_nf4kv.format import KV_CACHE_DTYPE, CellLayout
+from vllm_nf4kv.paged_attention import paged_attention
+from vllm_nf4kv.reference import check_paged_cache, write_paged
+from vllm_nf4kv.rotation import rotate, unrotate
+
+
+def nf4_spec(spec: AttentionSpec) -> AttentionSpec:
+    """The spec with the packed NF4 cell size, so vLLM sizes pages (and capacity) by it."""
+    if spec.state_content_bytes is not None:
+        return spec
+    return replace(spec, state_content_bytes=CellLayout.for_head_dim(spec.head_size).cell_bytes)
+
+
+class NF4CPUAttentionBackend(CPUAttentionBackend):
+    supported_kv_cache_dtypes: ClassVar[list] = [KV_CACHE_DTYPE]
+
+    @staticmethod
+    def get_name() -> str:
+        # vLLM looks the name up in AttentionBackendEnum; CUSTOM is the slot for
+        # third-party backends.
+        return "CUSTOM"
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        return nf4_spec(spec)
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [h for h in super().get_supported_head_sizes() if h % 16 == 0]
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @staticmethod
+    def get_impl_cls() -> type[NF4CPUAttentionImpl]:
+        return NF4CPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[NF4CPUMetadataBuilder]:
+        return NF4CPUMetadataBuilder
+
+
+class NF4CPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    """vLLM's CPU metadata without the C++ scheduler plan (our forward does not use it)."""
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> CPUAttentionMetadata:
+        m = common_attn_metadata
+        return CPUAttentionMetadata(
+            num_actual_tokens=m.num_actual_tokens,
+            max_query_len=m.max_query_len,
+            query_start_loc=m.query_start_loc,
+            max_seq_len=m.max_seq_len,
+            seq_lens=m.seq_lens,
+            block_table=m.block_table_tensor,
+            slot_mapping=m.slot_mapping,
+            scheduler_metadata=None,
+            causal=bool(m.causal),
+        )
+
+
+class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        alibi_slopes: list[float] | None,
+        sliding_window: int | None,
+        kv_cache_dtype: str,
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> None:
+        refuse = []
+        if kv_cache_dtype != KV_CACHE_DTYPE:
+            refuse.append(f"kv_cache_dtype {kv_cache_dtype!r} (this backend stores only nf4)")
+        if alibi_slopes is not None:
+            refuse.append("ALiBi slopes")
+        if logits_soft_cap:
+            refuse.append("logits soft-capping")
+        if sinks is not None:
+            refuse.append("attention sinks")
+        if attn_type != AttentionType.DECODER:
+            refuse.append(f"attention type {attn_type!r}")
+        if refuse:
+            raise ValueError(
+                "--kv-cache-dtype nf4 on CPU does not support " + ", ".join(refuse)
+                + "; use --kv-cache-dtype auto or fp8 for this model"
+            )
+        super().__init__(
+            num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
+            kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks,
+        )
+        self.layout = CellLayout.for_head_dim(head_size)
+
+    def _cache(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        cache = kv_cache.view(torch.uint8) if kv_cache.dtype != torch.uint8 else kv_cache
+        check_paged_cache(cache, self.layout)
+        return cache
+
+    def do_kv_cache_update(
+        self,
+        layer: torch.nn.Module,
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes]
+        slot_mapping: torch.Tensor,  # [num_tokens]
+    ) -> None:
+        write_paged(self._cache(kv_cache), key, value, slot_mapping, self.layout)
+
+    def forward(
+        self,
+        layer: torch.nn.Module,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes]
+        attn_metadata: CPUAttentionMetadata | None,
+        output: torch.Tensor,  # [num_tokens, num_heads * head_size]
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported with nf4")
+        if attn_metadata is None:  # profiling / warm-up run
+            return output
+        n = attn_metadata.num_actual_tokens
+        query = query.view(-1, self.num_heads, self.head_size)
+        result = paged_attention(
+            rotate(query),
+            self._cache(kv_cache),
+            self.layout,
+            attn_metadata.query_start_loc,
+            attn_metadata.seq_lens,
+            attn_metadata.block_table,
+            self.scale,
+            causal=attn_metadata.causal,
+            sliding_window=self.sliding_window if self.sliding_window > 0 else None,
+        )[:n]
+        output.view(-1, self.num_heads, self.head_size)[:n] = unrotate(result).to(output.dtype)
+        return output
