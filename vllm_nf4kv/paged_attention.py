@@ -90,7 +90,9 @@ def paged_attention(
     """Attention of every query token over its request's NF4 pages; fp32 ``[num_tokens, Hq, D]``."""
     check_paged_cache(kv_cache, layout)
     if query.dim() != 3 or query.shape[-1] != layout.head_dim:
-        raise ValueError(f"query must be [num_tokens, num_heads, {layout.head_dim}], got {tuple(query.shape)}")
+        raise ValueError(
+            f"query must be [num_tokens, num_heads, {layout.head_dim}], got {tuple(query.shape)}"
+        )
     if query.shape[1] % kv_cache.shape[1]:
         raise ValueError(f"num_heads {query.shape[1]} is not a multiple of num_kv_heads {kv_cache.shape[1]}")
     starts = query_start_loc.tolist()

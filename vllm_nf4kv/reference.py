@@ -26,7 +26,7 @@ from vllm_nf4kv.format import (
     CellLayout,
     RowFormat,
 )
-from vllm_nf4kv.rotation import rotate
+from vllm_nf4kv.rotation import rotate, unrotate
 
 _FP32_MANTISSA_BITS = 23
 _DROPPED_BITS = _FP32_MANTISSA_BITS - SCALE_MANTISSA_BITS  # 20
@@ -165,15 +165,17 @@ def encode_rows(
 def decode_rows_rotated(rows: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
     """Stored rows ``[..., row_bytes]`` to fp32 vectors in the *rotated* space."""
     if rows.dtype != torch.uint8 or rows.shape[-1] != fmt.row_bytes:
-        raise ValueError(f"rows must be uint8 [..., {fmt.row_bytes}], got {rows.dtype} {tuple(rows.shape)}")
+        raise ValueError(
+            f"rows must be uint8 [..., {fmt.row_bytes}], got {rows.dtype} {tuple(rows.shape)}"
+        )
     codes = unpack_nibbles(rows[..., : fmt.code_bytes])
     return dequantize_groups(codes, rows[..., fmt.code_bytes :], fmt.group_size)
 
 
-def fake_quantize_rows(x: torch.Tensor, fmt: RowFormat, search_steps: int = DEFAULT_SEARCH_STEPS) -> torch.Tensor:
+def fake_quantize_rows(
+    x: torch.Tensor, fmt: RowFormat, search_steps: int = DEFAULT_SEARCH_STEPS
+) -> torch.Tensor:
     """Round trip in the original space, in ``x``'s dtype (for ablations and reports)."""
-    from vllm_nf4kv.rotation import unrotate
-
     return unrotate(decode_rows_rotated(encode_rows(x, fmt, search_steps), fmt)).to(x.dtype)
 
 
@@ -201,10 +203,9 @@ def write_paged(
     if not bool(valid.any()):
         return
     slots = slot_mapping[valid].long()
-    cells = torch.cat(
-        [encode_rows(key[valid], layout.key, search_steps), encode_rows(value[valid], layout.value, search_steps)],
-        dim=-1,
-    )  # [n, H, cell]
+    key_rows = encode_rows(key[valid], layout.key, search_steps)
+    value_rows = encode_rows(value[valid], layout.value, search_steps)
+    cells = torch.cat([key_rows, value_rows], dim=-1)  # [n, H, cell]
     block_size = kv_cache.shape[2]
     blocks, offsets = slots // block_size, slots % block_size
     kv_cache[blocks, :, offsets, :] = cells

@@ -14,7 +14,7 @@ least 16 wide because the format requires ``head_dim % 16 == 0``.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -33,7 +33,7 @@ def power_of_two_blocks(head_dim: int) -> list[int]:
     return [1 << b for b in reversed(range(head_dim.bit_length())) if head_dim >> b & 1]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _rotation_cpu(head_dim: int, seed: int) -> torch.Tensor:
     check_head_dim(head_dim)
     rotation = torch.zeros(head_dim, head_dim, dtype=torch.float64)
