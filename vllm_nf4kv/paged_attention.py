@@ -2,9 +2,14 @@
 
 This is what the CPU backend runs and what the Triton attention kernels are
 tested against. It dequantizes exactly the blocks a batch reads (the reference
-codec, bit for bit) and calls ``scaled_dot_product_attention`` in fp32, in the
-rotated space: queries are rotated before and outputs rotated back after, by
-the caller.
+codec, bit for bit) and calls ``scaled_dot_product_attention`` in the rotated
+space: queries are rotated before and outputs rotated back after, by the caller.
+
+Attention is computed in fp64 (``ACCUMULATE``). Why: fp32 SDPA results depend
+on the batch shape, and a 135M bf16 model amplifies one-ulp differences into
+different greedy tokens; in fp64 a query's output is the same whether its
+request is prefilled whole, in chunks, or after a prefix-cache hit, so those
+paths reproduce each other bit for bit.
 
 Decode requests (one query token) are attended together in bounded chunks;
 prefill and chunked-prefill requests one at a time, with the causal mask
@@ -19,6 +24,8 @@ import torch.nn.functional as F
 
 from vllm_nf4kv.format import CellLayout
 from vllm_nf4kv.reference import check_paged_cache, decode_rows_rotated
+
+ACCUMULATE = torch.float64
 
 # Upper bound on (requests x tokens) dequantized at once for batched decode:
 # keeps the fp32 K/V scratch of one chunk near 64k tokens x heads x head_dim.
@@ -42,7 +49,7 @@ def gather_kv(
 
 
 def _attend(
-    query: torch.Tensor,  # [R, Hq, Q, D] fp32
+    query: torch.Tensor,  # [R, Hq, Q, D] ACCUMULATE
     key: torch.Tensor,  # [R, Hkv, L, D] fp32
     value: torch.Tensor,  # [R, Hkv, L, D] fp32
     key_pos: torch.Tensor,  # [L]
@@ -52,6 +59,7 @@ def _attend(
     causal: bool,
     sliding_window: int | None,
 ) -> torch.Tensor:
+    key, value = key.to(ACCUMULATE), value.to(ACCUMULATE)
     allowed = key_pos[None, None, :] < seq_lens[:, None, None]  # [R, 1, L]
     if causal:
         allowed = allowed & (key_pos[None, None, :] <= query_pos[:, :, None])
@@ -87,7 +95,7 @@ def paged_attention(
     causal: bool = True,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Attention of every query token over its request's NF4 pages; fp32 ``[num_tokens, Hq, D]``."""
+    """Attention of every query token over its request's NF4 pages: ``[num_tokens, Hq, D]`` in fp64."""
     check_paged_cache(kv_cache, layout)
     if query.dim() != 3 or query.shape[-1] != layout.head_dim:
         raise ValueError(
@@ -98,8 +106,8 @@ def paged_attention(
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     num_reqs = len(lens)
-    out = torch.zeros(starts[-1], query.shape[1], query.shape[2], dtype=torch.float32, device=query.device)
-    query = query.float()
+    out = torch.zeros(starts[-1], query.shape[1], query.shape[2], dtype=ACCUMULATE, device=query.device)
+    query = query.to(ACCUMULATE)
     decode = [r for r in range(num_reqs) if starts[r + 1] - starts[r] == 1]
     others = [r for r in range(num_reqs) if starts[r + 1] - starts[r] > 1]
 

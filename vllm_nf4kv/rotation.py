@@ -44,29 +44,41 @@ def _rotation_cpu(head_dim: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (head_dim,), generator=generator, dtype=torch.int64) * 2 - 1
     rotation = signs.to(torch.float64)[:, None] * rotation
-    return rotation.to(torch.float32)
+    return rotation
 
 
-_DEVICE_CACHE: dict[tuple[int, int, str], torch.Tensor] = {}
+_DEVICE_CACHE: dict[tuple[int, int, str, torch.dtype], torch.Tensor] = {}
 
 
 def rotation_matrix(
-    head_dim: int, device: torch.device | str = "cpu", seed: int = ROTATION_SEED
+    head_dim: int,
+    device: torch.device | str = "cpu",
+    seed: int = ROTATION_SEED,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``R`` as fp32 ``[head_dim, head_dim]``; rotate rows with ``x @ R``."""
-    key = (head_dim, seed, str(device))
+    """``R`` as ``[head_dim, head_dim]``; rotate rows with ``x @ R``."""
+    key = (head_dim, seed, str(device), dtype)
     cached = _DEVICE_CACHE.get(key)
     if cached is None:
-        cached = _rotation_cpu(head_dim, seed).to(device)
+        cached = _rotation_cpu(head_dim, seed).to(device=device, dtype=dtype)
         _DEVICE_CACHE[key] = cached
     return cached
 
 
-def rotate(x: torch.Tensor, seed: int = ROTATION_SEED) -> torch.Tensor:
-    """Rotate the last dimension in fp32: ``x @ R``."""
-    return x.float() @ rotation_matrix(x.shape[-1], x.device, seed)
+def rotate(x: torch.Tensor, dtype: torch.dtype = torch.float32, seed: int = ROTATION_SEED) -> torch.Tensor:
+    """``x @ R``, accumulated in fp64 and returned as ``dtype``.
+
+    Why fp64: a row's result must not depend on how many rows are rotated with
+    it (BLAS picks kernels, and so summation orders, by matrix shape). With
+    power-of-two blocks every product is exact and fp64 sums of bf16/fp16
+    inputs are exact too, so a token quantizes to the same bytes whether it
+    arrives in a 1-token decode, a prefill chunk or a whole prompt.
+    """
+    rotation = rotation_matrix(x.shape[-1], x.device, seed, torch.float64)
+    return (x.to(torch.float64) @ rotation).to(dtype)
 
 
-def unrotate(x: torch.Tensor, seed: int = ROTATION_SEED) -> torch.Tensor:
-    """Inverse of :func:`rotate`: ``x @ R^T``."""
-    return x.float() @ rotation_matrix(x.shape[-1], x.device, seed).T
+def unrotate(x: torch.Tensor, dtype: torch.dtype = torch.float32, seed: int = ROTATION_SEED) -> torch.Tensor:
+    """Inverse of :func:`rotate`: ``x @ R^T``, accumulated in fp64."""
+    rotation = rotation_matrix(x.shape[-1], x.device, seed, torch.float64)
+    return (x.to(torch.float64) @ rotation.T).to(dtype)

@@ -24,7 +24,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from vllm_nf4kv.format import KV_CACHE_DTYPE, CellLayout
-from vllm_nf4kv.paged_attention import paged_attention
+from vllm_nf4kv.paged_attention import ACCUMULATE, paged_attention
 from vllm_nf4kv.reference import check_paged_cache, write_paged
 from vllm_nf4kv.rotation import rotate, unrotate
 
@@ -160,7 +160,7 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
         n = attn_metadata.num_actual_tokens
         query = query.view(-1, self.num_heads, self.head_size)
         result = paged_attention(
-            rotate(query),
+            rotate(query, ACCUMULATE),
             self._cache(kv_cache),
             self.layout,
             attn_metadata.query_start_loc,
@@ -170,5 +170,5 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
             causal=attn_metadata.causal,
             sliding_window=self.sliding_window if self.sliding_window > 0 else None,
         )[:n]
-        output.view(-1, self.num_heads, self.head_size)[:n] = unrotate(result).to(output.dtype)
+        output.view(-1, self.num_heads, self.head_size)[:n] = unrotate(result, output.dtype)
         return output
