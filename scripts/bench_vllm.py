@@ -1,0 +1,100 @@
+"""Capacity and quality of auto / fp8 / nf4 through real vLLM engines, as markdown.
+
+    .venv/bin/python scripts/bench_vllm.py [--tokens 4096] [--window 1024] [--out docs/vllm-cpu.md]
+
+Every dtype runs with the same ``--kv-cache-memory-bytes``; perplexity comes
+from ``prompt_logprobs`` (the K/V of each window are written to and read back
+from the engine's cache), greedy agreement from 8 prompts x 32 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from vllm_nf4kv.engine_eval import (  # noqa: E402
+    GREEDY_PROMPTS,
+    greedy_agreement,
+    greedy_tokens,
+    kv_capacity_tokens,
+    perplexity,
+    token_windows,
+)
+
+DTYPES = ("auto", "fp8", "nf4")
+TEXTS = {"Moby Dick": "moby_dick.txt", "State of the Union": "sotu_2000_2021.txt"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(REPO / ".assets/models/smollm2-135m"))
+    parser.add_argument("--texts", default=str(REPO / ".assets/texts"))
+    parser.add_argument("--kv-memory-bytes", type=int, default=256 * 2**20)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--greedy-tokens", type=int, default=32)
+    parser.add_argument("--out", help="also write the markdown here")
+    args = parser.parse_args()
+
+    from vllm import LLM
+
+    texts = {name: (Path(args.texts) / file).read_text() for name, file in TEXTS.items()}
+    rows, reference = {}, None
+    for dtype in DTYPES:
+        start = time.perf_counter()
+        llm = LLM(
+            model=args.model, kv_cache_dtype=dtype, enforce_eager=True, seed=0,
+            kv_cache_memory_bytes=args.kv_memory_bytes, max_model_len=max(2048, args.window),
+        )
+        row = {"capacity": kv_capacity_tokens(llm)}
+        for name, text in texts.items():
+            row[name] = perplexity(llm, token_windows(llm, text, args.tokens, args.window))
+        tokens = greedy_tokens(llm, GREEDY_PROMPTS, args.greedy_tokens)
+        reference = reference or tokens
+        row["greedy"] = greedy_agreement(reference, tokens)
+        row["seconds"] = time.perf_counter() - start
+        rows[dtype] = row
+        del llm
+        gc.collect()
+
+    auto = rows["auto"]
+    lines = [
+        f"Model `{Path(args.model).name}`, vLLM CPU, same KV budget "
+        f"{args.kv_memory_bytes / 2**20:.0f} MiB for every dtype; perplexity over the first "
+        f"{args.tokens} tokens in windows of {args.window}; greedy agreement over "
+        f"{len(GREEDY_PROMPTS)} prompts x {args.greedy_tokens} tokens vs auto. "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores.",
+        "",
+        "| kv-cache-dtype | KV tokens | vs auto | "
+        + " | ".join(f"PPL {n} | Δ vs auto" for n in TEXTS)
+        + " | greedy prefix agreement | identical continuations |",
+        "|---|---|---|" + "---|---|" * len(TEXTS) + "---|---|",
+    ]
+    for dtype, row in rows.items():
+        cells = [dtype, f"{row['capacity']:,}", f"{row['capacity'] / auto['capacity']:.2f}x"]
+        for name in TEXTS:
+            cells += [f"{row[name]:.3f}", f"{row[name] / auto[name] - 1:+.2%}"]
+        g = row["greedy"]
+        cells += [f"{g.prefix_fraction:.0%}", f"{g.exact}/{g.total}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    command = "python scripts/bench_vllm.py " + " ".join(sys.argv[1:])
+    lines += ["", f"Command: `{command.strip()}`"]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

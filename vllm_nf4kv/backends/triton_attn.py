@@ -1,0 +1,172 @@
+"""NF4 attention backend for vLLM on CUDA (0.33), built on the fused Triton kernels.
+
+Writes go through ``store_kv_nf4`` (quantize-on-write by ``slot_mapping``), reads
+through ``nf4_paged_attention``, which unpacks codes and scales in registers:
+no bf16 copy of the cache exists at any point. Queries are rotated before the
+kernel and outputs rotated back after it, the two small matmuls that fold the
+Hadamard rotation into attention.
+
+CUDA graphs: declared ``NEVER`` for now. The kernels take a fixed split count
+and could be captured, but this path has not yet been run under full-graph
+capture on a GPU; with ``NEVER`` vLLM keeps piecewise graphs for everything
+but attention, which is safe.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionImpl, AttentionType, MultipleOf
+from vllm.v1.attention.backends.triton_attn import (
+    TritonAttentionBackend,
+    TritonAttentionMetadata,
+    TritonAttentionMetadataBuilder,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from vllm_nf4kv.backends.cpu_attn import nf4_spec
+from vllm_nf4kv.format import KV_CACHE_DTYPE, CellLayout, check_head_dim
+
+
+class NF4TritonMetadataBuilder(TritonAttentionMetadataBuilder):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+
+class NF4TritonAttentionBackend(TritonAttentionBackend):
+    supported_kv_cache_dtypes: ClassVar[list] = [KV_CACHE_DTYPE]
+    forward_includes_kv_cache_update: bool = False
+
+    @staticmethod
+    def get_name() -> str:
+        # vLLM looks the name up in AttentionBackendEnum; CUSTOM is the slot for
+        # third-party backends.
+        return "CUSTOM"
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        return nf4_spec(spec)
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # Per-KV-head pages: a tensor-parallel rank owns its heads' pages only.
+        return (KVCacheLayout.LBHNC,)
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:  # noqa: ANN001
+        return [MultipleOf(16)]
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return head_size % 16 == 0 and head_size <= 256
+
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @staticmethod
+    def get_impl_cls() -> type[NF4TritonAttentionImpl]:
+        return NF4TritonAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[NF4TritonMetadataBuilder]:
+        return NF4TritonMetadataBuilder
+
+
+class NF4TritonAttentionImpl(AttentionImpl):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        alibi_slopes: list[float] | None,
+        sliding_window: int | None,
+        kv_cache_dtype: str,
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+        **unused: object,
+    ) -> None:
+        refuse = [
+            what for what, present in (
+                (f"kv_cache_dtype {kv_cache_dtype!r}", kv_cache_dtype != KV_CACHE_DTYPE),
+                ("ALiBi slopes", alibi_slopes is not None),
+                ("sliding windows", sliding_window is not None),
+                ("logits soft-capping", bool(logits_soft_cap)),
+                ("attention sinks", sinks is not None),
+                (f"attention type {attn_type!r}", attn_type != AttentionType.DECODER),
+            ) if present
+        ]
+        if refuse:
+            raise ValueError(
+                "--kv-cache-dtype nf4 on CUDA does not support " + ", ".join(refuse)
+                + "; use --kv-cache-dtype auto or fp8 for this model"
+            )
+        check_head_dim(head_size)
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.sliding_window = None
+        self.layout = CellLayout.for_head_dim(head_size)
+
+    def do_kv_cache_update(
+        self,
+        layer: torch.nn.Module,
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes]
+        slot_mapping: torch.Tensor,  # [num_tokens]
+    ) -> None:
+        from vllm_nf4kv.kernels.triton_store import store_kv_nf4
+        from vllm_nf4kv.rotation import rotate
+
+        store_kv_nf4(kv_cache.view(torch.uint8), rotate(key), rotate(value), slot_mapping, self.layout)
+
+    def forward(
+        self,
+        layer: torch.nn.Module,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes]
+        attn_metadata: TritonAttentionMetadata | None,
+        output: torch.Tensor,  # [num_tokens, num_heads * head_size]
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        from vllm_nf4kv.kernels.triton_attention import nf4_paged_attention
+        from vllm_nf4kv.rotation import rotate, unrotate
+
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported with nf4")
+        if attn_metadata is None:  # profiling run
+            return output
+        n = attn_metadata.num_actual_tokens
+        query = rotate(query[:n].view(n, self.num_heads, self.head_size), query.dtype).contiguous()
+        result = nf4_paged_attention(
+            query,
+            kv_cache.view(torch.uint8),
+            attn_metadata.block_table,
+            attn_metadata.query_start_loc,
+            attn_metadata.seq_lens,
+            self.layout,
+            self.scale,
+            max_query_len=attn_metadata.max_query_len,
+            max_seq_len=attn_metadata.max_seq_len,
+        )
+        output.view(-1, self.num_heads, self.head_size)[:n] = unrotate(result[:n], output.dtype)
+        return output
