@@ -1,0 +1,89 @@
+"""The CUDA backend's impl (Triton kernels) against the CPU backend's path, without a GPU.
+
+Runs ``NF4TritonAttentionImpl.do_kv_cache_update`` and ``forward`` under
+``TRITON_INTERPRET=1`` in a fresh interpreter (Triton reads the variable when
+kernels are defined, so it must not leak into this process) and checks that it
+writes the same cache bytes as the reference codec and attends like
+:func:`vllm_nf4kv.paged_attention.paged_attention`, the CPU backend's math, on a
+mixed batch (decode, chunked prefill, whole prefill) with GQA and blocks of 16.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.triton
+
+SCRIPT = textwrap.dedent(
+    """
+    import types, torch
+    from vllm_nf4kv import reference
+    from vllm_nf4kv.backends.triton_attn import NF4TritonAttentionBackend, NF4TritonAttentionImpl
+    from vllm_nf4kv.format import CellLayout
+    from vllm_nf4kv.paged_attention import paged_attention
+    from vllm_nf4kv.rotation import rotate, unrotate
+
+    torch.manual_seed(0)
+    heads, kv_heads, dim, block, num_blocks = 8, 2, 64, 16, 24
+    layout = CellLayout.for_head_dim(dim)
+    impl = NF4TritonAttentionImpl(heads, dim, dim ** -0.5, kv_heads, None, None, "nf4")
+    seq_lens = torch.tensor([37, 20, 9], dtype=torch.int32)
+    query_lens = [1, 7, 9]  # decode, chunked prefill (13 cached), whole prefill
+    block_table = torch.randperm(num_blocks, dtype=torch.int32)[:9].view(3, 3).contiguous()
+    cache = torch.zeros(num_blocks, kv_heads, block, layout.cell_bytes, dtype=torch.uint8)
+    expected = torch.zeros_like(cache)
+    for r, n in enumerate(seq_lens.tolist()):
+        key, value = torch.randn(n, kv_heads, dim), torch.randn(n, kv_heads, dim)
+        slots = torch.tensor([int(block_table[r, t // block]) * block + t % block for t in range(n)])
+        impl.do_kv_cache_update(None, key, value, cache, slots)
+        reference.write_paged(expected, key, value, slots, layout)
+    assert torch.equal(cache, expected), "store kernel differs from the reference codec"
+
+    query_start_loc = torch.tensor([0, 1, 8, 17], dtype=torch.int32)
+    query = torch.randn(17, heads, dim)
+    metadata = types.SimpleNamespace(
+        num_actual_tokens=17, query_start_loc=query_start_loc, seq_lens=seq_lens,
+        block_table=block_table, max_query_len=9, max_seq_len=37,
+    )
+    output = torch.zeros(17, heads * dim)
+    impl.forward(None, query, None, None, cache, metadata, output)
+    rotated = paged_attention(rotate(query), cache, layout, query_start_loc, seq_lens, block_table, dim ** -0.5)
+    want = unrotate(rotated).view(17, heads * dim)
+    error = (output - want).abs().max().item()
+    assert error < 1e-4, error
+    print("OK", error)
+    """
+)
+
+
+def test_cuda_impl_matches_cpu_path_under_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "OK" in result.stdout
+
+
+def test_cuda_backend_declares_nf4_pages_and_refuses_what_it_cannot_serve():
+    pytest.importorskip("vllm.v1.attention.backends.triton_attn")
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_nf4kv.backends.triton_attn import NF4TritonAttentionBackend, NF4TritonAttentionImpl
+
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=128, dtype=torch.uint8)
+    assert NF4TritonAttentionBackend.customize_spec(spec).page_size_bytes == 16 * 2 * 136
+    assert NF4TritonAttentionBackend.supports_kv_cache_dtype("nf4")
+    assert not NF4TritonAttentionBackend.supports_kv_cache_dtype("auto")
+    assert not NF4TritonAttentionBackend.supports_head_size(72)
+    with pytest.raises(ValueError, match="sliding windows"):
+        NF4TritonAttentionImpl(8, 64, 0.125, 2, None, 128, "nf4")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        NF4TritonAttentionImpl(8, 72, 0.125, 2, None, None, "nf4")
