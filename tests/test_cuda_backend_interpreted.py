@@ -52,7 +52,9 @@ SCRIPT = textwrap.dedent(
     )
     output = torch.zeros(17, heads * dim)
     impl.forward(None, query, None, None, cache, metadata, output)
-    rotated = paged_attention(rotate(query), cache, layout, query_start_loc, seq_lens, block_table, dim ** -0.5)
+    rotated = paged_attention(
+        rotate(query), cache, layout, query_start_loc, seq_lens, block_table, dim ** -0.5
+    )
     want = unrotate(rotated).view(17, heads * dim)
     error = (output - want).abs().max().item()
     assert error < 1e-4, error

@@ -86,8 +86,8 @@ def test_greedy_continuations_agree_with_bf16(engines):
 
 
 def _logprobs_of(output) -> list[float]:
-    completion = output.outputs[0]
-    return [step[token].logprob for token, step in zip(completion.token_ids, completion.logprobs)]
+    out = output.outputs[0]
+    return [step[token].logprob for token, step in zip(out.token_ids, out.logprobs, strict=True)]
 
 
 def test_prefix_cache_hit_matches_cold_run(engines, moby_dick):
@@ -130,12 +130,12 @@ def test_chunked_prefill_and_mixed_batches(engines, moby_dick):
     chunked = engines("nf4", max_num_batched_tokens=64, max_num_seqs=4, enable_prefix_caching=False).generate(
         prompts, params, use_tqdm=False
     )
-    for a, b in zip(whole, chunked):
+    for a, b in zip(whole, chunked, strict=True):
         assert b.outputs[0].token_ids == a.outputs[0].token_ids
         # Not bitwise: the rest of the model (bf16 matmuls over a different
         # mix of requests) rounds differently, as it does for stock vLLM with
         # auto; attention itself is batch-invariant (see the next test).
-        assert max(abs(x - y) for x, y in zip(_logprobs_of(a), _logprobs_of(b))) < 0.1
+        assert max(abs(x - y) for x, y in zip(_logprobs_of(a), _logprobs_of(b), strict=True)) < 0.1
 
 
 def test_chunked_prefill_is_bitwise_equal_for_one_request(engines, moby_dick):

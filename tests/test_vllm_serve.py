@@ -108,7 +108,8 @@ def test_chat_completion(client):
 def test_streaming_matches_non_streaming(client):
     kwargs = dict(model=SERVED, prompt="Once upon a time", max_tokens=24, temperature=0)
     whole = client.completions.create(**kwargs).choices[0].text
-    pieces = [chunk.choices[0].text for chunk in client.completions.create(stream=True, **kwargs) if chunk.choices]
+    stream = client.completions.create(stream=True, **kwargs)
+    pieces = [chunk.choices[0].text for chunk in stream if chunk.choices]
     assert len(pieces) > 1
     assert "".join(pieces) == whole
 

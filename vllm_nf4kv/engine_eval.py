@@ -36,8 +36,8 @@ def perplexity(llm: Any, windows: list[list[int]]) -> float:
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=False)
     total, count = 0.0, 0
-    for window, output in zip(windows, outputs):
-        for token, logprobs in zip(window[1:], output.prompt_logprobs[1:]):
+    for window, output in zip(windows, outputs, strict=True):
+        for token, logprobs in zip(window[1:], output.prompt_logprobs[1:], strict=True):
             total += logprobs[token].logprob
             count += 1
     return math.exp(-total / count)
@@ -59,8 +59,8 @@ def greedy_tokens(llm: Any, prompts: list[str], max_tokens: int) -> list[list[in
 
 def greedy_agreement(reference: list[list[int]], candidate: list[list[int]]) -> GreedyAgreement:
     fractions, exact = [], 0
-    for ref, cand in zip(reference, candidate):
-        same = next((i for i, (a, b) in enumerate(zip(ref, cand)) if a != b), len(ref))
+    for ref, cand in zip(reference, candidate, strict=True):
+        same = next((i for i, (a, b) in enumerate(zip(ref, cand, strict=False)) if a != b), len(ref))
         fractions.append(same / len(ref))
         exact += same == len(ref)
     return GreedyAgreement(sum(fractions) / len(fractions), exact, len(reference))
