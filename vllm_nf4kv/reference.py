@@ -95,8 +95,23 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([high, low], dim=-1).flatten(-2)
 
 
-def _sanitize(x: torch.Tensor) -> torch.Tensor:
+def sanitize(x: torch.Tensor) -> torch.Tensor:
+    """fp32 copy with NaN -> 0 and +-inf -> +-SCALE_MAX (callers rotate after this)."""
     return torch.nan_to_num(x.float(), nan=0.0, posinf=SCALE_MAX, neginf=-SCALE_MAX)
+
+
+def pairwise_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim in a fixed pairwise order: (0+1), (2+3), ... level by level.
+
+    Why: ``torch.sum``'s order is unspecified (it differs between CPU ISAs and
+    CUDA), and the scale search compares sums; with a fixed order the Triton
+    store kernel picks the same scale code by construction.
+    """
+    while x.shape[-1] > 1:
+        if x.shape[-1] % 2:
+            x = torch.nn.functional.pad(x, (0, 1))
+        x = x[..., 0::2] + x[..., 1::2]
+    return x[..., 0]
 
 
 def quantize_groups(
@@ -114,7 +129,7 @@ def quantize_groups(
         raise ValueError(f"last dim {x.shape[-1]} is not a multiple of group_size {group_size}")
     if search_steps < 1:
         raise ValueError(f"search_steps must be >= 1, got {search_steps}")
-    groups = _sanitize(x).unflatten(-1, (-1, group_size))  # [..., G, g]
+    groups = sanitize(x).unflatten(-1, (-1, group_size))  # [..., G, g]
     levels = nf4_levels(x.device)
     first = encode_scale_ceil(groups.abs().amax(-1))  # [..., G]
     best_code = first
@@ -125,7 +140,7 @@ def quantize_groups(
         scale = decode_scale(code).unsqueeze(-1)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         codes = nf4_encode((groups / safe).clamp(-1.0, 1.0))
-        err = ((levels[codes.long()] * scale - groups) ** 2).sum(-1)
+        err = pairwise_sum((levels[codes.long()] * scale - groups) ** 2)
         if best_err is None:
             best_code, best_codes, best_err = code, codes, err
         else:
@@ -158,7 +173,7 @@ def encode_rows(
 ) -> torch.Tensor:
     """Rotate and quantize head vectors ``[..., D]`` into stored rows ``[..., row_bytes]``."""
     _check_rows(x, fmt, "x")
-    codes, scale_codes = quantize_groups(rotate(_sanitize(x)), fmt.group_size, search_steps)
+    codes, scale_codes = quantize_groups(rotate(sanitize(x)), fmt.group_size, search_steps)
     return torch.cat([pack_nibbles(codes), scale_codes], dim=-1)
 
 

@@ -132,9 +132,11 @@ class NF4TritonAttentionImpl(AttentionImpl):
         slot_mapping: torch.Tensor,  # [num_tokens]
     ) -> None:
         from vllm_nf4kv.kernels.triton_store import store_kv_nf4
+        from vllm_nf4kv.reference import sanitize
         from vllm_nf4kv.rotation import rotate
 
-        store_kv_nf4(kv_cache.view(torch.uint8), rotate(key), rotate(value), slot_mapping, self.layout)
+        key, value = rotate(sanitize(key)), rotate(sanitize(value))
+        store_kv_nf4(kv_cache.view(torch.uint8), key, value, slot_mapping, self.layout)
 
     def forward(
         self,

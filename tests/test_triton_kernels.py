@@ -1,0 +1,492 @@
+"""Triton NF4 kernels against the pure-torch reference (``vllm_nf4kv.reference``).
+
+Interpreter switch, conftest-free: on a machine without CUDA, and unless
+``TRITON_INTERPRET`` is already set, this module sets ``TRITON_INTERPRET=1``
+*before* it imports Triton (``@triton.jit`` reads it when a kernel is defined, and
+Triton reads it again at run time), then restores the environment as soon as its
+imports are done, so modules collected later see the session's own setting; a
+module-scoped fixture sets it again only while this module's tests run. If another
+module imported the kernels earlier in the other mode, they are re-imported in
+this one. Caveat: Triton's own ``triton.language`` helpers keep the mode of the
+first ``import triton`` in the process. On a CUDA machine the same tests run
+compiled on the GPU (force the interpreter there with ``TRITON_INTERPRET=1``).
+
+What is compared:
+* store: cache bytes equal, bit for bit, to the reference codec's on the same
+  rotated input (codes and scale codes);
+* load: equal to ``reference.read_paged`` (exact in fp32; fp16/bf16 are the
+  reference's fp32 values rounded to nearest even);
+* attention: against ``attention_reference`` over the *same dequantized cache*, so
+  quantization error is excluded; tolerances in ``ATTENTION_TOL`` (fp32 dots and
+  fp32 output: 1e-5; fp16 dots/output: 3e-3; bf16: 2e-2, i.e. about two bf16 ulps).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
+_SET_HERE = _PREVIOUS_INTERPRET is None and not torch.cuda.is_available()
+if _SET_HERE:
+    os.environ["TRITON_INTERPRET"] = "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+try:
+    triton = pytest.importorskip("triton")
+    _MODULES = [importlib.import_module(f"vllm_nf4kv.kernels.{name}")
+                for name in ("triton_codec", "triton_store", "triton_attention")]
+    if any(not isinstance(kernel, triton.runtime.jit.JITFunction) != INTERPRET
+           for kernel in (_MODULES[1]._store_kv_nf4_kernel, _MODULES[2]._nf4_attention_kernel)):
+        _MODULES = [importlib.reload(module) for module in _MODULES]  # imported earlier in the other mode
+finally:
+    if _SET_HERE:
+        os.environ.pop("TRITON_INTERPRET", None)
+
+from vllm_nf4kv import reference  # noqa: E402
+from vllm_nf4kv.format import CellLayout, RowFormat  # noqa: E402
+from vllm_nf4kv.kernels.attention_reference import paged_attention_reference  # noqa: E402
+from vllm_nf4kv.rotation import rotate  # noqa: E402
+
+_, triton_store, triton_attention = _MODULES
+store_kv_nf4 = triton_store.store_kv_nf4
+load_kv_nf4 = triton_store.load_kv_nf4
+nf4_paged_attention = triton_attention.nf4_paged_attention
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
+                       reason="compiled Triton needs CUDA; set TRITON_INTERPRET=1"),
+]
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_env():
+    """TRITON_INTERPRET=1 while this module's tests run (only where the module set it)."""
+    if _SET_HERE:
+        os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if _SET_HERE:
+        os.environ.pop("TRITON_INTERPRET", None)
+
+
+# Shapes kept small: the interpreter runs every program in Python (~2-50 ms each).
+HEAD_DIMS = [64, 128, 256]
+ODD_HEAD_DIMS = [48, 96]  # group sizes 16 / 24: padded tiles, 3 groups, non-power-of-two groups
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BLOCK_SIZES = [16, 128]
+GQA_RATIOS = [1, 4, 8]
+SEARCH_STEPS = [1, 4]
+
+
+def _dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+ATTENTION_TOL = {  # (atol, rtol) of the kernel vs attention_reference on the same cache
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (3e-3, 3e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _rand_rows(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    """Gaussian rows with per-row magnitudes over several octaves (exercises scale codes)."""
+    x = torch.randn(*shape, generator=gen)
+    return x * torch.exp2(torch.randint(-6, 7, (*shape[:-1], 1), generator=gen).float())
+
+
+def _reference_cells(
+    key_rot: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim] rotated
+    value_rot: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim] rotated
+    layout: CellLayout,
+    search_steps: int,
+) -> torch.Tensor:  # [num_tokens, num_kv_heads, cell_bytes] uint8
+    """The reference codec's lower-level functions applied to the same rotated input."""
+    k_codes, k_scales = reference.quantize_groups(key_rot.cpu(), layout.key.group_size, search_steps)
+    v_codes, v_scales = reference.quantize_groups(value_rot.cpu(), layout.value.group_size, search_steps)
+    cells = [reference.pack_nibbles(k_codes), k_scales, reference.pack_nibbles(v_codes), v_scales]
+    return torch.cat(cells, -1)
+
+
+def _expected_cache(
+    cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes] uint8 (not modified)
+    key_rot: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim] rotated
+    value_rot: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim] rotated
+    slots: torch.Tensor,  # [num_tokens], < 0 skipped
+    layout: CellLayout,
+    search_steps: int,
+) -> torch.Tensor:  # CPU copy of cache with the reference's cells at the slots
+    expected = cache.cpu().clone()
+    valid = (slots >= 0).cpu()
+    s = slots.cpu()[valid].long()
+    block_size = cache.shape[2]
+    expected[s // block_size, :, s % block_size] = _reference_cells(key_rot[valid], value_rot[valid], layout,
+                                                                   search_steps)
+    return expected
+
+
+def _paged_batch(
+    gen: torch.Generator,
+    layout: CellLayout,
+    num_kv_heads: int,
+    block_size: int,
+    seq_lens: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache filled by the reference codec through a shuffled block table."""
+    blocks_per_seq = max(-(-s // block_size) for s in seq_lens)
+    num_blocks = blocks_per_seq * len(seq_lens) + 2
+    cache = torch.zeros(num_blocks, num_kv_heads, block_size, layout.cell_bytes, dtype=torch.uint8)
+    table = torch.randperm(num_blocks, generator=gen)[: blocks_per_seq * len(seq_lens)]
+    table = table.view(len(seq_lens), blocks_per_seq)
+    for seq, seq_len in enumerate(seq_lens):
+        pos = torch.arange(seq_len)
+        slots = table[seq][pos // block_size] * block_size + pos % block_size
+        key = torch.randn(seq_len, num_kv_heads, layout.head_dim, generator=gen)
+        value = torch.randn(seq_len, num_kv_heads, layout.head_dim, generator=gen)
+        reference.write_paged(cache, key, value, slots, layout)
+    return cache.to(DEVICE), table.to(torch.int32).to(DEVICE)
+
+
+def _run_attention(
+    gen: torch.Generator,
+    head_dim: int,
+    num_kv_heads: int,
+    gqa: int,
+    block_size: int,
+    seq_lens: list[int],
+    q_lens: list[int],
+    dtype: torch.dtype,
+    num_splits: int | None = None,
+    causal: bool = True,
+    padding_tokens: int = 0,
+) -> None:
+    layout = CellLayout.for_head_dim(head_dim)
+    cache, table = _paged_batch(gen, layout, num_kv_heads, block_size, seq_lens)
+    starts = [0, *torch.tensor(q_lens).cumsum(0).tolist()]
+    query_start_loc = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+    num_tokens = sum(q_lens) + padding_tokens
+    query = rotate(torch.randn(num_tokens, num_kv_heads * gqa, head_dim, generator=gen)).to(dtype).to(DEVICE)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
+    out = nf4_paged_attention(query, cache, table, query_start_loc, seq_lens_t, layout, scale,
+                              max_query_len=max(q_lens), max_seq_len=max(seq_lens), causal=causal,
+                              num_splits=num_splits)
+    assert out.dtype == dtype and out.shape == query.shape
+    expected = paged_attention_reference(query.cpu(), cache.cpu(), table.cpu(), query_start_loc.cpu(),
+                                         seq_lens_t.cpu(), layout, scale, causal=causal)
+    atol, rtol = ATTENTION_TOL[dtype]
+    valid = sum(q_lens)
+    torch.testing.assert_close(out[:valid].float().cpu(), expected[:valid], atol=atol, rtol=rtol)
+
+
+# ---------------------------------------------------------------- store
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS + ODD_HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_store_matches_reference_exactly(head_dim: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(head_dim)
+    layout = CellLayout.for_head_dim(head_dim)
+    num_tokens, num_kv_heads, block_size, num_blocks = 12, 2, 16, 3
+    key_rot = rotate(_rand_rows(gen, num_tokens, num_kv_heads, head_dim)).to(dtype)
+    value_rot = rotate(_rand_rows(gen, num_tokens, num_kv_heads, head_dim)).to(dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    cache = torch.randint(0, 256, (num_blocks, num_kv_heads, block_size, layout.cell_bytes), generator=gen,
+                          dtype=torch.uint8)
+    expected = _expected_cache(cache, key_rot, value_rot, slots, layout, 4)
+    cache = cache.to(DEVICE)
+    store_kv_nf4(cache, key_rot.to(DEVICE), value_rot.to(DEVICE), slots.to(DEVICE), layout)
+    assert torch.equal(cache.cpu(), expected)
+
+
+@pytest.mark.parametrize("search_steps", SEARCH_STEPS)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # 3e38 - level * scale, squared
+def test_store_special_values_and_split_group_sizes(search_steps: int) -> None:
+    """Zero groups, NaN, +-inf, huge and tiny values; K and V with different group sizes."""
+    layout = CellLayout(RowFormat(64, 16), RowFormat(64, 32))
+    rows = torch.randn(6, 1, 64, generator=torch.Generator().manual_seed(7))
+    rows[0] = 0.0
+    rows[1, 0, 3], rows[1, 0, 40] = float("nan"), float("inf")
+    rows[2, 0, 17], rows[2, 0, 63] = float("-inf"), 3e38
+    rows[3] *= 1e-30  # below the smallest scale
+    rows[4] *= 1e5  # above the largest scale
+    rows[5, 0, :16] = 0.0  # one all-zero group beside normal ones
+    slots = torch.arange(6)
+    cache = torch.zeros(1, 1, 16, layout.cell_bytes, dtype=torch.uint8)
+    expected = _expected_cache(cache, rows, rows.flip(0), slots, layout, search_steps)
+    cache = cache.to(DEVICE)
+    store_kv_nf4(cache, rows.to(DEVICE), rows.flip(0).to(DEVICE), slots.to(DEVICE), layout, search_steps)
+    assert torch.equal(cache.cpu(), expected)
+
+
+def test_store_matches_write_paged_end_to_end() -> None:
+    """rotate() then the kernel == reference.write_paged (which rotates internally); the kernel
+    reads strided views, as vLLM's key/value are slices of one qkv tensor."""
+    gen = torch.Generator().manual_seed(3)
+    layout = CellLayout.for_head_dim(128)
+    key = _rand_rows(gen, 10, 2, 128).to(torch.bfloat16)
+    value = _rand_rows(gen, 10, 2, 128).to(torch.bfloat16)
+    slots = torch.randperm(32, generator=gen)[:10]
+    expected = torch.zeros(2, 2, 16, layout.cell_bytes, dtype=torch.uint8)
+    reference.write_paged(expected, key, value, slots, layout)
+    packed = torch.zeros(10, 2, 3, 128, device=DEVICE)  # [num_tokens, num_kv_heads, (q, k, v), head_dim]
+    packed[:, :, 1], packed[:, :, 2] = rotate(key.to(DEVICE)), rotate(value.to(DEVICE))
+    cache = torch.zeros_like(expected, device=DEVICE)
+    store_kv_nf4(cache, packed[:, :, 1], packed[:, :, 2], slots.to(DEVICE), layout)
+    assert torch.equal(cache.cpu(), expected)
+
+
+# A group (already rotated, group size 16) whose best two scale codes have squared errors within
+# fp32 summation-order noise: torch.sum's vectorized order picks 132 on x86 CPUs, the fixed
+# pairwise order (neighbours (0,1), (2,3), ... level by level) picks 133. Found by searching 3.5M
+# random groups (1 such group). The kernel and reference.pairwise_sum follow the pairwise order.
+_NEAR_TIE_ROW = [
+    "0x1.38b272p-3", "-0x1.036734p-1", "0x1.14a2aep-3", "-0x1.916be8p-2", "-0x1.0f327cp-4", "-0x1.b08a72p+0",
+    "-0x1.0bb650p-1", "-0x1.3cee66p-2", "-0x1.a308e0p-1", "-0x1.e387eep-2", "0x1.3b041ep-1", "0x1.a9e17ap-1",
+    "0x1.2c643ap+0", "-0x1.fd9388p-1", "0x1.7f2ff8p+0", "0x1.f1d6fcp-2",
+]
+
+
+def test_store_near_tie_follows_pairwise_order() -> None:
+    layout = CellLayout(RowFormat(16, 16), RowFormat(16, 16))
+    row = torch.tensor([float.fromhex(h) for h in _NEAR_TIE_ROW]).view(1, 1, 16)
+    cache = torch.zeros(1, 1, 16, layout.cell_bytes, dtype=torch.uint8, device=DEVICE)
+    store_kv_nf4(cache, row.to(DEVICE), row.to(DEVICE), torch.tensor([0], device=DEVICE), layout)
+    assert cache[0, 0, 0, layout.key.code_bytes].item() == 133
+    _, ref_scale = reference.quantize_groups(row, 16)
+    assert ref_scale.item() == 133  # reference.pairwise_sum: the same fixed order
+    assert torch.equal(cache.cpu(), _expected_cache(torch.zeros_like(cache.cpu()), row, row,
+                                                    torch.tensor([0]), layout, 4))
+
+
+def test_store_skips_negative_slots_and_padding_tokens() -> None:
+    gen = torch.Generator().manual_seed(5)
+    layout = CellLayout.for_head_dim(64)
+    key_rot = rotate(torch.randn(9, 2, 64, generator=gen))  # 9 tokens, only 7 slots: 2 padding tokens
+    value_rot = rotate(torch.randn(9, 2, 64, generator=gen))
+    slots = torch.tensor([5, -1, 0, 31, -1, 17, 2])
+    cache = torch.full((2, 2, 16, layout.cell_bytes), 0xAB, dtype=torch.uint8)
+    expected = _expected_cache(cache, key_rot[:7], value_rot[:7], slots, layout, 4)
+    cache = cache.to(DEVICE)
+    store_kv_nf4(cache, key_rot.to(DEVICE), value_rot.to(DEVICE), slots.to(DEVICE), layout)
+    assert torch.equal(cache.cpu(), expected)
+    untouched = torch.ones(32, dtype=torch.bool)
+    untouched[slots[slots >= 0]] = False
+    assert bool((cache.cpu().transpose(1, 2).flatten(0, 1)[untouched] == 0xAB).all())
+    store_kv_nf4(cache, key_rot.to(DEVICE), value_rot.to(DEVICE), torch.full((4,), -1, device=DEVICE), layout)
+    assert torch.equal(cache.cpu(), expected)
+
+
+def _huge_cache(layout: CellLayout, block_size: int) -> torch.Tensor:
+    """A cache whose last blocks start past 2**31 bytes (untouched pages cost no memory)."""
+    num_blocks = int(1.25 * 2**31) // (block_size * layout.cell_bytes)
+    return torch.empty(num_blocks, 1, block_size, layout.cell_bytes, dtype=torch.uint8, device=DEVICE)
+
+
+def test_large_cache_offsets_are_int64() -> None:
+    """Store, load and attention on blocks past 2**31 bytes with int32 slots and block table."""
+    gen = torch.Generator().manual_seed(11)
+    layout, block_size = CellLayout.for_head_dim(64), 16
+    cache = _huge_cache(layout, block_size)
+    num_blocks = cache.shape[0]
+    assert (num_blocks - 3) * cache.stride(0) > 2**31
+    seq_len = 2 * block_size + 5
+    table = torch.tensor([[num_blocks - 1, num_blocks - 3, num_blocks - 2]], dtype=torch.int32)
+    pos = torch.arange(seq_len)
+    slots = (table[0].long()[pos // block_size] * block_size + pos % block_size).to(torch.int32)
+    key_rot = rotate(torch.randn(seq_len, 1, 64, generator=gen))
+    value_rot = rotate(torch.randn(seq_len, 1, 64, generator=gen))
+    store_kv_nf4(cache, key_rot.to(DEVICE), value_rot.to(DEVICE), slots.to(DEVICE), layout)
+    cells = _reference_cells(key_rot, value_rot, layout, 4)  # [seq_len, 1, cell_bytes]
+    s = slots.long().to(DEVICE)
+    assert torch.equal(cache[s // block_size, :, s % block_size].cpu(), cells)
+    expected = torch.zeros(3, 1, block_size, layout.cell_bytes, dtype=torch.uint8)  # same cells, blocks 0..2
+    expected[pos // block_size, :, pos % block_size] = cells
+
+    seq_lens = torch.tensor([seq_len], dtype=torch.int32, device=DEVICE)
+    key, value = load_kv_nf4(cache, table.to(DEVICE), seq_lens, layout)
+    ref_key, ref_value = reference.read_paged(expected, torch.arange(3), seq_len, layout)
+    assert torch.equal(key[0].cpu(), ref_key) and torch.equal(value[0].cpu(), ref_value)
+
+    query = rotate(torch.randn(1, 2, 64, generator=gen)).to(DEVICE)
+    query_start_loc = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
+    out = nf4_paged_attention(query, cache, table.to(DEVICE), query_start_loc, seq_lens, layout, 0.125)
+    ref_out = paged_attention_reference(query.cpu(), expected, torch.arange(3)[None], query_start_loc.cpu(),
+                                        seq_lens.cpu(), layout, 0.125)
+    torch.testing.assert_close(out.cpu(), ref_out, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- load
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 96])
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=_dtype_id)
+def test_load_matches_read_paged(head_dim: int, block_size: int, out_dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(head_dim + block_size)
+    layout = CellLayout.for_head_dim(head_dim)
+    seq_lens = [1, block_size, block_size + 3]
+    cache, table = _paged_batch(gen, layout, 2, block_size, seq_lens)
+    key, value = load_kv_nf4(cache, table, torch.tensor(seq_lens, device=DEVICE), layout, out_dtype=out_dtype)
+    assert key.shape == (3, max(seq_lens), 2, head_dim) and key.dtype == out_dtype
+    for seq, seq_len in enumerate(seq_lens):
+        ref_key, ref_value = reference.read_paged(cache.cpu(), table[seq].cpu(), seq_len, layout)
+        assert torch.equal(key[seq, :seq_len].cpu(), ref_key.to(out_dtype))
+        assert torch.equal(value[seq, :seq_len].cpu(), ref_value.to(out_dtype))
+        assert not key[seq, seq_len:].any() and not value[seq, seq_len:].any()
+
+
+# ---------------------------------------------------------------- attention
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("gqa", GQA_RATIOS)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_decode_attention(head_dim: int, gqa: int, block_size: int) -> None:
+    """One query per sequence; odd lengths and lengths on / around block boundaries."""
+    gen = torch.Generator().manual_seed(head_dim * gqa + block_size)
+    seq_lens = [1, 17, block_size, block_size + 1, 2 * block_size - 1]
+    _run_attention(gen, head_dim, 2, gqa, block_size, seq_lens, [1] * len(seq_lens), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("num_splits", [1, 3, 16])
+def test_decode_attention_dtypes_and_splits(dtype: torch.dtype, num_splits: int) -> None:
+    """Split-K partials + reduce, including splits with no key tile (16 splits, 3 tiles)."""
+    gen = torch.Generator().manual_seed(num_splits)
+    _run_attention(gen, 128, 2, 4, 16, [70, 150, 9], [1, 1, 1], dtype, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_prefill_and_chunked_prefill_attention(head_dim: int, block_size: int) -> None:
+    """A mixed batch: full prefill, chunked prefill (context + new tokens), decode."""
+    gen = torch.Generator().manual_seed(head_dim + block_size)
+    seq_lens, q_lens = [37, 150, 20, 1], [37, 23, 1, 1]
+    _run_attention(gen, head_dim, 2, 4, block_size, seq_lens, q_lens, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("gqa", GQA_RATIOS)
+def test_prefill_attention_gqa_dtypes(dtype: torch.dtype, gqa: int) -> None:
+    gen = torch.Generator().manual_seed(gqa)
+    _run_attention(gen, 64, 1, gqa, 16, [33, 5], [19, 5], dtype)
+
+
+def test_attention_odd_head_dim_split_prefill_padding_noncausal() -> None:
+    """head_dim 48 (3 groups, padded tiles), GQA 3 (BLOCK_Q 5), splits on a prefill batch,
+    padding query tokens past query_start_loc[-1], and a non-causal variant."""
+    gen = torch.Generator().manual_seed(48)
+    _run_attention(gen, 48, 2, 3, 16, [40, 18], [12, 18], torch.float32, num_splits=2, padding_tokens=3)
+    _run_attention(gen, 48, 2, 3, 16, [40, 18], [12, 18], torch.float32, causal=False)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+class _NoLaunch:
+    """Stands in for a kernel: indexing it (a launch) fails the test."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("kernel launched despite invalid input")
+
+
+@pytest.fixture()
+def no_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(triton_store, "_store_kv_nf4_kernel", _NoLaunch())
+    monkeypatch.setattr(triton_store, "_load_kv_nf4_kernel", _NoLaunch())
+    monkeypatch.setattr(triton_attention, "_nf4_attention_kernel", _NoLaunch())
+
+
+def _inputs(head_dim: int = 64) -> dict:
+    layout = CellLayout.for_head_dim(head_dim)
+    return {
+        "layout": layout,
+        "cache": torch.zeros(2, 2, 16, layout.cell_bytes, dtype=torch.uint8, device=DEVICE),
+        "kv": torch.zeros(3, 2, head_dim, device=DEVICE),
+        "slots": torch.arange(3, device=DEVICE),
+        "query": torch.zeros(2, 4, head_dim, device=DEVICE),
+        "table": torch.zeros(2, 2, dtype=torch.int32, device=DEVICE),
+        "qsl": torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE),
+        "seq_lens": torch.tensor([3, 5], dtype=torch.int32, device=DEVICE),
+    }
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda d: d.update(cache=d["cache"].to(torch.int8)), ValueError, "must be uint8"),
+        (lambda d: d.update(cache=d["cache"][..., :-1]), ValueError, "must be uint8"),
+        (lambda d: d.update(kv=d["kv"].to(torch.float64)), TypeError, "float32, float16 or bfloat16"),
+        (lambda d: d.update(kv=d["kv"].to(torch.int32)), TypeError, "float32, float16 or bfloat16"),
+        (lambda d: d.update(kv=d["kv"][..., :32]), ValueError, "head_dim"),
+        (lambda d: d.update(kv=d["kv"][:, :1]), ValueError, "num_kv_heads|KV heads"),
+        (lambda d: d.update(slots=d["slots"].float()), TypeError, "slot_mapping"),
+        (lambda d: d.update(slots=torch.arange(5, device=DEVICE)), ValueError, "slots"),
+    ],
+)
+def test_store_rejects_bad_input_before_launch(no_launch, change, error, match) -> None:
+    d = _inputs()
+    change(d)
+    with pytest.raises(error, match=match):
+        store_kv_nf4(d["cache"], d["kv"], d["kv"], d["slots"], d["layout"])
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda d: d.update(query=d["query"].to(torch.float64)), TypeError, "query must be"),
+        (lambda d: d.update(query=torch.zeros(2, 3, 64, device=DEVICE)), ValueError, "multiple of"),
+        (lambda d: d.update(query=d["query"][..., :32]), ValueError, "query must be"),
+        (lambda d: d.update(table=d["table"].float()), TypeError, "block_table"),
+        (lambda d: d.update(qsl=d["qsl"][:2]), TypeError, "query_start_loc"),
+        (lambda d: d.update(seq_lens=d["seq_lens"].float()), TypeError, "seq_lens"),
+        (lambda d: d.update(scale=0.0), ValueError, "softmax_scale"),
+        (lambda d: d.update(cache=d["cache"].to(torch.bfloat16)), ValueError, "must be uint8"),
+    ],
+)
+def test_attention_rejects_bad_input_before_launch(no_launch, change, error, match) -> None:
+    d = _inputs()
+    d["scale"] = 0.125
+    change(d)
+    with pytest.raises(error, match=match):
+        nf4_paged_attention(d["query"], d["cache"], d["table"], d["qsl"], d["seq_lens"], d["layout"],
+                            d["scale"])
+
+
+def test_load_rejects_bad_input_before_launch(no_launch) -> None:
+    d = _inputs()
+    with pytest.raises(TypeError, match="out_dtype"):
+        load_kv_nf4(d["cache"], d["table"], d["seq_lens"], d["layout"], out_dtype=torch.float64)
+    with pytest.raises(TypeError, match="seq_lens"):
+        load_kv_nf4(d["cache"], d["table"], d["seq_lens"][:1], d["layout"])
+    with pytest.raises(ValueError, match="capacity"):
+        load_kv_nf4(d["cache"], d["table"], d["seq_lens"], d["layout"], max_seq_len=33)
+
+
+# ---------------------------------------------------------------- compiled for the GPU
+
+
+@pytest.mark.skipif(not INTERPRET, reason="compiled for real on this CUDA machine by the tests above")
+def test_kernels_compile_for_sm90() -> None:
+    """The interpreter skips the compiler: build every kernel for sm_90 (ptxas from the Triton
+    wheel, no GPU needed) in a fresh process without TRITON_INTERPRET, and check the store/load
+    PTX has no contracted FMA or approximate division (see compile_check)."""
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton build ships no NVIDIA ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "vllm_nf4kv.kernels.compile_check", "--arch", "90"],
+                            capture_output=True, text=True, env=env, timeout=600, check=False,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,114 @@
+"""Triton pieces of the NF4 codec shared by the store, load and attention kernels.
+
+Each helper mirrors one function of :mod:`vllm_nf4kv.reference` operation for
+operation, so results are bit-identical:
+
+* :func:`encode_scale_ceil` / :func:`decode_scale`: integer operations on the fp32
+  bit pattern (``reference.encode_scale_ceil`` / ``reference.decode_scale``);
+* :func:`dequant_pairs`: ``level * scale`` in fp32 (``reference.dequantize_groups``);
+* :func:`fp32_to_bf16_bits`: round-to-nearest-even done with integer operations,
+  because the Triton interpreter truncates fp32 -> bf16 casts (the GPU rounds).
+
+Tiles are split by nibble: a packed byte ``j`` of a row holds element ``2j`` in its
+high nibble and ``2j + 1`` in its low one (:mod:`vllm_nf4kv.format`), so the
+kernels work on an "even" tile and an "odd" tile of ``head_dim / 2`` columns each
+and never interleave registers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_nf4kv.format import NF4_LEVELS, SCALE_EXP_BIAS, SCALE_MANTISSA_BITS, SCALE_MAX
+from vllm_nf4kv.reference import nf4_levels, nf4_midpoints
+
+_FP32_MANTISSA_BITS: tl.constexpr = tl.constexpr(23)
+_FP32_EXP_BIAS: tl.constexpr = tl.constexpr(127)
+_SCALE_MANT_BITS: tl.constexpr = tl.constexpr(SCALE_MANTISSA_BITS)
+_DROPPED_BITS: tl.constexpr = tl.constexpr(23 - SCALE_MANTISSA_BITS)
+_FP32_MANTISSA_MASK: tl.constexpr = tl.constexpr((1 << 23) - 1)
+_ROUND_UP: tl.constexpr = tl.constexpr((1 << (23 - SCALE_MANTISSA_BITS)) - 1)  # ceil on the dropped bits
+_SCALE_BIAS: tl.constexpr = tl.constexpr(SCALE_EXP_BIAS)
+_SCALE_MAX: tl.constexpr = tl.constexpr(SCALE_MAX)
+NUM_MIDPOINTS: tl.constexpr = tl.constexpr(len(NF4_LEVELS) - 1)
+
+_TABLES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def nf4_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 16 NF4 levels and 15 midpoints as fp32 on ``device`` (built by the reference)."""
+    key = str(device)
+    tables = _TABLES.get(key)
+    if tables is None:
+        tables = (nf4_levels(device).contiguous(), nf4_midpoints(device).contiguous())
+        _TABLES[key] = tables
+    return tables
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def alignment(*values: int) -> int:
+    """Largest power of two (<= 16) dividing every value: a ``tl.multiple_of`` hint."""
+    align = 16
+    for v in values:
+        while v % align:
+            align //= 2
+    return align
+
+
+# ---------------------------------------------------------------- scale codes
+
+
+@triton.jit
+def encode_scale_ceil(absmax):
+    """Smallest ue5m3 code >= ``absmax`` (>= 0), int32; 0 for 0 (``reference.encode_scale_ceil``)."""
+    scale = tl.minimum(absmax, _SCALE_MAX)
+    bits = scale.to(tl.int32, bitcast=True)
+    exponent = (bits >> _FP32_MANTISSA_BITS) - _FP32_EXP_BIAS + _SCALE_BIAS
+    mantissa = ((bits & _FP32_MANTISSA_MASK) + _ROUND_UP) >> _DROPPED_BITS
+    code = (exponent << _SCALE_MANT_BITS) + mantissa  # a mantissa carry bumps the exponent
+    code = tl.minimum(tl.maximum(code, 1), 255)
+    return tl.where(scale > 0, code, 0)
+
+
+@triton.jit
+def decode_scale(code):
+    """fp32 value of int32 ue5m3 codes, built from bits; code 0 is 0.0 (``reference.decode_scale``)."""
+    exponent = (code >> _SCALE_MANT_BITS) - _SCALE_BIAS + _FP32_EXP_BIAS
+    bits = (exponent << _FP32_MANTISSA_BITS) | ((code & 7) << _DROPPED_BITS)
+    return tl.where(code > 0, bits.to(tl.float32, bitcast=True), 0.0)
+
+
+# ---------------------------------------------------------------- tiles
+
+
+@triton.jit
+def dequant_pairs(
+    row_ptrs,  # [TILE_N] pointers to the first byte of a K or V row (uint8)
+    mask_n,  # [TILE_N] bool, rows to read
+    levels_ptr,  # [16] fp32 NF4 levels
+    HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+):
+    """Dequantize rows to fp32 ``(even, odd)`` tiles ``[TILE_N, HALF_PAD]``; masked entries are +-0."""
+    j = tl.arange(0, HALF_PAD)[None, :]
+    mask = mask_n[:, None] & (j < HEAD_DIM // 2)
+    packed = tl.load(row_ptrs[:, None] + j, mask=mask, other=0).to(tl.int32)
+    scale_code = tl.load(row_ptrs[:, None] + (HEAD_DIM // 2 + j // (GROUP // 2)), mask=mask, other=0)
+    scale = decode_scale(scale_code.to(tl.int32))
+    even = tl.load(levels_ptr + (packed >> 4)) * scale
+    odd = tl.load(levels_ptr + (packed & 15)) * scale
+    return even, odd
+
+
+@triton.jit
+def fp32_to_bf16_bits(x):
+    """bf16 bit pattern (int16) of finite fp32 ``x``, rounded to nearest even."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.to(tl.uint16).to(tl.int16, bitcast=True)

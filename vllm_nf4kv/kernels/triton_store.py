@@ -1,0 +1,391 @@
+"""Quantize-on-write (``store_kv_nf4``) and dequantizing gather (``load_kv_nf4``).
+
+``store_kv_nf4`` is bit-exact with :func:`vllm_nf4kv.reference.quantize_groups`
+(codes and scale codes) on the same rotated input, given that both sum a group's
+squared error in the same fixed order (see :func:`_pairwise_row_sum`). Two GPU
+details matter for that exactness and are pinned here:
+
+* the division ``x / scale`` is IEEE round-to-nearest (``tl.math.div_rn``); Triton's
+  plain fp32 ``/`` lowers to the approximate ``div.full.f32`` on NVIDIA;
+* the kernel is launched with ``enable_fp_fusion=False`` so ``level * scale - x``
+  and ``d * d + e`` are not contracted into FMAs (torch rounds each operation).
+
+``load_kv_nf4`` reads sequences through their block tables into rotated fp32 (or
+fp16/bf16, rounded to nearest even) K/V; in fp32 it equals
+:func:`vllm_nf4kv.reference.read_paged` exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_nf4kv.format import DEFAULT_SEARCH_STEPS, SCALE_MAX, CellLayout, RowFormat
+from vllm_nf4kv.kernels.triton_codec import (
+    NUM_MIDPOINTS,
+    alignment,
+    decode_scale,
+    dequant_pairs,
+    encode_scale_ceil,
+    fp32_to_bf16_bits,
+    next_power_of_2,
+    nf4_tables,
+)
+from vllm_nf4kv.reference import check_paged_cache
+
+_SANITIZE_MAX: tl.constexpr = tl.constexpr(SCALE_MAX)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_OUT_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+# Fixed launch heuristics (no autotune: its first-call benchmarking would stall the
+# first forward pass). Store: one program per (token, KV head), one warp per 64
+# elements of the head vector (keeps the [groups, pairs, 16] threshold compare
+# under ~80 registers a thread on sm_90, no spills; see compile_check). Load:
+# 32-token tiles and 4 warps, a plain streaming copy (64-token tiles spilled at
+# head_dim 128).
+_STORE_ELEMENTS_PER_WARP = 64
+_LOAD_TILE_N = 32
+_LOAD_NUM_WARPS = 4
+
+
+# ---------------------------------------------------------------- store
+
+
+@triton.jit
+def _sanitize(x):
+    """``reference._sanitize``: NaN -> 0, +-inf -> +-SCALE_MAX."""
+    x = tl.where(x != x, 0.0, x)
+    x = tl.where(x == float("inf"), _SANITIZE_MAX, x)
+    return tl.where(x == float("-inf"), -_SANITIZE_MAX, x)
+
+
+@triton.jit
+def _nf4_encode(v, midpoints):
+    """Nearest NF4 index of ``v [R, C]`` in [-1, 1]: how many of the ``midpoints [16]``
+    (15 fp32 thresholds, then +inf) lie below it."""
+    return tl.sum((v[:, :, None] > midpoints[None, None, :]).to(tl.int32), axis=2)
+
+
+@triton.jit
+def _pairwise_row_sum(t, ROWS: tl.constexpr, LEVELS: tl.constexpr):
+    """Sum ``t [ROWS, 2**LEVELS]`` along rows by adding neighbours (0,1), (2,3), ...
+    level by level: a fixed order the reference can reproduce exactly."""
+    for _ in tl.static_range(LEVELS):
+        a, b = tl.split(tl.reshape(t, [ROWS, t.shape[1] // 2, 2]))
+        t = a + b
+    return tl.reshape(t, [ROWS])
+
+
+@triton.jit
+def _group_codes(x_even, x_odd, scale, levels_ptr, midpoints, GROUPS_PAD: tl.constexpr,
+                 PAIR_LEVELS: tl.constexpr):
+    """NF4 codes of a row tile under one scale per group, and each group's squared error."""
+    safe = tl.where(scale > 0, scale, 1.0)
+    c_even = _nf4_encode(tl.minimum(tl.maximum(tl.math.div_rn(x_even, safe), -1.0), 1.0), midpoints)
+    c_odd = _nf4_encode(tl.minimum(tl.maximum(tl.math.div_rn(x_odd, safe), -1.0), 1.0), midpoints)
+    d_even = tl.load(levels_ptr + c_even) * scale - x_even
+    d_odd = tl.load(levels_ptr + c_odd) * scale - x_odd
+    # level 1 of the pairwise sum: elements 2j and 2j + 1 of the group
+    err = _pairwise_row_sum(d_even * d_even + d_odd * d_odd, GROUPS_PAD, PAIR_LEVELS)
+    return c_even, c_odd, err
+
+
+@triton.jit
+def _quantize_row(
+    src_ptr,  # first element of one rotated head vector [HEAD_DIM], any float dtype
+    stride_d,
+    row_ptr,  # first byte of its stored row (codes then scale codes), uint8
+    levels_ptr,  # [16] fp32
+    midpoints_ptr,  # [15] fp32
+    HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUPS_PAD: tl.constexpr,
+    PAIRS_PAD: tl.constexpr,
+    PAIR_LEVELS: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+):
+    # tile [GROUPS_PAD, PAIRS_PAD]: entry (g, j) is the pair (2j, 2j + 1) of group g
+    g = tl.arange(0, GROUPS_PAD)[:, None]
+    j = tl.arange(0, PAIRS_PAD)[None, :]
+    mask = (g < HEAD_DIM // GROUP) & (j < GROUP // 2)
+    even = g * GROUP + 2 * j
+    x_even = _sanitize(tl.load(src_ptr + even * stride_d, mask=mask, other=0.0).to(tl.float32))
+    x_odd = _sanitize(tl.load(src_ptr + (even + 1) * stride_d, mask=mask, other=0.0).to(tl.float32))
+
+    # the 15 thresholds padded with +inf to a power of two
+    midpoints = tl.load(midpoints_ptr + tl.arange(0, 16), mask=tl.arange(0, 16) < NUM_MIDPOINTS,
+                        other=float("inf"))
+    first = encode_scale_ceil(tl.max(tl.maximum(tl.abs(x_even), tl.abs(x_odd)), axis=1))  # [GROUPS_PAD]
+    best_code = first
+    best_even, best_odd, best_err = _group_codes(
+        x_even, x_odd, decode_scale(first)[:, None], levels_ptr, midpoints, GROUPS_PAD, PAIR_LEVELS
+    )
+    for step in tl.static_range(1, SEARCH_STEPS):
+        code = tl.where(first > step, first - step, first)
+        c_even, c_odd, err = _group_codes(
+            x_even, x_odd, decode_scale(code)[:, None], levels_ptr, midpoints, GROUPS_PAD, PAIR_LEVELS
+        )
+        better = err < best_err  # strict: the first (largest) scale wins ties
+        best_code = tl.where(better, code, best_code)
+        best_even = tl.where(better[:, None], c_even, best_even)
+        best_odd = tl.where(better[:, None], c_odd, best_odd)
+        best_err = tl.where(better, err, best_err)
+
+    packed = (best_even << 4) | best_odd  # even index in the high nibble
+    tl.store(row_ptr + g * (GROUP // 2) + j, packed.to(tl.uint8), mask=mask)
+    groups = tl.arange(0, GROUPS_PAD)
+    tl.store(row_ptr + HEAD_DIM // 2 + groups, best_code.to(tl.uint8), mask=groups < HEAD_DIM // GROUP)
+
+
+@triton.jit
+def _store_kv_nf4_kernel(
+    key_ptr,  # [num_tokens, num_kv_heads, head_dim] fp32/fp16/bf16, rotated
+    value_ptr,  # [num_tokens, num_kv_heads, head_dim] fp32/fp16/bf16, rotated
+    cache_ptr,  # [num_blocks, num_kv_heads, block_size, cell_bytes] uint8
+    slot_mapping_ptr,  # [num_tokens] int32/int64; < 0: padding, skipped
+    levels_ptr,  # [16] fp32
+    midpoints_ptr,  # [15] fp32
+    stride_k_tok: tl.int64,
+    stride_k_head: tl.int64,
+    stride_k_dim: tl.int64,
+    stride_v_tok: tl.int64,
+    stride_v_head: tl.int64,
+    stride_v_dim: tl.int64,
+    stride_c_block: tl.int64,
+    stride_c_head: tl.int64,
+    stride_c_tok: tl.int64,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    VALUE_OFFSET: tl.constexpr,
+    K_GROUP: tl.constexpr,
+    K_GROUPS_PAD: tl.constexpr,
+    K_PAIRS_PAD: tl.constexpr,
+    K_PAIR_LEVELS: tl.constexpr,
+    V_GROUP: tl.constexpr,
+    V_GROUPS_PAD: tl.constexpr,
+    V_PAIRS_PAD: tl.constexpr,
+    V_PAIR_LEVELS: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    block = slot // BLOCK_SIZE
+    cell_ptr = cache_ptr + block * stride_c_block + head * stride_c_head + (slot % BLOCK_SIZE) * stride_c_tok
+    _quantize_row(
+        key_ptr + token * stride_k_tok + head * stride_k_head, stride_k_dim, cell_ptr,
+        levels_ptr, midpoints_ptr, HEAD_DIM, K_GROUP, K_GROUPS_PAD, K_PAIRS_PAD, K_PAIR_LEVELS, SEARCH_STEPS,
+    )
+    _quantize_row(
+        value_ptr + token * stride_v_tok + head * stride_v_head, stride_v_dim, cell_ptr + VALUE_OFFSET,
+        levels_ptr, midpoints_ptr, HEAD_DIM, V_GROUP, V_GROUPS_PAD, V_PAIRS_PAD, V_PAIR_LEVELS, SEARCH_STEPS,
+    )
+
+
+def _row_constexprs(fmt: RowFormat, prefix: str) -> dict[str, int]:
+    pairs_pad = next_power_of_2(fmt.group_size // 2)
+    return {
+        f"{prefix}_GROUP": fmt.group_size,
+        f"{prefix}_GROUPS_PAD": next_power_of_2(fmt.num_groups),
+        f"{prefix}_PAIRS_PAD": pairs_pad,
+        f"{prefix}_PAIR_LEVELS": pairs_pad.bit_length() - 1,
+    }
+
+
+def _check_rows(name: str, x: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() != 3 or x.shape[1] != num_kv_heads or x.shape[2] != head_dim:
+        raise ValueError(
+            f"{name} must be [num_tokens, {num_kv_heads}, {head_dim}] (the cache's KV heads and the "
+            f"layout's head_dim), got {tuple(x.shape)}"
+        )
+
+
+def _check_device(kv_cache: torch.Tensor, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.device != kv_cache.device:
+            raise ValueError(f"{name} is on {t.device} but kv_cache is on {kv_cache.device}")
+
+
+def _check_cache(kv_cache: torch.Tensor, layout: CellLayout) -> None:
+    check_paged_cache(kv_cache, layout)
+    if kv_cache.stride(-1) != 1:
+        raise ValueError(f"kv_cache cells must be contiguous (stride 1 in the last dim), "
+                         f"got {kv_cache.stride()}")
+
+
+def store_kv_nf4(
+    kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes] uint8
+    key_rot: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim] fp32/fp16/bf16, already rotated
+    value_rot: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim] fp32/fp16/bf16, already rotated
+    slot_mapping: torch.Tensor,  # [num_slots <= num_tokens] int32/int64; < 0 skipped
+    layout: CellLayout,
+    search_steps: int = DEFAULT_SEARCH_STEPS,
+) -> None:
+    """Quantize rotated K/V and write each token's cells at its slot (``block * block_size + offset``).
+
+    Bit-exact with ``reference.quantize_groups`` on the same rotated input; equal to
+    ``reference.write_paged`` when the caller rotates with ``rotation.rotate``. Only
+    the first ``len(slot_mapping)`` tokens are read (vLLM pads key/value).
+    """
+    _check_cache(kv_cache, layout)
+    num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
+    _check_rows("key_rot", key_rot, num_kv_heads, layout.head_dim)
+    _check_rows("value_rot", value_rot, num_kv_heads, layout.head_dim)
+    if slot_mapping.dtype not in (torch.int32, torch.int64) or slot_mapping.dim() != 1:
+        raise TypeError(f"slot_mapping must be a 1-D int32/int64 tensor, got {slot_mapping.dtype} "
+                        f"{tuple(slot_mapping.shape)}")
+    num_tokens = slot_mapping.shape[0]
+    if num_tokens > min(key_rot.shape[0], value_rot.shape[0]):
+        raise ValueError(f"slot_mapping has {num_tokens} slots but key_rot/value_rot have "
+                         f"{key_rot.shape[0]}/{value_rot.shape[0]} tokens")
+    if search_steps < 1:
+        raise ValueError(f"search_steps must be >= 1, got {search_steps}")
+    _check_device(kv_cache, key_rot=key_rot, value_rot=value_rot, slot_mapping=slot_mapping)
+    if num_tokens == 0:
+        return
+    levels, midpoints = nf4_tables(kv_cache.device)
+    _store_kv_nf4_kernel[(num_tokens, num_kv_heads)](
+        key_rot, value_rot, kv_cache, slot_mapping, levels, midpoints,
+        *key_rot.stride(), *value_rot.stride(), *kv_cache.stride()[:3],
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=layout.head_dim,
+        VALUE_OFFSET=layout.value_offset,
+        **_row_constexprs(layout.key, "K"),
+        **_row_constexprs(layout.value, "V"),
+        SEARCH_STEPS=search_steps,
+        num_warps=max(1, layout.head_dim // _STORE_ELEMENTS_PER_WARP),
+        enable_fp_fusion=False,  # exactness: torch rounds every mul and add separately
+    )
+
+
+# ---------------------------------------------------------------- load
+
+
+@triton.jit
+def _store_pairs(out_ptrs, stride_d, even, odd, mask, HALF_PAD: tl.constexpr, OUT_KIND: tl.constexpr):
+    """Write even/odd tiles to columns 2j / 2j+1 as fp32 (0), fp16 (1) or bf16 bits (2)."""
+    j = tl.arange(0, HALF_PAD)[None, :]
+    ptrs_even = out_ptrs[:, None] + (2 * j) * stride_d
+    if OUT_KIND == 2:
+        tl.store(ptrs_even, fp32_to_bf16_bits(even), mask=mask)
+        tl.store(ptrs_even + stride_d, fp32_to_bf16_bits(odd), mask=mask)
+    elif OUT_KIND == 1:
+        tl.store(ptrs_even, even.to(tl.float16), mask=mask)
+        tl.store(ptrs_even + stride_d, odd.to(tl.float16), mask=mask)
+    else:
+        tl.store(ptrs_even, even, mask=mask)
+        tl.store(ptrs_even + stride_d, odd, mask=mask)
+
+
+@triton.jit
+def _load_kv_nf4_kernel(
+    cache_ptr,  # [num_blocks, num_kv_heads, block_size, cell_bytes] uint8
+    block_table_ptr,  # [num_seqs, max_blocks_per_seq] int32/int64
+    seq_lens_ptr,  # [num_seqs] int32/int64
+    levels_ptr,  # [16] fp32
+    key_out_ptr,  # [num_seqs, max_seq_len, num_kv_heads, head_dim] fp32/fp16 (bf16 as int16)
+    value_out_ptr,  # [num_seqs, max_seq_len, num_kv_heads, head_dim] like key_out
+    max_seq_len,
+    stride_c_block: tl.int64,
+    stride_c_head: tl.int64,
+    stride_c_tok: tl.int64,
+    stride_bt_seq: tl.int64,
+    stride_o_seq: tl.int64,
+    stride_o_tok: tl.int64,
+    stride_o_head: tl.int64,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    VALUE_OFFSET: tl.constexpr,
+    K_GROUP: tl.constexpr,
+    V_GROUP: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    TILE_N: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
+    OUT_KIND: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    pos = tl.program_id(1) * TILE_N + tl.arange(0, TILE_N)  # [TILE_N]
+    head = tl.program_id(2).to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    valid = pos < seq_len
+    block = tl.load(block_table_ptr + seq * stride_bt_seq + pos // BLOCK_SIZE, mask=valid, other=0)
+    offset = (pos % BLOCK_SIZE).to(tl.int64)
+    cell = block.to(tl.int64) * stride_c_block + head * stride_c_head + offset * stride_c_tok
+    cell = tl.multiple_of(cell, ROW_ALIGN)
+    out = seq * stride_o_seq + pos.to(tl.int64) * stride_o_tok + head * stride_o_head  # [TILE_N]
+    mask = (pos < max_seq_len)[:, None] & (tl.arange(0, HALF_PAD)[None, :] < HEAD_DIM // 2)
+    row_ok = valid[:, None]  # rows past seq_len are written as zeros
+    k_even, k_odd = dequant_pairs(cache_ptr + cell, valid, levels_ptr, HEAD_DIM, K_GROUP, HALF_PAD)
+    _store_pairs(key_out_ptr + out, 1, tl.where(row_ok, k_even, 0.0), tl.where(row_ok, k_odd, 0.0),
+                 mask, HALF_PAD, OUT_KIND)
+    v_even, v_odd = dequant_pairs(cache_ptr + VALUE_OFFSET + cell, valid, levels_ptr, HEAD_DIM, V_GROUP,
+                                  HALF_PAD)
+    _store_pairs(value_out_ptr + out, 1, tl.where(row_ok, v_even, 0.0), tl.where(row_ok, v_odd, 0.0),
+                 mask, HALF_PAD, OUT_KIND)
+
+
+def load_kv_nf4(
+    kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes] uint8
+    block_table: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32/int64
+    seq_lens: torch.Tensor,  # [num_seqs] int32/int64
+    layout: CellLayout,
+    *,
+    max_seq_len: int | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantize sequences to rotated K, V ``[num_seqs, max_seq_len, num_kv_heads, head_dim]``.
+
+    Row ``t`` of sequence ``i`` equals ``reference.read_paged(kv_cache, block_table[i],
+    seq_lens[i], layout)[.][t]`` (exactly in fp32; fp16/bf16 round to nearest even);
+    rows at or past ``seq_lens[i]`` are zero. ``max_seq_len`` defaults to
+    ``seq_lens.max()`` (a host sync); pass it when known.
+    """
+    _check_cache(kv_cache, layout)
+    if out_dtype not in _OUT_KINDS:
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if block_table.dtype not in (torch.int32, torch.int64) or block_table.dim() != 2:
+        raise TypeError(f"block_table must be 2-D int32/int64 [num_seqs, max_blocks_per_seq], got "
+                        f"{block_table.dtype} {tuple(block_table.shape)}")
+    if seq_lens.dtype not in (torch.int32, torch.int64) or seq_lens.shape != block_table.shape[:1]:
+        raise TypeError(f"seq_lens must be int32/int64 [{block_table.shape[0]}] (one per block_table row), "
+                        f"got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+    if block_table.stride(-1) != 1:
+        raise ValueError("block_table rows must be contiguous")
+    _check_device(kv_cache, block_table=block_table, seq_lens=seq_lens)
+    num_seqs = block_table.shape[0]
+    num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max()) if num_seqs else 0
+    if max_seq_len > block_table.shape[1] * block_size:
+        raise ValueError(f"max_seq_len={max_seq_len} exceeds the block table's capacity "
+                         f"{block_table.shape[1]} x {block_size}")
+    shape = (num_seqs, max_seq_len, num_kv_heads, layout.head_dim)
+    key = torch.empty(shape, dtype=out_dtype, device=kv_cache.device)
+    value = torch.empty(shape, dtype=out_dtype, device=kv_cache.device)
+    if key.numel() == 0:
+        return key, value
+    key_out, value_out = (key.view(torch.int16), value.view(torch.int16)) if out_dtype == torch.bfloat16 \
+        else (key, value)
+    levels, _ = nf4_tables(kv_cache.device)
+    grid = (num_seqs, triton.cdiv(max_seq_len, _LOAD_TILE_N), num_kv_heads)
+    _load_kv_nf4_kernel[grid](
+        kv_cache, block_table, seq_lens, levels, key_out, value_out, max_seq_len,
+        *kv_cache.stride()[:3], block_table.stride(0), *key.stride()[:3],
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=layout.head_dim,
+        VALUE_OFFSET=layout.value_offset,
+        K_GROUP=layout.key.group_size,
+        V_GROUP=layout.value.group_size,
+        HALF_PAD=next_power_of_2(layout.head_dim // 2),
+        TILE_N=_LOAD_TILE_N,
+        ROW_ALIGN=alignment(*kv_cache.stride()[:3]),
+        OUT_KIND=_OUT_KINDS[out_dtype],
+        num_warps=_LOAD_NUM_WARPS,
+        enable_fp_fusion=False,  # level * scale must round like torch
+    )
+    return key, value
