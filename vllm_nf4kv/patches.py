@@ -108,7 +108,7 @@ def _ttl_patched(function: Any) -> bool:
 def _ttl_logger() -> Any:
     import logging
 
-    return logging.getLogger("vllm_nf4kv.ttl")
+    return logging.getLogger("vllm.nf4kv.ttl")
 
 
 def ttl_validate_engine_config() -> None:

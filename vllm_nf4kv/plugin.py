@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger("vllm_nf4kv")
+logger = logging.getLogger("vllm.nf4kv")  # under "vllm": vLLM configures its handlers
 
 _REGISTERED = False
 

