@@ -10,7 +10,7 @@ MODEL := $(ASSETS)/models/smollm2-135m
 PORT ?= 8000
 KV_MEMORY ?= 1073741824
 
-.PHONY: install assets serve test test-fast lint clean
+.PHONY: install assets serve test test-fast test-vllm033 lint clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,14 @@ test: install assets lint
 
 test-fast: install assets
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m 'not slow' $(PYTEST_ARGS)
+
+# The vLLM 0.33 (CUDA wheel) registration path at config level, on CPU. Slow to
+# build (a CUDA torch), so not part of `make test`; run before a release.
+.venv-033/.installed: scripts/setup_vllm033_venv.sh pyproject.toml
+	VENV=.venv-033 bash scripts/setup_vllm033_venv.sh
+
+test-vllm033: .venv-033/.installed assets
+	VLLM_TARGET_DEVICE=cpu .venv-033/bin/python -m pytest -q tests/test_vllm033_registration.py
 
 clean:
 	rm -rf $(VENV) $(ASSETS)

@@ -1,0 +1,103 @@
+"""The vLLM 0.33 path (``register_kv_cache_dtype``), at config level, without a GPU.
+
+The CUDA wheel of vLLM 0.33 cannot run an engine on a CPU machine, but
+everything up to the engine can run with ``VLLM_TARGET_DEVICE=cpu``: the dtype
+hook, ``--kv-cache-dtype nf4`` validation, ``create_engine_config``, backend
+selection, and the CUDA backend's spec. Run with ``make test-vllm033`` (it
+builds ``.venv-033``); on vLLM 0.32 these tests are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+
+cache_module = pytest.importorskip("vllm.config.cache")
+if not hasattr(cache_module, "register_kv_cache_dtype"):
+    pytest.skip("vLLM without register_kv_cache_dtype (0.32): see make test-vllm033", allow_module_level=True)
+
+import torch  # noqa: E402
+
+from vllm_nf4kv import plugin  # noqa: E402
+from vllm_nf4kv.backends.selection import CPU_BACKEND, CUDA_BACKEND, select_nf4_backend  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    plugin.register()
+    plugin.register()  # idempotent
+
+
+def test_hook_is_used_not_the_032_patch():
+    from typing import get_args
+
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+
+    assert "nf4" in cache_module.KV_CACHE_DTYPES
+    assert cache_module.KV_CACHE_DTYPES.count("nf4") == 1
+    assert cache_module.get_kv_cache_dtype_handler("nf4") is not None
+    assert STR_DTYPE_TO_TORCH_DTYPE["nf4"] == torch.uint8
+    assert "nf4" not in get_args(cache_module.CacheDType)  # the Literal was left alone
+
+
+def test_engine_config_accepts_nf4(model_dir):
+    from vllm.engine.arg_utils import EngineArgs
+
+    config = EngineArgs(model=str(model_dir), kv_cache_dtype="nf4", enforce_eager=True).create_engine_config()
+    assert config.cache_config.cache_dtype == "nf4"
+    with pytest.raises(Exception, match="nf5|kv_cache_dtype|cache_dtype"):
+        EngineArgs(model=str(model_dir), kv_cache_dtype="nf5", enforce_eager=True).create_engine_config()
+
+
+def test_platform_routes_only_nf4(model_dir):
+    from vllm.config import set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.attention.selector import get_attn_backend
+
+    for dtype, expected in (("nf4", "NF4CPUAttentionBackend"), ("auto", "CPUAttentionBackend")):
+        args = EngineArgs(model=str(model_dir), kv_cache_dtype=dtype, enforce_eager=True)
+        config = args.create_engine_config()
+        with set_current_vllm_config(config):
+            backend = get_attn_backend(64, torch.bfloat16, dtype)
+        assert backend.__name__ == expected
+
+
+def _selector(**overrides):
+    from vllm.v1.attention.backend import AttentionType
+
+    fields = dict(
+        head_size=128, use_mla=False, use_sparse=False, attn_type=AttentionType.DECODER, has_sink=False,
+    )
+    fields.update(overrides)
+    return SimpleNamespace(**fields)
+
+
+def test_cuda_selection_and_refusals():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    cuda = SimpleNamespace(is_cpu=lambda: False, is_cuda=lambda: True, device_name="cuda")
+    assert select_nf4_backend(cuda, None, _selector()) == CUDA_BACKEND
+    assert select_nf4_backend(cuda, AttentionBackendEnum.TRITON_ATTN, _selector()) == CUDA_BACKEND
+    cpu = SimpleNamespace(is_cpu=lambda: True, is_cuda=lambda: False, device_name="cpu")
+    assert select_nf4_backend(cpu, None, _selector()) == CPU_BACKEND
+    with pytest.raises(ValueError, match="cannot read nf4 pages"):
+        select_nf4_backend(cuda, AttentionBackendEnum.FLASH_ATTN, _selector())
+    with pytest.raises(ValueError, match="MLA"):
+        select_nf4_backend(cuda, None, _selector(use_mla=True))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        select_nf4_backend(cuda, None, _selector(head_size=72))
+
+
+def test_cuda_backend_spec_on_033():
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheLayout
+
+    from vllm_nf4kv.backends.triton_attn import NF4TritonAttentionBackend
+
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=8, head_size=128, dtype=torch.uint8)
+    assert NF4TritonAttentionBackend.customize_spec(spec).page_size_bytes == 16 * 8 * 136
+    assert NF4TritonAttentionBackend.supported_kv_cache_layouts() == (KVCacheLayout.LBHNC,)
+    assert NF4TritonAttentionBackend.supports_kv_cache_dtype("nf4")
