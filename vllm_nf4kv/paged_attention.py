@@ -7,9 +7,10 @@ space: queries are rotated before and outputs rotated back after, by the caller.
 
 Attention is computed in fp64 (``ACCUMULATE``). Why: fp32 SDPA results depend
 on the batch shape, and a 135M bf16 model amplifies one-ulp differences into
-different greedy tokens; in fp64 a query's output is the same whether its
-request is prefilled whole, in chunks, or after a prefix-cache hit, so those
-paths reproduce each other bit for bit.
+different greedy tokens. fp64 results still vary in their last bits with the
+batch shape, but rounded to the model's dtype (bf16/fp16/fp32) they are the
+same whether a request is prefilled whole, in chunks, or after a prefix-cache
+hit, so those paths reproduce each other bit for bit.
 
 Decode requests (one query token) are attended together in bounded chunks;
 prefill and chunked-prefill requests one at a time, with the causal mask
@@ -65,9 +66,13 @@ def _attend(
         allowed = allowed & (key_pos[None, None, :] <= query_pos[:, :, None])
     if sliding_window is not None and sliding_window > 0:
         allowed = allowed & (key_pos[None, None, :] > query_pos[:, :, None] - sliding_window)
-    return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=allowed.unsqueeze(1), scale=scale, enable_gqa=True
-    )
+    # GQA without expanding K/V: the G query heads of a KV head become G x Q rows.
+    num_reqs, num_heads, num_queries, head_dim = query.shape
+    group = num_heads // key.shape[1]
+    rows = query.reshape(num_reqs, key.shape[1], group * num_queries, head_dim)
+    mask = allowed.expand(num_reqs, num_queries, key.shape[2]).repeat(1, group, 1).unsqueeze(1)
+    out = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=scale)
+    return out.view(num_reqs, num_heads, num_queries, head_dim)
 
 
 def _decode_chunks(requests: list[int], lens: list[int]) -> list[list[int]]:

@@ -14,6 +14,7 @@ groups.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from vllm_nf4kv.format import (
     DEFAULT_SEARCH_STEPS,
@@ -183,8 +184,27 @@ def decode_rows_rotated(rows: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
         raise ValueError(
             f"rows must be uint8 [..., {fmt.row_bytes}], got {rows.dtype} {tuple(rows.shape)}"
         )
-    codes = unpack_nibbles(rows[..., : fmt.code_bytes])
-    return dequantize_groups(codes, rows[..., fmt.code_bytes :], fmt.group_size)
+    byte_levels, scale_values = _decode_tables(rows.device)
+    # One table lookup per byte (two levels) and per scale code: the same fp32
+    # level * scale products as dequantize_groups, about 3x faster on CPU.
+    levels = F.embedding(rows[..., : fmt.code_bytes].long(), byte_levels)  # [..., D/2, 2]
+    levels = levels.flatten(-2).unflatten(-1, (-1, fmt.group_size))  # [..., G, g]
+    scales = F.embedding(rows[..., fmt.code_bytes :].long(), scale_values)  # [..., G, 1]
+    return (levels * scales).flatten(-2)
+
+
+_DECODE_TABLES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _decode_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[256, 2]`` levels of a byte's (high, low) nibbles and ``[256, 1]`` scale values."""
+    tables = _DECODE_TABLES.get(str(device))
+    if tables is None:
+        codes = unpack_nibbles(torch.arange(256, dtype=torch.uint8, device=device))
+        byte_levels = nf4_levels(device)[codes.long()].view(256, 2)
+        scale_values = decode_scale(torch.arange(256, device=device)).view(256, 1)
+        tables = _DECODE_TABLES[str(device)] = (byte_levels, scale_values)
+    return tables
 
 
 def fake_quantize_rows(
