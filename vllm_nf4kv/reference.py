@@ -79,7 +79,8 @@ def decode_scale(code: torch.Tensor) -> torch.Tensor:
 def nf4_encode(normalized: torch.Tensor) -> torch.Tensor:
     """Nearest NF4 level index (uint8) of values in [-1, 1]: count midpoints below."""
     midpoints = nf4_midpoints(normalized.device)
-    return (normalized.unsqueeze(-1) > midpoints).sum(-1).to(torch.uint8)
+    # bucketize(right=False) returns the number of midpoints strictly below each value.
+    return torch.bucketize(normalized.contiguous(), midpoints).to(torch.uint8)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -131,25 +132,18 @@ def quantize_groups(
     if search_steps < 1:
         raise ValueError(f"search_steps must be >= 1, got {search_steps}")
     groups = sanitize(x).unflatten(-1, (-1, group_size))  # [..., G, g]
-    levels = nf4_levels(x.device)
     first = encode_scale_ceil(groups.abs().amax(-1))  # [..., G]
-    best_code = first
-    best_codes: torch.Tensor | None = None
-    best_err: torch.Tensor | None = None
-    for step in range(search_steps):
-        code = torch.where(first > step, first - step, first)
-        scale = decode_scale(code).unsqueeze(-1)
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        codes = nf4_encode((groups / safe).clamp(-1.0, 1.0))
-        err = pairwise_sum((levels[codes.long()] * scale - groups) ** 2)
-        if best_err is None:
-            best_code, best_codes, best_err = code, codes, err
-        else:
-            better = err < best_err
-            best_code = torch.where(better, code, best_code)
-            best_codes = torch.where(better.unsqueeze(-1), codes, best_codes)
-            best_err = torch.where(better, err, best_err)
-    assert best_codes is not None
+    # All candidates at once: the ceil code and the search_steps - 1 codes below it
+    # (a candidate that would go below code 1 repeats the ceil code).
+    steps = torch.arange(search_steps, device=x.device)
+    candidates = torch.where(first.unsqueeze(-1) > steps, first.unsqueeze(-1) - steps, first.unsqueeze(-1))
+    scale = decode_scale(candidates).unsqueeze(-1)  # [..., G, S, 1]
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = nf4_encode((groups.unsqueeze(-2) / safe).clamp(-1.0, 1.0))  # [..., G, S, g]
+    err = pairwise_sum((nf4_levels(x.device)[codes.long()] * scale - groups.unsqueeze(-2)) ** 2)
+    best = err.argmin(-1, keepdim=True)  # the first minimum: the largest scale on ties
+    best_codes = codes.gather(-2, best.unsqueeze(-1).expand(*best.shape, group_size)).squeeze(-2)
+    best_code = candidates.gather(-1, best).squeeze(-1)
     return best_codes.flatten(-2), best_code.to(torch.uint8)
 
 
