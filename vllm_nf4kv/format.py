@@ -50,7 +50,8 @@ NF4_ZERO_CODE = 7  # index of 0.0 in NF4_LEVELS: what an all-zero group stores
 
 # ue5m3: an unsigned 8-bit float for group scales (no sign bit is needed).
 # code 0 is exactly 0.0; code c > 0 is (1 + m / 8) * 2 ** (e - SCALE_EXP_BIAS)
-# with e = c >> 3 and m = c & 7. The range 2**-16 .. 61440 covers every finite
+# with e = c >> 3 and m = c & 7 (so 2**-16 itself, e = m = 0, is the zero code).
+# The range 1.125 * 2**-16 .. 61440 covers every finite
 # fp16/bf16 activation scale that matters without a second-level constant, so
 # a paged block can be filled one token at a time.
 SCALE_EXP_BITS = 5
@@ -58,7 +59,7 @@ SCALE_MANTISSA_BITS = 3
 SCALE_EXP_BIAS = 16
 SCALE_CODE_MIN = 1
 SCALE_CODE_MAX = 255
-SCALE_MIN = 2.0**-SCALE_EXP_BIAS
+SCALE_MIN = (1 + 1 / 8) * 2.0**-SCALE_EXP_BIAS  # code 1
 SCALE_MAX = (1 + 7 / 8) * 2.0 ** (31 - SCALE_EXP_BIAS)
 
 # Shipped default, chosen by ``vllm-nf4kv ablate`` (docs/format.md): four scale
