@@ -43,7 +43,7 @@ from functools import cache
 
 import torch
 
-from vllm_nf4kv.reference import sanitize, decode_scale, nf4_levels, nf4_midpoints
+from vllm_nf4kv.reference import decode_scale, nf4_levels, nf4_midpoints, sanitize
 from vllm_nf4kv.rotation import rotate, unrotate
 
 # bytes of one group scale code, by scale format
