@@ -10,9 +10,6 @@ wrote.
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import ClassVar
-
 import torch
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
@@ -21,41 +18,18 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
 )
-from vllm.v1.kv_cache_interface import AttentionSpec
 
-from vllm_nf4kv.format import KV_CACHE_DTYPE, CellLayout
+from vllm_nf4kv.backends.common import NF4BackendMixin, refuse_unsupported
+from vllm_nf4kv.format import CellLayout
 from vllm_nf4kv.paged_attention import ACCUMULATE, paged_attention
 from vllm_nf4kv.reference import check_paged_cache, write_paged
 from vllm_nf4kv.rotation import rotate, unrotate
 
 
-def nf4_spec(spec: AttentionSpec) -> AttentionSpec:
-    """The spec with the packed NF4 cell size, so vLLM sizes pages (and capacity) by it."""
-    if spec.state_content_bytes is not None:
-        return spec
-    return replace(spec, state_content_bytes=CellLayout.for_head_dim(spec.head_size).cell_bytes)
-
-
-class NF4CPUAttentionBackend(CPUAttentionBackend):
-    supported_kv_cache_dtypes: ClassVar[list] = [KV_CACHE_DTYPE]
-
-    @staticmethod
-    def get_name() -> str:
-        # vLLM looks the name up in AttentionBackendEnum; CUSTOM is the slot for
-        # third-party backends.
-        return "CUSTOM"
-
-    @classmethod
-    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        return nf4_spec(spec)
-
+class NF4CPUAttentionBackend(NF4BackendMixin, CPUAttentionBackend):
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
         return [h for h in super().get_supported_head_sizes() if h % 16 == 0]
-
-    @classmethod
-    def supports_attn_type(cls, attn_type: str) -> bool:
-        return attn_type == AttentionType.DECODER
 
     @staticmethod
     def get_impl_cls() -> type[NF4CPUAttentionImpl]:
@@ -104,22 +78,11 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
         kv_sharing_target_layer_name: str | None = None,
         sinks: torch.Tensor | None = None,
     ) -> None:
-        refuse = []
-        if kv_cache_dtype != KV_CACHE_DTYPE:
-            refuse.append(f"kv_cache_dtype {kv_cache_dtype!r} (this backend stores only nf4)")
-        if alibi_slopes is not None:
-            refuse.append("ALiBi slopes")
-        if logits_soft_cap:
-            refuse.append("logits soft-capping")
-        if sinks is not None:
-            refuse.append("attention sinks")
-        if attn_type != AttentionType.DECODER:
-            refuse.append(f"attention type {attn_type!r}")
-        if refuse:
-            raise ValueError(
-                "--kv-cache-dtype nf4 on CPU does not support " + ", ".join(refuse)
-                + "; use --kv-cache-dtype auto or fp8 for this model"
-            )
+        refuse_unsupported(
+            "CPU", kv_cache_dtype, attn_type,
+            **{"ALiBi slopes": alibi_slopes, "logits soft-capping": logits_soft_cap or None,
+               "attention sinks": sinks},
+        )
         super().__init__(
             num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
             kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks,

@@ -23,29 +23,18 @@ from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionMetadata,
     TritonAttentionMetadataBuilder,
 )
-from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+from vllm.v1.kv_cache_interface import KVCacheLayout
 
-from vllm_nf4kv.backends.cpu_attn import nf4_spec
-from vllm_nf4kv.format import KV_CACHE_DTYPE, CellLayout, check_head_dim
+from vllm_nf4kv.backends.common import NF4BackendMixin, refuse_unsupported
+from vllm_nf4kv.format import CellLayout, check_head_dim
 
 
 class NF4TritonMetadataBuilder(TritonAttentionMetadataBuilder):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
 
-class NF4TritonAttentionBackend(TritonAttentionBackend):
-    supported_kv_cache_dtypes: ClassVar[list] = [KV_CACHE_DTYPE]
+class NF4TritonAttentionBackend(NF4BackendMixin, TritonAttentionBackend):
     forward_includes_kv_cache_update: bool = False
-
-    @staticmethod
-    def get_name() -> str:
-        # vLLM looks the name up in AttentionBackendEnum; CUSTOM is the slot for
-        # third-party backends.
-        return "CUSTOM"
-
-    @classmethod
-    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        return nf4_spec(spec)
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
@@ -67,10 +56,6 @@ class NF4TritonAttentionBackend(TritonAttentionBackend):
     @classmethod
     def supports_sliding_window(cls) -> bool:
         return False
-
-    @classmethod
-    def supports_attn_type(cls, attn_type: str) -> bool:
-        return attn_type == AttentionType.DECODER
 
     @staticmethod
     def get_impl_cls() -> type[NF4TritonAttentionImpl]:
@@ -97,21 +82,11 @@ class NF4TritonAttentionImpl(AttentionImpl):
         sinks: torch.Tensor | None = None,
         **unused: object,
     ) -> None:
-        refuse = [
-            what for what, present in (
-                (f"kv_cache_dtype {kv_cache_dtype!r}", kv_cache_dtype != KV_CACHE_DTYPE),
-                ("ALiBi slopes", alibi_slopes is not None),
-                ("sliding windows", sliding_window is not None),
-                ("logits soft-capping", bool(logits_soft_cap)),
-                ("attention sinks", sinks is not None),
-                (f"attention type {attn_type!r}", attn_type != AttentionType.DECODER),
-            ) if present
-        ]
-        if refuse:
-            raise ValueError(
-                "--kv-cache-dtype nf4 on CUDA does not support " + ", ".join(refuse)
-                + "; use --kv-cache-dtype auto or fp8 for this model"
-            )
+        refuse_unsupported(
+            "CUDA", kv_cache_dtype, attn_type,
+            **{"ALiBi slopes": alibi_slopes, "sliding windows": sliding_window,
+               "logits soft-capping": logits_soft_cap or None, "attention sinks": sinks},
+        )
         check_head_dim(head_size)
         self.num_heads = num_heads
         self.head_size = head_size
