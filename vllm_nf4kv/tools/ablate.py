@@ -7,16 +7,16 @@ layer's K and V fake-quantized after RoPE, as a paged cache holds them. Prints
 bytes included). ``docs/format.md`` ("Ablation") holds the tables that chose
 the shipped default.
 
-A candidate is ``KEY[/VALUE][+koff]`` in the format grammar of
+A candidate is ``KEY[/VALUE][+option...]`` in the format grammar of
 :mod:`vllm_nf4kv.tools.kv_formats` (``VALUE`` defaults to ``KEY``), e.g.
-``nf4-g16-ue5m3-s4`` or ``nf4-g16-ue5m3-s4/nf4-g32-ue5m3-s4+koff``.
+``nf4-g16-ue5m3-s4`` or ``nf4-g8-r5-s8/nf4-g32-ue5m3-s4+kofflf``. Options
+(key offsets ``koff``, ``kofflf``, ``kpre``; channel weights ``kqw``, ``vow``;
+see :mod:`vllm_nf4kv.tools.kv_calibration`) use static per-(layer, KV head)
+statistics measured on ``--calib-text``: use a different text from ``--text``.
 
-``+koff`` subtracts a static per-(layer, KV head) vector ``c`` from every key
-before quantizing and never adds it back: ``q·(k - c) = q·k - q·c`` shifts all
-of one query's logits by the same amount, so softmax is unchanged and only the
-quantization error differs. ``c`` is the mean post-RoPE key of each layer and
-KV head over ``--calib-text`` (use a different text from ``--text``), measured
-with the same windowing; being static, it keeps prefix-cache hits exact.
+ΔPPL of one run moves by a few tenths of a percent when a handful of values on
+a code boundary flip; ``--repeats N`` reruns each candidate under a 1e-6
+relative dither and prints the mean and standard deviation.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_nf4kv.tools.kv_calibration import KEY_OFFSETS, OPTIONS, calibrate, make_hook
 from vllm_nf4kv.tools.kv_formats import KVFormat, bits_label, parse_format, shipped_spec
 
 # The default table: references first, then the candidates for the shipped format.
@@ -40,11 +41,11 @@ DEFAULT_CANDIDATES: tuple[str, ...] = (
     "fp8",
     "int4tok",  # int4_per_token_head emulation
     "nf4-g64-fp32-s1-norot",  # the plain NF4 design: absmax per 64 values, no rotation
-    # rotation, group size and scale code at 4.5 bits/value
+    # rotation, group size, scale code and scale search
     "nf4-g64-fp32-s1",
     "nf4-g64-fp32-s4",
-    "nf4-g32-fp16-s1",
     "nf4-g32-fp16-s4",
+    "nf4-g16-fp32-s4",  # fp32 scales: 6 bits/value, an upper bound on scale precision
     "nf4-g16-e4m3-s1",
     "nf4-g16-e4m3-s4",
     "nf4-g16-ue5m3-s1",
@@ -52,28 +53,33 @@ DEFAULT_CANDIDATES: tuple[str, ...] = (
     "nf4-g16-ue5m3-s8",
     "nf4-g16-ue4m4-s4",
     "nf4-g16-ue5m3-s4-norot",
-    # fewer scale bytes, and K/V splits
     "nf4-g32-ue5m3-s4",
     "nf4-g64-ue5m3-s4",
-    "nf4-g16-ue5m3-s4/nf4-g32-ue5m3-s4",
-    "nf4-g32-ue5m3-s4/nf4-g16-ue5m3-s4",
     # where the error comes from (the other side unquantized)
     "nf4-g16-ue5m3-s4/fp32",
     "fp32/nf4-g16-ue5m3-s4",
-    # static key offset (calibrated on --calib-text)
+    # K/V byte splits within 72 B per token and KV head (head_dim 64)
+    "nf4-g16-ue5m3-s4/nf4-g32-ue5m3-s4",
+    "nf4-g32-ue5m3-s4/nf4-g16-ue5m3-s4",
+    "nf4-g8-r3-s8",
+    "nf4-g8-r5-s8/nf4-g32-ue5m3-s4",
+    "nf4-g8-r6-s16/nf4-g64-ue5m3-s4",
+    "nf4-g8-r4-s4/nf4-g16-r4-s4",
+    "nf4-g8-r4-s4/nf4-g32-ue5m3-s4",
+    "nf4-g8-r4-s8/nf4-g32-ue5m3-s4",
+    "nf4-g8-r5-s4/nf4-g32-ue5m3-s4",
+    # over the budget: what more scale bytes buy
+    "nf4-g8-ue5m3-s4/nf4-g32-ue5m3-s4",
+    "nf4-g8-ue5m3-s4",
+    # calibrated static options (skipped without --calib-text)
     "fp32+koff",  # sanity row: centring alone must not change perplexity
     "nf4-g16-ue5m3-s4+koff",
-    "nf4-g16-ue5m3-s8+koff",
-    "nf4-g16-ue5m3-s4/nf4-g32-ue5m3-s4+koff",
-    "int4tok+koff",
-    # what more scale bytes would buy (over the 4.5 bits/value budget)
-    "nf4-g8-ue5m3-s4",
-    "nf4-g8-ue5m3-s4+koff",
+    "nf4-g16-ue5m3-s4+kqw",
+    "nf4-g16-ue5m3-s4+koff+kqw",
+    "nf4-g16-ue5m3-s4+vow",
+    "nf4-g8-r5-s8/nf4-g32-ue5m3-s4+kqw",
+    "nf4-g8-r5-s8/nf4-g32-ue5m3-s4+koff",
 )
-
-
-OPTIONS = ("koff", "kqw", "vow")
-DITHER = 1e-6  # relative size of the --repeats perturbation
 
 
 @dataclass(frozen=True)
@@ -93,127 +99,10 @@ def parse_candidate(spec: str) -> Candidate:
     unknown = [o for o in options if o not in OPTIONS]
     if unknown:
         raise ValueError(f"unknown candidate option(s) {unknown} in {spec!r}; options are {list(OPTIONS)}")
+    if sum(o in KEY_OFFSETS for o in options) > 1:
+        raise ValueError(f"{spec!r}: use at most one key offset of {list(KEY_OFFSETS)}")
     key_spec, _, value_spec = body.partition("/")
     return Candidate(spec, parse_format(key_spec), parse_format(value_spec or key_spec), frozenset(options))
-
-
-@dataclass
-class Calibration:
-    """Static per-(layer, KV head) statistics from a calibration text; every tensor is ``[H, D]`` fp32."""
-
-    text: str
-    tokens: int
-    key_mean: dict[int, torch.Tensor]
-    key_sq: dict[int, torch.Tensor]  # E[k^2]
-    query_sq: dict[int, torch.Tensor]  # E[q^2] over the query heads that read the KV head
-    value_sq: dict[int, torch.Tensor]  # E[v^2]
-    out_weight_sq: dict[int, torch.Tensor]  # sum of o_proj weight^2 over its output rows and query heads
-
-    def key_weights(self, layer: int, centred: bool) -> torch.Tensor:
-        """``d = (E[q^2] / E[k^2]) ** (1/4)`` per channel, shared by each RoPE pair (i, i + D/2).
-
-        Keys are stored as ``k * d`` and read as ``k_hat / d`` (a kernel folds ``1/d``
-        into the query): for white quantization noise this minimises the error of
-        ``q·k``. Pair sums ``x_i + x_{i+D/2}`` are invariant under RoPE (neox-style
-        pairs, as HF Llama and vLLM use), so ``d`` does not depend on position.
-        """
-        key_sq = self.key_sq[layer] - self.key_mean[layer] ** 2 if centred else self.key_sq[layer]
-        ratio = _pair_mean(self.query_sq[layer]) / _pair_mean(key_sq).clamp_min(1e-12)
-        return _unit_geomean(ratio.clamp_min(1e-12) ** 0.25)
-
-    def value_weights(self, layer: int) -> torch.Tensor:
-        """``d = (|W_o column|^2 / E[v^2]) ** (1/4)``: the same argument for the output error after o_proj."""
-        ratio = self.out_weight_sq[layer] / self.value_sq[layer].clamp_min(1e-12)
-        return _unit_geomean(ratio.clamp_min(1e-12) ** 0.25)
-
-
-def _pair_mean(x: torch.Tensor) -> torch.Tensor:  # [H, D] -> [H, D], each RoPE pair averaged
-    half = x.shape[-1] // 2
-    mean = (x[..., :half] + x[..., half:]) / 2
-    return torch.cat([mean, mean], -1)
-
-
-def _unit_geomean(x: torch.Tensor) -> torch.Tensor:
-    return x / x.log().mean(-1, keepdim=True).exp()
-
-
-def make_hook(candidate: Candidate, calibration: Calibration | None, dither_seed: int = 0):
-    """The K/V hook that fake-quantizes one candidate.
-
-    ``dither_seed > 0`` first multiplies K and V by ``1 + DITHER * N(0, 1)``: far
-    below bf16 precision, yet enough to flip the codes of values that sit on a
-    decision boundary. Repeating a candidate under a few seeds shows how much of
-    a ΔPPL difference is the luck of those flips (``--repeats``).
-    """
-    if candidate.options and calibration is None:
-        raise ValueError(f"{candidate.spec} needs calibration statistics: pass --calib-text")
-    centred, key_weighted, value_weighted = (o in candidate.options for o in OPTIONS)
-    generator = torch.Generator().manual_seed(dither_seed)
-
-    def hook(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
-        if dither_seed:
-            key = key * (1 + DITHER * torch.randn(key.shape, generator=generator, dtype=key.dtype))
-            value = value * (1 + DITHER * torch.randn(value.shape, generator=generator, dtype=value.dtype))
-        if calibration is not None:
-            if centred:  # not added back: softmax is invariant to a fixed key offset
-                key = key - calibration.key_mean[layer].to(key.dtype)[None, :, None, :]
-            if key_weighted:
-                weights = calibration.key_weights(layer, centred).to(key.dtype)[None, :, None, :]
-                return candidate.key(key * weights) / weights, _value(layer, value)
-        return candidate.key(key), _value(layer, value)
-
-    def _value(layer: int, value: torch.Tensor) -> torch.Tensor:
-        if not value_weighted:
-            return candidate.value(value)
-        assert calibration is not None
-        weights = calibration.value_weights(layer).to(value.dtype)[None, :, None, :]
-        return candidate.value(value * weights) / weights
-
-    return hook
-
-
-@torch.inference_mode()
-def calibrate(model: torch.nn.Module, windows: torch.Tensor, text: str) -> Calibration:
-    """One pass over calibration windows: the statistics every ``+option`` needs."""
-    from vllm_nf4kv.tools.hf_hooks import kv_hook
-
-    sums: dict[str, dict[int, torch.Tensor]] = {"k": {}, "k2": {}, "q2": {}, "v2": {}}
-    count = [0]
-
-    def add(name: str, layer: int, x: torch.Tensor) -> None:
-        sums[name][layer] = sums[name].get(layer, 0) + x.double().sum((0, 2))  # [H, D]
-
-    def record(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
-        group = query.shape[1] // key.shape[1]  # query heads per KV head (repeat_kv order)
-        add("k", layer, key)
-        add("k2", layer, key**2)
-        add("v2", layer, value**2)
-        add("q2", layer, (query**2).unflatten(1, (key.shape[1], group)).mean(2))
-        if layer == 0:
-            count[0] += key.shape[0] * key.shape[2]
-        return key, value
-
-    with kv_hook(record):
-        for window in windows:
-            model(window[None])
-    stats = {name: {layer: (t / count[0]).float() for layer, t in per.items()} for name, per in sums.items()}
-    out_weight_sq = {}
-    for layer, mean in stats["k"].items():
-        heads, head_dim = mean.shape
-        weight = _o_proj(model, layer).weight.detach().float()  # [hidden, num_heads * D]
-        per_query_head = (weight**2).sum(0).view(-1, head_dim)  # [num_heads, D]
-        out_weight_sq[layer] = per_query_head.view(heads, -1, head_dim).sum(1)
-    return Calibration(
-        text, int(windows.numel()), stats["k"], stats["k2"], stats["q2"], stats["v2"], out_weight_sq
-    )
-
-
-def _o_proj(model: torch.nn.Module, layer: int) -> torch.nn.Module:
-    """The attention output projection of one decoder layer (Llama-style module names)."""
-    for module in model.modules():
-        if getattr(module, "layer_idx", None) == layer and hasattr(module, "o_proj"):
-            return module.o_proj
-    raise ValueError(f"+vow needs an o_proj in attention layer {layer}; this model has none")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -234,16 +123,31 @@ def run(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     baseline = perplexity(loaded.model, windows)
     log(f"baseline fp32 ppl {baseline:.4f} ({time.monotonic() - started:.0f} s)")
-    calibration = None
+    calibration, calibration_info = None, None
     if args.calib_text is not None and any(c.options for c in candidates):
-        calib = token_windows(loaded.tokenizer, args.calib_text, args.calib_tokens, args.ctx)
-        calibration = calibrate(loaded.model, calib, str(args.calib_text))
+        calib_ctx = args.calib_ctx or args.ctx
+        calib = token_windows(loaded.tokenizer, args.calib_text, args.calib_tokens, calib_ctx)
+        calibration = calibrate(loaded.model, calib, str(args.calib_text), args.koff_max_pos)
+        calibration_info = {
+            "text": calibration.text,
+            "tokens": calibration.tokens,
+            "ctx": calibration.ctx,
+            "max_position": calibration.max_position,
+        }
 
     results = []
     for candidate in candidates:
         runs = [
             100.0
-            * (perplexity(loaded.model, windows, make_hook(candidate, calibration, seed)) / baseline - 1.0)
+            * (
+                perplexity(
+                    loaded.model,
+                    windows,
+                    make_hook(candidate.key, candidate.value, candidate.options, calibration, seed),
+                )
+                / baseline
+                - 1.0
+            )
             for seed in range(args.repeats)
         ]
         mean = sum(runs) / len(runs)
@@ -270,7 +174,7 @@ def run(args: argparse.Namespace) -> dict:
         "head_dim": loaded.head_dim,
         "shipped": shipped_spec(loaded.head_dim),
         "baseline_ppl": baseline,
-        "calibration": calibration and {"text": calibration.text, "tokens": calibration.tokens},
+        "calibration": calibration_info,
         "skipped": skipped,
         "results": results,
     }
@@ -284,7 +188,9 @@ def format_table(report: dict) -> str:
     ]
     if report["calibration"]:
         cal = report["calibration"]
-        lines.append(f"+options calibrated on {cal['text']} ({cal['tokens']} tokens)")
+        lines.append(
+            f"+options calibrated on {cal['text']} ({cal['tokens']} tokens, windows of {cal['ctx']})"
+        )
     repeats = report["repeats"]
     if repeats > 1:
         lines.append(f"ΔPPL: mean of {repeats} runs (1 plain + {repeats - 1} dithered), ± standard deviation")
@@ -336,11 +242,20 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens (default 2048)")
     parser.add_argument(
+        "--calib-ctx", type=int, default=None, help="calibration window length (default: --ctx)"
+    )
+    parser.add_argument(
         "--repeats",
         type=int,
         default=1,
         help="run each candidate N times, the first as is and the others with a 1e-6 relative dither "
         "of K/V (seeds 1..N-1); print the mean ΔPPL and its standard deviation (default 1)",
+    )
+    parser.add_argument(
+        "--koff-max-pos",
+        type=int,
+        default=None,
+        help="+kofflf: the longest context its offsets must hold for (default: max_position_embeddings)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--progress", action="store_true", help="log each candidate to stderr as it finishes")

@@ -43,7 +43,7 @@ from functools import cache
 
 import torch
 
-from vllm_nf4kv.reference import decode_scale, nf4_levels, nf4_midpoints, sanitize
+from vllm_nf4kv.reference import decode_scale, nf4_levels, nf4_midpoints, pairwise_sum, sanitize
 from vllm_nf4kv.rotation import rotate, unrotate
 
 # bytes of one group scale code, by scale format
@@ -161,7 +161,7 @@ class NF4Groups(KVFormat):
             # bucketize counts the midpoints strictly below each value: reference.nf4_encode's
             # codes (tests/test_tools.py checks equality), 3x faster on CPU
             deq = levels[torch.bucketize((groups / safe).clamp(-1.0, 1.0), midpoints)] * scale
-            err = ((deq - groups) ** 2).sum(-1, keepdim=True)
+            err = pairwise_sum((deq - groups) ** 2).unsqueeze(-1)  # the reference's summation order
             if best_err is None or best_deq is None:
                 best_deq, best_err = deq, err
             else:

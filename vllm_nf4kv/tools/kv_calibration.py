@@ -1,0 +1,243 @@
+"""Static per-(layer, KV head) statistics behind the ablation's ``+options``.
+
+Everything here is measured once on a calibration text (use a different text
+from the one evaluated) and then fixed, as a cache would ship it: the same for
+every block a query reads, so prefix-cache hits stay exact.
+
+Key offsets (at most one per candidate):
+
+* ``koff``: subtract the mean post-RoPE key ``c`` (over calibration windows)
+  from every key and never add it back. ``q·(k - c) = q·k - q·c`` shifts all of
+  one query's logits by the same amount, so softmax is unchanged (not valid
+  with logit soft-capping). Caveat: for RoPE pairs that rotate by more than a
+  fraction of a turn over the context, a post-RoPE mean depends on the
+  positions it was measured over; beyond them it no longer centres the keys.
+* ``kofflf``: ``koff`` restricted to the low-frequency RoPE pairs, those with
+  ``inv_freq * max_position <= pi / 3``. For them ``|R(w p) m - m| <= |m|`` at
+  every position ``p <= max_position``, so the offset never hurts however long
+  the context (``max_position``: the model's ``max_position_embeddings`` unless
+  ``--koff-max-pos`` says otherwise).
+* ``kpre``: subtract ``R(p) m``, the RoPE-rotated mean *pre*-RoPE key, at each
+  key's position ``p``, and add it back after dequantization. Exact at every
+  position, but the attention kernel must add ``q·R(p) m`` to each logit
+  (cos/sin of the key's position): an upper bound for what offsets can buy.
+
+Channel weights: ``kqw`` (keys stored as ``k * d``, ``d = (E[q^2]/E[k^2])^(1/4)``
+per RoPE pair, read as ``k_hat / d``, i.e. ``1/d`` folded into the query) and
+``vow`` (values weighted by the squared column norms of ``o_proj`` the same way).
+
+RoPE conventions are Hugging Face Llama's (neox style: channel ``i`` pairs with
+``i + D/2``, ``inv_freq`` from the model's rotary embedding, no attention
+scaling). The ablation scores whole windows from position 0 without a KV cache,
+so a key's position is its index in the window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vllm_nf4kv.tools.kv_formats import KVFormat
+
+OPTIONS = ("koff", "kofflf", "kpre", "kqw", "vow")
+KEY_OFFSETS = ("koff", "kofflf", "kpre")  # at most one per candidate
+DITHER = 1e-6  # relative size of the --repeats perturbation
+
+
+@dataclass
+class Calibration:
+    """Statistics of one calibration pass; per-layer tensors are ``[num_kv_heads, head_dim]`` fp32."""
+
+    text: str
+    tokens: int
+    ctx: int
+    inv_freq: torch.Tensor  # [head_dim / 2] RoPE frequencies
+    max_position: int  # the longest context the kofflf offsets must hold for
+    key_mean: dict[int, torch.Tensor]  # post-RoPE E[k]
+    key_pre_mean: dict[int, torch.Tensor]  # pre-RoPE E[k]
+    key_sq: dict[int, torch.Tensor]  # E[k^2]
+    query_sq: dict[int, torch.Tensor]  # E[q^2] over the query heads that read the KV head
+    value_sq: dict[int, torch.Tensor]  # E[v^2]
+    out_weight_sq: dict[int, torch.Tensor]  # sum of o_proj weight^2 over its output rows and query heads
+
+    def low_frequency_pairs(self) -> torch.Tensor:
+        """``[head_dim]`` bool: channels of the RoPE pairs that turn by at most pi/3 over max_position."""
+        slow = self.inv_freq * self.max_position <= math.pi / 3
+        return torch.cat([slow, slow])
+
+    def key_offset(self, layer: int, kind: str, positions: torch.Tensor) -> torch.Tensor:
+        """The offset subtracted from keys: ``[H, 1, D]`` (static) or ``[H, T, D]`` (``kpre``)."""
+        if kind == "koff":
+            return self.key_mean[layer][:, None, :]
+        if kind == "kofflf":
+            return (self.key_mean[layer] * self.low_frequency_pairs())[:, None, :]
+        if kind == "kpre":
+            return apply_rope(self.key_pre_mean[layer][:, None, :], positions, self.inv_freq)
+        raise ValueError(f"unknown key offset {kind!r}; expected one of {KEY_OFFSETS}")
+
+    def key_weights(self, layer: int, centred: bool) -> torch.Tensor:
+        """``d = (E[q^2] / E[k^2]) ** (1/4)`` per channel, shared by each RoPE pair (i, i + D/2).
+
+        For white quantization noise this minimises the error of ``q·k``. Pair sums
+        ``x_i + x_{i+D/2}`` are invariant under RoPE, so ``d`` does not depend on position.
+        """
+        key_sq = self.key_sq[layer] - self.key_mean[layer] ** 2 if centred else self.key_sq[layer]
+        ratio = _pair_mean(self.query_sq[layer]) / _pair_mean(key_sq).clamp_min(1e-12)
+        return _unit_geomean(ratio.clamp_min(1e-12) ** 0.25)
+
+    def value_weights(self, layer: int) -> torch.Tensor:
+        """``d = (|W_o column|^2 / E[v^2]) ** (1/4)``: the same argument for the error after o_proj."""
+        ratio = self.out_weight_sq[layer] / self.value_sq[layer].clamp_min(1e-12)
+        return _unit_geomean(ratio.clamp_min(1e-12) ** 0.25)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False):
+    """Neox-style RoPE of ``x`` ``[..., T or 1, D]`` at ``positions`` ``[T]`` (HF Llama's convention)."""
+    angles = positions.double()[:, None] * inv_freq.double()[None, :]  # [T, D/2]
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(x.dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated_half = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos - rotated_half * sin if inverse else x * cos + rotated_half * sin
+
+
+def _pair_mean(x: torch.Tensor) -> torch.Tensor:  # [H, D] -> [H, D], each RoPE pair averaged
+    half = x.shape[-1] // 2
+    mean = (x[..., :half] + x[..., half:]) / 2
+    return torch.cat([mean, mean], -1)
+
+
+def _unit_geomean(x: torch.Tensor) -> torch.Tensor:
+    return x / x.log().mean(-1, keepdim=True).exp()
+
+
+def make_hook(
+    key_format: KVFormat,
+    value_format: KVFormat,
+    options: frozenset[str],
+    calibration: Calibration | None,
+    dither_seed: int = 0,
+):
+    """The K/V hook that fake-quantizes one candidate (see :mod:`vllm_nf4kv.tools.hf_hooks`).
+
+    ``dither_seed > 0`` first multiplies K and V by ``1 + DITHER * N(0, 1)``: far
+    below bf16 precision, yet enough to flip the codes of values that sit on a
+    decision boundary. Repeating a candidate under a few seeds shows how much of
+    a ΔPPL difference is the luck of those flips (``--repeats``).
+    """
+    unknown = set(options) - set(OPTIONS)
+    offsets = [o for o in KEY_OFFSETS if o in options]
+    if unknown or len(offsets) > 1:
+        raise ValueError(
+            f"options must be from {OPTIONS} with at most one of {KEY_OFFSETS}, got {sorted(options)}"
+        )
+    if options and calibration is None:
+        raise ValueError(f"options {sorted(options)} need calibration statistics: pass --calib-text")
+    offset_kind = offsets[0] if offsets else None
+    key_weighted, value_weighted = "kqw" in options, "vow" in options
+    generator = torch.Generator().manual_seed(dither_seed)
+
+    def hook(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        if dither_seed:
+            key = key * (1 + DITHER * torch.randn(key.shape, generator=generator, dtype=key.dtype))
+            value = value * (1 + DITHER * torch.randn(value.shape, generator=generator, dtype=value.dtype))
+        if calibration is None:
+            return key_format(key), value_format(value)
+        added_back = None
+        if offset_kind is not None:
+            if query.shape[2] != key.shape[2]:
+                raise RuntimeError(
+                    "key offsets assume whole windows scored from position 0 without a KV cache"
+                )
+            positions = torch.arange(key.shape[2], device=key.device)
+            offset = calibration.key_offset(layer, offset_kind, positions).to(key.device, key.dtype)[None]
+            key = key - offset
+            if offset_kind == "kpre":  # position-dependent: the reader has to add it back
+                added_back = offset
+        if key_weighted:
+            weights = calibration.key_weights(layer, offset_kind == "koff").to(key.dtype)[None, :, None, :]
+            key_hat = key_format(key * weights) / weights
+        else:
+            key_hat = key_format(key)
+        if added_back is not None:
+            key_hat = key_hat + added_back
+        if value_weighted:
+            weights = calibration.value_weights(layer).to(value.dtype)[None, :, None, :]
+            return key_hat, value_format(value * weights) / weights
+        return key_hat, value_format(value)
+
+    return hook
+
+
+@torch.inference_mode()
+def calibrate(
+    model: torch.nn.Module, windows: torch.Tensor, text: str, max_position: int | None = None
+) -> Calibration:
+    """One pass over calibration windows ``[n, ctx]``: the statistics every option needs."""
+    from vllm_nf4kv.tools.hf_hooks import kv_hook
+
+    inv_freq = _rope_inv_freq(model)
+    sums: dict[str, dict[int, torch.Tensor]] = {"k": {}, "kpre": {}, "k2": {}, "q2": {}, "v2": {}}
+    count = [0]
+
+    def add(name: str, layer: int, x: torch.Tensor) -> None:
+        sums[name][layer] = sums[name].get(layer, 0) + x.double().sum((0, 2))  # [H, D]
+
+    def record(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        group = query.shape[1] // key.shape[1]  # query heads per KV head (repeat_kv order)
+        positions = torch.arange(key.shape[2], device=key.device)
+        add("k", layer, key)
+        add("kpre", layer, apply_rope(key.double(), positions, inv_freq, inverse=True))
+        add("k2", layer, key**2)
+        add("v2", layer, value**2)
+        add("q2", layer, (query**2).unflatten(1, (key.shape[1], group)).mean(2))
+        if layer == 0:
+            count[0] += key.shape[0] * key.shape[2]
+        return key, value
+
+    with kv_hook(record):
+        for window in windows:
+            model(window[None])
+    stats = {name: {layer: (t / count[0]).float() for layer, t in per.items()} for name, per in sums.items()}
+    out_weight_sq = {}
+    for layer, mean in stats["k"].items():
+        heads, head_dim = mean.shape
+        weight = _o_proj(model, layer).weight.detach().float()  # [hidden, num_heads * D]
+        per_query_head = (weight**2).sum(0).view(-1, head_dim)  # [num_heads, D]
+        out_weight_sq[layer] = per_query_head.view(heads, -1, head_dim).sum(1)
+    return Calibration(
+        text=text,
+        tokens=int(windows.numel()),
+        ctx=windows.shape[1],
+        inv_freq=inv_freq,
+        max_position=max_position or int(model.config.max_position_embeddings),
+        key_mean=stats["k"],
+        key_pre_mean=stats["kpre"],
+        key_sq=stats["k2"],
+        query_sq=stats["q2"],
+        value_sq=stats["v2"],
+        out_weight_sq=out_weight_sq,
+    )
+
+
+def _rope_inv_freq(model: torch.nn.Module) -> torch.Tensor:
+    """The RoPE frequencies of a HF model (one rotary embedding, no attention scaling)."""
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor):
+            if float(getattr(module, "attention_scaling", 1.0)) != 1.0:
+                raise ValueError(
+                    "key offsets support plain RoPE only (this model scales its rotary embedding)"
+                )
+            return inv_freq.detach().double().cpu()
+    raise ValueError("key offsets need a RoPE model (no module with inv_freq found)")
+
+
+def _o_proj(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    """The attention output projection of one decoder layer (Llama-style module names)."""
+    for module in model.modules():
+        if getattr(module, "layer_idx", None) == layer and hasattr(module, "o_proj"):
+            return module.o_proj
+    raise ValueError(f"+vow needs an o_proj in attention layer {layer}; this model has none")
