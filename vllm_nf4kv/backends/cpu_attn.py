@@ -1,11 +1,15 @@
-"""NF4 attention backend for vLLM's CPU platform (pure PyTorch).
+"""NF4 attention backend for vLLM's CPU platform.
 
 It reuses vLLM's CPU backend for everything that is not about the cache
 format (metadata fields, block sizes, head sizes) and replaces the two places
-that touch pages: ``do_kv_cache_update`` quantizes K/V into NF4 cells with the
-reference codec, and ``forward`` attends over the dequantized pages, the
-current chunk included, so a prefix-cache hit reads exactly what a cold run
-wrote.
+that touch pages: ``do_kv_cache_update`` quantizes K/V into NF4 cells, and
+``forward`` attends over the NF4 pages, the current chunk included, so a
+prefix-cache hit reads exactly what a cold run wrote.
+
+Both run the C++ kernels of :mod:`vllm_nf4kv.cpu_kernels` (built on first
+use); where they cannot be built, the PyTorch reference path
+(:func:`vllm_nf4kv.reference.write_paged`, :mod:`vllm_nf4kv.paged_attention`),
+which writes the same bytes and is several times slower.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from vllm_nf4kv import cpu_kernels
 from vllm_nf4kv.backends.common import NF4BackendMixin, refuse_unsupported
 from vllm_nf4kv.format import CellLayout
 from vllm_nf4kv.paged_attention import ACCUMULATE, paged_attention
-from vllm_nf4kv.reference import check_paged_cache, write_paged
+from vllm_nf4kv.reference import check_paged_cache, sanitize, write_paged
 from vllm_nf4kv.rotation import rotate, unrotate
 
 
@@ -88,6 +93,7 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
             kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks,
         )
         self.layout = CellLayout.for_head_dim(head_size)
+        self.use_kernels = cpu_kernels.available()
 
     def _cache(self, kv_cache: torch.Tensor) -> torch.Tensor:
         cache = kv_cache.view(torch.uint8) if kv_cache.dtype != torch.uint8 else kv_cache
@@ -102,7 +108,15 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
         kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes]
         slot_mapping: torch.Tensor,  # [num_tokens]
     ) -> None:
-        write_paged(self._cache(kv_cache), key, value, slot_mapping, self.layout)
+        cache = self._cache(kv_cache)
+        if not self.use_kernels:
+            write_paged(cache, key, value, slot_mapping, self.layout)
+            return
+        n = slot_mapping.shape[0]
+        # K and V rotated by one fp64 matmul, as reference.encode_rows rotates them
+        rotated = rotate(sanitize(torch.cat([key[:n], value[:n]], dim=1)))
+        heads = key.shape[1]
+        cpu_kernels.store(cache, rotated[:, :heads], rotated[:, heads:], slot_mapping, self.layout)
 
     def forward(
         self,
@@ -122,8 +136,9 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
             return output
         n = attn_metadata.num_actual_tokens
         query = query.view(-1, self.num_heads, self.head_size)
-        result = paged_attention(
-            rotate(query, ACCUMULATE),
+        attend = cpu_kernels.attention if self.use_kernels else paged_attention
+        result = attend(
+            rotate(query, torch.float32 if self.use_kernels else ACCUMULATE),
             self._cache(kv_cache),
             self.layout,
             attn_metadata.query_start_loc,

@@ -1,0 +1,48 @@
+"""Paged NF4 caches filled through the reference codec, and dense fp64 attention over them.
+
+Shared by the PyTorch path's tests and the C++ kernels' tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_nf4kv import reference
+from vllm_nf4kv.format import CellLayout
+
+
+def fill_cache(seq_lens, num_kv_heads, head_dim, block_size, seed=0):
+    """Random K/V written through the reference codec into shuffled blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    layout = CellLayout.for_head_dim(head_dim)
+    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3
+    cache = torch.zeros(num_blocks, num_kv_heads, block_size, layout.cell_bytes, dtype=torch.uint8)
+    order = torch.randperm(num_blocks, generator=gen)
+    table = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32)
+    used = 0
+    for r, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq, strict=True)):
+        table[r, :nb] = order[used : used + nb]
+        used += nb
+        slots = torch.tensor([int(table[r, t // block_size]) * block_size + t % block_size for t in range(n)])
+        key = torch.randn(n, num_kv_heads, head_dim, generator=gen) * 2
+        value = torch.randn(n, num_kv_heads, head_dim, generator=gen)
+        reference.write_paged(cache, key, value, slots, layout)
+    return cache, table, layout
+
+
+def dense_attention(query, cache, table, layout, starts, seq_lens, scale, window=None):
+    out = torch.zeros(query.shape, dtype=torch.float64)
+    group = query.shape[1] // cache.shape[1]
+    for r, n in enumerate(seq_lens):
+        key, value = reference.read_paged(cache, table[r], n, layout)
+        q_len = starts[r + 1] - starts[r]
+        for j in range(q_len):
+            pos = n - q_len + j
+            first = 0 if window is None else max(0, pos - window + 1)
+            for h in range(query.shape[1]):
+                k = key[first : pos + 1, h // group].double()
+                v = value[first : pos + 1, h // group].double()
+                p = torch.softmax(k @ query[starts[r] + j, h].double() * scale, dim=0)
+                out[starts[r] + j, h] = p @ v
+    return out
