@@ -24,6 +24,9 @@ $(VENV)/.installed: pyproject.toml scripts/vllm_cpu_dist/pyproject.toml
 	  || $(PIP) install -q ./scripts/vllm_cpu_dist
 	$(PY) -c 'import vllm_nf4kv.plugin as p, vllm_nf4kv.registration as r; p.register(); \
 	  assert r.nf4_is_accepted(), "nf4 not registered"; print("vllm-nf4kv: --kv-cache-dtype nf4 OK")'
+	# Build the C++ CPU kernels now (cached), so the first server start does not pay for it.
+	$(PY) -c 'import vllm_nf4kv.cpu_kernels as k; ops = k.build(); \
+	  print("vllm-nf4kv: CPU kernels built, AVX-512" if ops.has_avx512() else "vllm-nf4kv: CPU kernels built")'
 	touch $@
 
 assets: $(MODEL)/config.json

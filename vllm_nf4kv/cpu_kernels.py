@@ -32,6 +32,7 @@ import torch
 
 from vllm_nf4kv.format import DEFAULT_SEARCH_STEPS, CellLayout
 from vllm_nf4kv.reference import check_paged_cache, decode_scale, nf4_levels, nf4_midpoints
+from vllm_nf4kv.rotation import rotation_signs
 
 logger = logging.getLogger("vllm.nf4kv")
 
@@ -97,6 +98,13 @@ def available() -> bool:
     return _native() is not None
 
 
+def describe() -> str:
+    """One line for the startup log: which CPU attention path this process runs."""
+    if not available():
+        return "PyTorch reference path (C++ kernels disabled or not built)"
+    return "C++ kernels, " + ("AVX-512" if _ops(None).has_avx512() else "portable loops")
+
+
 def _ops(ops: Any | None) -> Any:
     if ops is not None:
         return ops
@@ -113,24 +121,25 @@ def _tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def store(
     kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes] uint8
-    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], already rotated
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], as the model made it
     value: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens], < 0 skipped
     layout: CellLayout,
     search_steps: int = DEFAULT_SEARCH_STEPS,
     ops: Any | None = None,
 ) -> None:
-    """Quantize rotated K/V into their slots: the same bytes as :func:`reference.write_paged`."""
+    """Rotate and quantize K/V into their slots: the same bytes as :func:`reference.write_paged`."""
     check_paged_cache(kv_cache, layout)
     levels, midpoints, scales = _tables()
     _ops(ops).store(
         key.float().contiguous(), value.float().contiguous(), kv_cache, slot_mapping.long().contiguous(),
-        levels, midpoints, scales, layout.key.group_size, layout.value.group_size, search_steps,
+        rotation_signs(layout.head_dim), levels, midpoints, scales, layout.key.group_size,
+        layout.value.group_size, search_steps,
     )
 
 
 def attention(
-    query: torch.Tensor,  # [num_tokens, num_heads, head_dim], rotated
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim], as the model made it
     kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes] uint8
     layout: CellLayout,
     query_start_loc: torch.Tensor,  # [num_reqs + 1]
@@ -141,7 +150,7 @@ def attention(
     sliding_window: int | None = None,
     ops: Any | None = None,
 ) -> torch.Tensor:
-    """Attention over NF4 pages: fp32 ``[num_tokens, Hq, D]`` in the rotated space.
+    """Attention over NF4 pages: fp32 ``[num_tokens, Hq, D]`` (queries rotated in, outputs back).
 
     Rows past ``query_start_loc[-1]`` (vLLM's padding) are zero.
     """
@@ -154,8 +163,8 @@ def attention(
     out = torch.zeros_like(query)
     levels, _, scales = _tables()
     _ops(ops).attention(
-        query, kv_cache, block_table.int().contiguous(), seq_lens.int().contiguous(),
-        query_start_loc.int().contiguous(), levels, scales, float(scale), bool(causal),
-        int(sliding_window or 0), layout.key.group_size, layout.value.group_size, out,
+        query, kv_cache, block_table.int().contiguous(), rotation_signs(layout.head_dim),
+        seq_lens.int().contiguous(), query_start_loc.int().contiguous(), levels, scales, float(scale),
+        bool(causal), int(sliding_window or 0), layout.key.group_size, layout.value.group_size, out,
     )
     return out

@@ -8,12 +8,13 @@ run in the rotated space: ``(q R)·(k R) = q·k`` and ``sum p (v R) R^T = sum p 
 
 Rule for head sizes that are not powers of two: ``R`` is block diagonal, one
 normalized Sylvester–Hadamard block per set bit of ``head_dim`` (largest
-first, e.g. 96 = 64 + 32), with random signs on the columns. Every block is at
+first, e.g. 96 = 64 + 32), with random signs on its rows (the input channels). Every block is at
 least 16 wide because the format requires ``head_dim % 16 == 0``.
 """
 
 from __future__ import annotations
 
+import math
 from functools import cache
 
 import torch
@@ -34,20 +35,35 @@ def power_of_two_blocks(head_dim: int) -> list[int]:
 
 
 @cache
-def _rotation_cpu(head_dim: int, seed: int) -> torch.Tensor:
+def _signs_cpu(head_dim: int, seed: int) -> torch.Tensor:
     check_head_dim(head_dim)
+    generator = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (head_dim,), generator=generator, dtype=torch.int64) * 2 - 1
+    return signs.to(torch.float64)
+
+
+@cache
+def _rotation_cpu(head_dim: int, seed: int) -> torch.Tensor:
     rotation = torch.zeros(head_dim, head_dim, dtype=torch.float64)
     start = 0
     for size in power_of_two_blocks(head_dim):
         rotation[start : start + size, start : start + size] = _sylvester_hadamard(size)
         start += size
-    generator = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (head_dim,), generator=generator, dtype=torch.int64) * 2 - 1
-    rotation = signs.to(torch.float64)[:, None] * rotation
-    return rotation
+    return _signs_cpu(head_dim, seed)[:, None] * rotation
 
 
-_DEVICE_CACHE: dict[tuple[int, int, str, torch.dtype], torch.Tensor] = {}
+_DEVICE_CACHE: dict[tuple[str, int, int, str, torch.dtype], torch.Tensor] = {}
+
+
+def _on_device(
+    kind: str, head_dim: int, seed: int, device: torch.device | str, dtype: torch.dtype
+) -> torch.Tensor:
+    key = (kind, head_dim, seed, str(device), dtype)
+    cached = _DEVICE_CACHE.get(key)
+    if cached is None:
+        source = _rotation_cpu(head_dim, seed) if kind == "matrix" else _signs_cpu(head_dim, seed)
+        cached = _DEVICE_CACHE[key] = source.to(device=device, dtype=dtype)
+    return cached
 
 
 def rotation_matrix(
@@ -56,29 +72,61 @@ def rotation_matrix(
     seed: int = ROTATION_SEED,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``R`` as ``[head_dim, head_dim]``; rotate rows with ``x @ R``."""
-    key = (head_dim, seed, str(device), dtype)
-    cached = _DEVICE_CACHE.get(key)
-    if cached is None:
-        cached = _rotation_cpu(head_dim, seed).to(device=device, dtype=dtype)
-        _DEVICE_CACHE[key] = cached
-    return cached
+    """``R = diag(signs) · blockdiag(H)`` as ``[head_dim, head_dim]``; ``rotate(x) = x @ R``."""
+    return _on_device("matrix", head_dim, seed, device, dtype)
+
+
+def rotation_signs(
+    head_dim: int, device: torch.device | str = "cpu", seed: int = ROTATION_SEED
+) -> torch.Tensor:
+    """The fp64 ``±1`` of ``diag(signs)`` (the C++ kernels take them as a tensor)."""
+    return _on_device("signs", head_dim, seed, device, torch.float64)
+
+
+def block_norm(size: int) -> float:
+    """``1 / sqrt(size)`` as the C++ kernels compute it (IEEE sqrt and division, both exact-rounded)."""
+    return 1.0 / math.sqrt(size)
+
+
+def _hadamard_blocks(y: torch.Tensor) -> torch.Tensor:
+    """``y @ blockdiag(H)`` in fp64: butterflies (stride 1, 2, 4, ...) per block, then ``1/sqrt(size)``.
+
+    Why butterflies and not a matmul: the operations and their order are fixed
+    (a matmul's summation order is BLAS's choice), so ``csrc/nf4_cpu.cpp``
+    performs exactly these and gets the same bits; and each output is a sum of
+    ``±x`` exact in fp64 for bf16/fp16 inputs, so a token rotates to the same
+    bytes whatever batch it arrives in.
+    """
+    pieces = []
+    for piece in torch.split(y, power_of_two_blocks(y.shape[-1]), dim=-1):
+        size, stride = piece.shape[-1], 1
+        while stride < size:
+            pairs = piece.reshape(*piece.shape[:-1], size // (2 * stride), 2, stride)
+            first, second = pairs[..., 0, :], pairs[..., 1, :]
+            piece = torch.stack([first + second, first - second], dim=-2).reshape(*piece.shape)
+            stride *= 2
+        pieces.append(piece * block_norm(size))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
 
 def rotate(x: torch.Tensor, dtype: torch.dtype = torch.float32, seed: int = ROTATION_SEED) -> torch.Tensor:
-    """``x @ R``, accumulated in fp64 and returned as ``dtype``.
+    """``x @ R``, computed in fp64 and returned as ``dtype``.
 
-    Why fp64: a row's result must not depend on how many rows are rotated with
-    it (BLAS picks kernels, and so summation orders, by matrix shape). With
-    power-of-two blocks every product is exact and fp64 sums of bf16/fp16
-    inputs are exact too, so a token quantizes to the same bytes whether it
-    arrives in a 1-token decode, a prefill chunk or a whole prompt.
+    On CPU as signs then Hadamard butterflies (:func:`_hadamard_blocks`), the
+    operations the C++ kernels repeat; on other devices as one fp64 matmul (one
+    kernel launch instead of a dozen). The two agree to the last fp64 bit or
+    so, hence to the bit after rounding to fp32 in all but rare ties; within
+    one device a token always rotates to the same bits.
     """
-    rotation = rotation_matrix(x.shape[-1], x.device, seed, torch.float64)
-    return (x.to(torch.float64) @ rotation).to(dtype)
+    if x.device.type != "cpu":
+        return (x.to(torch.float64) @ rotation_matrix(x.shape[-1], x.device, seed, torch.float64)).to(dtype)
+    signs = rotation_signs(x.shape[-1], x.device, seed)
+    return _hadamard_blocks(x.to(torch.float64) * signs).to(dtype)
 
 
 def unrotate(x: torch.Tensor, dtype: torch.dtype = torch.float32, seed: int = ROTATION_SEED) -> torch.Tensor:
-    """Inverse of :func:`rotate`: ``x @ R^T``, accumulated in fp64."""
-    rotation = rotation_matrix(x.shape[-1], x.device, seed, torch.float64)
-    return (x.to(torch.float64) @ rotation.T).to(dtype)
+    """Inverse of :func:`rotate`: ``x @ R^T`` (on CPU: the Hadamard blocks, then the signs), in fp64."""
+    if x.device.type != "cpu":
+        return (x.to(torch.float64) @ rotation_matrix(x.shape[-1], x.device, seed, torch.float64).T).to(dtype)
+    signs = rotation_signs(x.shape[-1], x.device, seed)
+    return (_hadamard_blocks(x.to(torch.float64)) * signs).to(dtype)

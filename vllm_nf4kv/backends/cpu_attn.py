@@ -15,6 +15,7 @@ which writes the same bytes and is several times slower.
 from __future__ import annotations
 
 import torch
+from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -27,8 +28,10 @@ from vllm_nf4kv import cpu_kernels
 from vllm_nf4kv.backends.common import NF4BackendMixin, refuse_unsupported
 from vllm_nf4kv.format import CellLayout
 from vllm_nf4kv.paged_attention import ACCUMULATE, paged_attention
-from vllm_nf4kv.reference import check_paged_cache, sanitize, write_paged
+from vllm_nf4kv.reference import check_paged_cache, write_paged
 from vllm_nf4kv.rotation import rotate, unrotate
+
+logger = init_logger("vllm.nf4kv")
 
 
 class NF4CPUAttentionBackend(NF4BackendMixin, CPUAttentionBackend):
@@ -94,6 +97,7 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
         )
         self.layout = CellLayout.for_head_dim(head_size)
         self.use_kernels = cpu_kernels.available()
+        logger.info_once("nf4 KV cache on CPU: %s", cpu_kernels.describe())
 
     def _cache(self, kv_cache: torch.Tensor) -> torch.Tensor:
         cache = kv_cache.view(torch.uint8) if kv_cache.dtype != torch.uint8 else kv_cache
@@ -113,10 +117,7 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
             write_paged(cache, key, value, slot_mapping, self.layout)
             return
         n = slot_mapping.shape[0]
-        # K and V rotated by one fp64 matmul, as reference.encode_rows rotates them
-        rotated = rotate(sanitize(torch.cat([key[:n], value[:n]], dim=1)))
-        heads = key.shape[1]
-        cpu_kernels.store(cache, rotated[:, :heads], rotated[:, heads:], slot_mapping, self.layout)
+        cpu_kernels.store(cache, key[:n], value[:n], slot_mapping, self.layout)
 
     def forward(
         self,
@@ -135,18 +136,19 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
         if attn_metadata is None:  # profiling / warm-up run
             return output
         n = attn_metadata.num_actual_tokens
-        query = query.view(-1, self.num_heads, self.head_size)
-        attend = cpu_kernels.attention if self.use_kernels else paged_attention
-        result = attend(
-            rotate(query, torch.float32 if self.use_kernels else ACCUMULATE),
-            self._cache(kv_cache),
-            self.layout,
-            attn_metadata.query_start_loc,
-            attn_metadata.seq_lens,
-            attn_metadata.block_table,
-            self.scale,
-            causal=attn_metadata.causal,
-            sliding_window=self.sliding_window if self.sliding_window > 0 else None,
-        )[:n]
-        output.view(-1, self.num_heads, self.head_size)[:n] = unrotate(result, output.dtype)
+        query = query.view(-1, self.num_heads, self.head_size)[:n]
+        cache = self._cache(kv_cache)
+        metadata = (attn_metadata.query_start_loc, attn_metadata.seq_lens, attn_metadata.block_table)
+        window = self.sliding_window if self.sliding_window > 0 else None
+        if self.use_kernels:  # rotation in and out happens inside the kernel
+            result = cpu_kernels.attention(
+                query, cache, self.layout, *metadata, self.scale, attn_metadata.causal, window
+            )
+        else:
+            rotated = paged_attention(
+                rotate(query, ACCUMULATE), cache, self.layout, *metadata, self.scale,
+                attn_metadata.causal, window,
+            )
+            result = unrotate(rotated)
+        output.view(-1, self.num_heads, self.head_size)[:n] = result
         return output

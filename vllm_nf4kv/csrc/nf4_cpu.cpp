@@ -16,8 +16,8 @@
 //   cache  uint8 [num_blocks, num_kv_heads, block_size, cell_bytes]
 //   cell   K codes (D/2) | K scale codes (D/gk) | V codes (D/2) | V scale codes (D/gv)
 //   codes  two NF4 indices a byte, the even element in the high nibble
-// Queries, keys and values arrive already rotated (torch does the fp64
-// rotation, shared with the reference); outputs leave in the rotated space.
+// Queries, keys and values arrive as the model made them and are rotated here
+// (rotation.py's fp64 butterflies, bit for bit); outputs are rotated back.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -42,6 +42,70 @@ constexpr int kQueryTile = 64;        // queries of one request per attention ta
 constexpr float kScaleMax = 61440.0f; // format.SCALE_MAX, the largest ue5m3 scale
 constexpr int kMaxHeadDim = 512;
 
+// reference.sanitize: NaN -> 0, +-inf -> +-SCALE_MAX.
+inline float sanitize(float x) {
+  if (std::isnan(x)) return 0.0f;
+  if (std::isinf(x)) return x > 0 ? kScaleMax : -kScaleMax;
+  return x;
+}
+
+// ------------------------------------------------------------------ rotation
+
+// x @ R and x @ R^T of rotation.py on CPU: signs, Hadamard butterflies with
+// strides 1, 2, 4, ... per power-of-two block (largest block first), then
+// 1/sqrt(block), all in fp64, in exactly rotation._hadamard_blocks' order.
+class Rotation {
+ public:
+  Rotation(const double* signs, int64_t head_dim) : signs_(signs), head_dim_(head_dim) {
+    for (int bit = 62; bit >= 0; --bit)
+      if (head_dim >> bit & 1) blocks_.push_back(int64_t{1} << bit);
+  }
+
+  // fp32 out = (sanitize(x) * signs) H, rounded once from fp64
+  void forward(const float* x, float* out) const {
+    double y[kMaxHeadDim];
+    for (int64_t i = 0; i < head_dim_; ++i) y[i] = static_cast<double>(sanitize(x[i])) * signs_[i];
+    hadamard(y);
+    for (int64_t i = 0; i < head_dim_; ++i) out[i] = static_cast<float>(y[i]);
+  }
+
+  // fp32 out = (x H) * signs
+  void inverse(const float* x, float* out) const {
+    double y[kMaxHeadDim];
+    for (int64_t i = 0; i < head_dim_; ++i) y[i] = static_cast<double>(x[i]);
+    hadamard(y);
+    for (int64_t i = 0; i < head_dim_; ++i) out[i] = static_cast<float>(y[i] * signs_[i]);
+  }
+
+ private:
+  void hadamard(double* y) const {
+    int64_t start = 0;
+    for (const int64_t size : blocks_) {
+      double* b = y + start;
+      for (int64_t stride = 1; stride < size; stride *= 2)
+        for (int64_t i = 0; i < size; i += 2 * stride)
+          for (int64_t j = i; j < i + stride; ++j) {
+            const double first = b[j], second = b[j + stride];
+            b[j] = first + second;
+            b[j + stride] = first - second;
+          }
+      const double norm = 1.0 / std::sqrt(static_cast<double>(size));
+      for (int64_t j = 0; j < size; ++j) b[j] = b[j] * norm;
+      start += size;
+    }
+  }
+
+  const double* signs_;
+  int64_t head_dim_;
+  std::vector<int64_t> blocks_;
+};
+
+const double* signs_of(const at::Tensor& signs, int64_t head_dim) {
+  TORCH_CHECK(signs.dtype() == at::kDouble && signs.is_contiguous() && signs.numel() == head_dim,
+              "signs must be fp64 [", head_dim, "]");
+  return signs.data_ptr<double>();
+}
+
 // ------------------------------------------------------------------ store
 
 // Smallest ue5m3 code whose value is >= s (reference.encode_scale_ceil).
@@ -53,13 +117,6 @@ inline int32_t encode_scale_ceil(float s) {
   const int32_t exponent = static_cast<int32_t>(bits >> 23) - 127 + 16;
   const int32_t mantissa = static_cast<int32_t>(((bits & 0x7FFFFFu) + ((1u << 20) - 1)) >> 20);
   return std::min(std::max(exponent * 8 + mantissa, 1), 255);
-}
-
-// reference.sanitize: NaN -> 0, +-inf -> +-SCALE_MAX.
-inline float sanitize(float x) {
-  if (std::isnan(x)) return 0.0f;
-  if (std::isinf(x)) return x > 0 ? kScaleMax : -kScaleMax;
-  return x;
 }
 
 // reference.pairwise_sum: (0+1), (2+3), ... level by level, an odd tail padded with 0.
@@ -86,6 +143,42 @@ struct Tables {
 };
 
 // One rotated head vector -> codes | scale codes (reference.quantize_groups + packing).
+// Codes and squared errors of one group for one candidate scale (the inner
+// step of reference.quantize_groups).
+void group_trial(const float* x, int group, float scale, const Tables& t, uint8_t* trial, float* err) {
+  const float safe = scale > 0.0f ? scale : 1.0f;
+#if defined(__AVX512F__)
+  if (group % kLanes == 0) {  // 16 values at a time; nearest level by a 4-step binary search
+    alignas(64) float mids[kLanes];
+    std::memcpy(mids, t.midpoints, 15 * sizeof(float));
+    mids[15] = std::numeric_limits<float>::infinity();  // never probed
+    const __m512 mid_v = _mm512_load_ps(mids), level_v = _mm512_loadu_ps(t.levels);
+    const __m512 safe_v = _mm512_set1_ps(safe), scale_v = _mm512_set1_ps(scale);
+    for (int c = 0; c < group; c += kLanes) {
+      const __m512 xv = _mm512_loadu_ps(x + c);
+      const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(xv, safe_v), _mm512_set1_ps(-1.0f)),
+                                     _mm512_set1_ps(1.0f));
+      __m512i code = _mm512_setzero_si512();  // ends as the number of midpoints below v
+      for (int step = 8; step >= 1; step /= 2) {
+        const __m512 probe = _mm512_permutexvar_ps(_mm512_add_epi32(code, _mm512_set1_epi32(step - 1)), mid_v);
+        code = _mm512_mask_add_epi32(code, _mm512_cmp_ps_mask(probe, v, _CMP_LT_OQ), code, _mm512_set1_epi32(step));
+      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(trial + c), _mm512_cvtepi32_epi8(code));
+      const __m512 diff = _mm512_sub_ps(_mm512_mul_ps(_mm512_permutexvar_ps(code, level_v), scale_v), xv);
+      _mm512_storeu_ps(err + c, _mm512_mul_ps(diff, diff));
+    }
+    return;
+  }
+#endif
+  for (int i = 0; i < group; ++i) {
+    const float v = std::min(std::max(x[i] / safe, -1.0f), 1.0f);
+    trial[i] = nf4_code(v, t.midpoints);
+    const float diff = t.levels[trial[i]] * scale - x[i];
+    err[i] = diff * diff;
+  }
+}
+
+// One rotated head vector -> codes | scale codes (reference.quantize_groups + packing).
 void quantize_row(const float* x_in, int head_dim, int group, int search_steps, const Tables& t,
                   uint8_t* row) {
   float x[kMaxHeadDim];
@@ -102,14 +195,7 @@ void quantize_row(const float* x_in, int head_dim, int group, int search_steps, 
     int32_t best_code = first;
     for (int step = 0; step < search_steps; ++step) {
       const int32_t candidate = first > step ? first - step : first;
-      const float scale = t.scale_values[candidate];
-      const float safe = scale > 0.0f ? scale : 1.0f;
-      for (int i = 0; i < group; ++i) {
-        const float v = std::min(std::max(x[g0 + i] / safe, -1.0f), 1.0f);
-        trial[i] = nf4_code(v, t.midpoints);
-        const float diff = t.levels[trial[i]] * scale - x[g0 + i];
-        err[i] = diff * diff;
-      }
+      group_trial(x + g0, group, t.scale_values[candidate], t, trial, err);
       const float total = pairwise_sum(err, group);
       if (step == 0 || total < best_err) {  // the first minimum: the largest scale on ties
         best_err = total;
@@ -144,6 +230,7 @@ void check_group(int64_t head_dim, int64_t group) {
 }
 
 void store(const at::Tensor& key, const at::Tensor& value, const at::Tensor& cache, const at::Tensor& slot_mapping,
+           const at::Tensor& signs,
            const at::Tensor& levels, const at::Tensor& midpoints, const at::Tensor& scale_values,
            int64_t key_group, int64_t value_group, int64_t search_steps) {
   TORCH_CHECK(key.dtype() == at::kFloat && value.dtype() == at::kFloat && key.is_contiguous() &&
@@ -161,6 +248,7 @@ void store(const at::Tensor& key, const at::Tensor& value, const at::Tensor& cac
   TORCH_CHECK(cache.size(1) == num_heads, "cache has ", cache.size(1), " KV heads, key has ", num_heads);
   const int64_t num_blocks = cache.size(0), block_size = cache.size(2);
   const Tables t = tables_of(levels, midpoints, scale_values);
+  const Rotation rotation(signs_of(signs, head_dim), head_dim);
   const float* k = key.data_ptr<float>();
   const float* v = value.data_ptr<float>();
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
@@ -173,8 +261,11 @@ void store(const at::Tensor& key, const at::Tensor& value, const at::Tensor& cac
       const int64_t slot = slots[token];
       if (slot < 0) continue;  // padding tokens
       uint8_t* cell = base + (((slot / block_size) * num_heads + head) * block_size + slot % block_size) * cell_bytes;
-      quantize_row(k + item * head_dim, head_dim, key_group, search_steps, t, cell);
-      quantize_row(v + item * head_dim, head_dim, value_group, search_steps, t, cell + key_bytes);
+      float rotated[kMaxHeadDim];
+      rotation.forward(k + item * head_dim, rotated);
+      quantize_row(rotated, head_dim, key_group, search_steps, t, cell);
+      rotation.forward(v + item * head_dim, rotated);
+      quantize_row(rotated, head_dim, value_group, search_steps, t, cell + key_bytes);
     }
   });
 }
@@ -209,11 +300,14 @@ struct Geometry {
   int64_t key_group, value_group, value_offset, max_blocks;
 };
 
-// The arithmetic below exists twice: AVX-512 intrinsics, and portable loops
-// that do the same fp32 operations in the same order (so the two give the same
-// bits; tests build both). Per (query, key): a score is 16 lane partials, each
-// an fma chain over the head dim in steps of 16, summed by the fixed tree
-// lanes (i, i+8), then (i, i+4), (i, i+2), (0, 1).
+// The attention arithmetic exists twice: AVX-512 intrinsics, and portable
+// loops doing the same fp32 operations in the same order, so the two give the
+// same bits (the tests build both). Per (query, key) a score is one fma chain
+// over d = 0, 1, ..., times the softmax scale; per (query, d) an output is one
+// fma chain over the keys in order, divided by the softmax sum; softmax sums
+// use 16 lanes indexed from the query's first key, folded by the fixed tree
+// (i, i+8), (i, i+4), (i, i+2), (0, 1). The AVX-512 path computes 16 keys at a
+// time from transposed key tiles (one register = one dimension of 16 keys).
 
 #if defined(__AVX512F__)
 constexpr bool kAvx512 = true;
@@ -264,34 +358,117 @@ struct RowDecoder {
     }
   }
 };
+
+// In place: r[i] lane j <- r[j] lane i.
+inline void transpose_16x16(__m512* r) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + j], 128-bit lane k: column 4k + j of rows 4i .. 4i + 3
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int j = 0; j < 4; ++j) {  // a 4x4 transpose of 128-bit lanes
+    const __m512 ab_lo = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x44), ab_hi = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xEE);
+    const __m512 cd_lo = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x44);
+    const __m512 cd_hi = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xEE);
+    r[j] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0x88);
+    r[4 + j] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0xDD);
+    r[8 + j] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0xDD);
+  }
+}
 #endif
 
-// Dequantize tokens [lo, hi) of one request and KV head into row-major
-// K and V buffers ([token - lo][head_dim]).
+// Dequantized K and V of tokens [lo, hi) of one request and KV head. Keys:
+// AVX-512, tiles of 16 tokens [tile][d][16] (tokens past hi are zero);
+// portable, row-major [token - lo][d]. Values: row-major.
 void gather_head(const uint8_t* cache, const int32_t* blocks, int64_t kv_head, int64_t lo, int64_t hi,
                  const Geometry& g, const Tables& t, float* keys, float* values) {
   const int64_t d = g.head_dim;
+  auto cell_of = [&](int64_t pos) {
+    const int64_t block = blocks[pos / g.block_size];
+    return cache + ((block * g.num_kv_heads + kv_head) * g.block_size + pos % g.block_size) * g.cell_bytes;
+  };
 #if defined(__AVX512F__)
   const RowDecoder key_decoder(t, d, g.key_group), value_decoder(t, d, g.value_group);
-#endif
-  for (int64_t pos = lo; pos < hi; ++pos) {
-    const int64_t block = blocks[pos / g.block_size];
-    const uint8_t* cell =
-        cache + ((block * g.num_kv_heads + kv_head) * g.block_size + pos % g.block_size) * g.cell_bytes;
-    const uint8_t* v_codes = cell + g.value_offset;
-    float* k_out = keys + (pos - lo) * d;
-    float* v_out = values + (pos - lo) * d;
-#if defined(__AVX512F__)
-    key_decoder.decode(cell, cell + d / 2, t.scale_values, k_out);
-    value_decoder.decode(v_codes, v_codes + d / 2, t.scale_values, v_out);
-#else
-    dequant_row_portable(cell, cell + d / 2, d, g.key_group, t, k_out);
-    dequant_row_portable(v_codes, v_codes + d / 2, d, g.value_group, t, v_out);
-#endif
+  alignas(64) float rows[kLanes * kMaxHeadDim];
+  for (int64_t tile_start = lo; tile_start < hi; tile_start += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, hi - tile_start);
+    for (int64_t k = 0; k < n; ++k) {
+      const uint8_t* cell = cell_of(tile_start + k);
+      key_decoder.decode(cell, cell + d / 2, t.scale_values, rows + k * d);
+      const uint8_t* v_codes = cell + g.value_offset;
+      value_decoder.decode(v_codes, v_codes + d / 2, t.scale_values, values + (tile_start + k - lo) * d);
+    }
+    std::fill(rows + n * d, rows + kLanes * d, 0.0f);
+    float* tile = keys + (tile_start - lo) * d;  // tile index * 16 * d
+    for (int64_t c = 0; c < d / kLanes; ++c) {
+      __m512 r[kLanes];
+      for (int k = 0; k < kLanes; ++k) r[k] = _mm512_load_ps(rows + k * d + c * kLanes);
+      transpose_16x16(r);
+      for (int j = 0; j < kLanes; ++j) _mm512_storeu_ps(tile + (c * kLanes + j) * kLanes, r[j]);
+    }
   }
+#else
+  for (int64_t pos = lo; pos < hi; ++pos) {
+    const uint8_t* cell = cell_of(pos);
+    const uint8_t* v_codes = cell + g.value_offset;
+    dequant_row_portable(cell, cell + d / 2, d, g.key_group, t, keys + (pos - lo) * d);
+    dequant_row_portable(v_codes, v_codes + d / 2, d, g.value_group, t, values + (pos - lo) * d);
+  }
+#endif
 }
 
-// ---- scores: scale * q . k for keys [a, b) (row-major K)
+// ---- scores[r][t] = scale * q_r . k_t for keys [a, b) and up to 4 query rows sharing them
+
+#if defined(__AVX512F__)
+template <int kRows>
+void scores_avx512(const float* const* q, const float* key_tiles, int64_t a, int64_t b, int64_t head_dim,
+                   float scale, float* const* scores) {
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  for (int64_t tile = a / kLanes; tile * kLanes < b; ++tile) {
+    const float* kt = key_tiles + tile * kLanes * head_dim;
+    __m512 acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < head_dim; ++d) {
+      const __m512 k = _mm512_loadu_ps(kt + d * kLanes);
+      for (int r = 0; r < kRows; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][d]), k, acc[r]);
+    }
+    for (int r = 0; r < kRows; ++r) _mm512_storeu_ps(scores[r] + tile * kLanes, _mm512_mul_ps(acc[r], scale_v));
+  }
+}
+#endif
+
+void scores_rows(const float* const* q, int rows, const float* keys, int64_t a, int64_t b, int64_t head_dim,
+                 float scale, float* const* scores) {
+#if defined(__AVX512F__)
+  for (int r0 = 0; r0 < rows; r0 += 4) {
+    switch (std::min(4, rows - r0)) {
+      case 1: scores_avx512<1>(q + r0, keys, a, b, head_dim, scale, scores + r0); break;
+      case 2: scores_avx512<2>(q + r0, keys, a, b, head_dim, scale, scores + r0); break;
+      case 3: scores_avx512<3>(q + r0, keys, a, b, head_dim, scale, scores + r0); break;
+      default: scores_avx512<4>(q + r0, keys, a, b, head_dim, scale, scores + r0); break;
+    }
+  }
+#else
+  for (int r = 0; r < rows; ++r)
+    for (int64_t t = a; t < b; ++t) {
+      const float* k = keys + t * head_dim;
+      float s = 0.0f;
+      for (int64_t d = 0; d < head_dim; ++d) s = std::fma(q[r][d], k[d], s);
+      scores[r][t] = s * scale;
+    }
+#endif
+}
+
+// ---- softmax over scores[a, b) in place; returns the sum of the exponentials
 
 inline float tree_sum(float* lane) {
   for (int width = kLanes / 2; width >= 1; width /= 2)
@@ -299,105 +476,83 @@ inline float tree_sum(float* lane) {
   return lane[0];
 }
 
-void scores_portable(const float* q, const float* keys, int64_t a, int64_t b, int64_t head_dim, float scale,
-                     float* scores) {
-  for (int64_t t = a; t < b; ++t) {
-    const float* k = keys + t * head_dim;
-    float lane[kLanes] = {};
-    for (int64_t c = 0; c < head_dim; c += kLanes)
-      for (int l = 0; l < kLanes; ++l) lane[l] = std::fma(q[c + l], k[c + l], lane[l]);
-    scores[t] = tree_sum(lane) * scale;
-  }
-}
-
-#if defined(__AVX512F__)
-// Sums each of 16 vectors' lanes with tree_sum's pairing; result lane k is vector k's sum.
-inline __m512 tree_sum_16(__m512* v) {
-  __m512 w[8], u[4], z[2];
-  for (int k = 0; k < 8; ++k)  // lanes (i, i+8): 256-bit halves
-    w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
-  for (int k = 0; k < 4; ++k)  // (i, i+4): 128-bit quarters
-    u[k] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0x88),
-                         _mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0xDD));
-  for (int k = 0; k < 2; ++k)  // (i, i+2) within quarters
-    z[k] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * k], u[2 * k + 1], 0x44),
-                         _mm512_shuffle_ps(u[2 * k], u[2 * k + 1], 0xEE));
-  const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
-  // lane 4q + p holds vector 4p + q
-  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), s);
-}
-
-void scores_avx512(const float* q, const float* keys, int64_t a, int64_t b, int64_t head_dim, float scale,
-                   float* scores) {
-  const __m512 scale_v = _mm512_set1_ps(scale);
-  for (int64_t t0 = a; t0 < b; t0 += kLanes) {
-    const int64_t n = std::min<int64_t>(kLanes, b - t0);
-    __m512 partial[kLanes];
-    for (int64_t k = 0; k < kLanes; ++k) {
-      __m512 acc = _mm512_setzero_ps();
-      if (k < n) {
-        const float* key = keys + (t0 + k) * head_dim;
-        for (int64_t c = 0; c < head_dim; c += kLanes)
-          acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), _mm512_loadu_ps(key + c), acc);
-      }
-      partial[k] = acc;
-    }
-    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
-    _mm512_mask_storeu_ps(scores + t0, mask, _mm512_mul_ps(tree_sum_16(partial), scale_v));
-  }
-}
-#endif
-
-// ---- softmax over scores[a, b) in place; returns the sum of the exponentials
-
 float softmax_numerators(float* scores, int64_t a, int64_t b) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t t = a; t < b; ++t) m = std::max(m, scores[t]);
+  float lane_max[kLanes];
+  std::fill(lane_max, lane_max + kLanes, -std::numeric_limits<float>::infinity());
+  int64_t t = a;
+  for (; t + kLanes <= b; t += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane_max[l] = std::max(lane_max[l], scores[t + l]);
+  for (int l = 0; t + l < b; ++l) lane_max[l] = std::max(lane_max[l], scores[t + l]);
+  const float m = *std::max_element(lane_max, lane_max + kLanes);  // exact: order does not matter
+  for (t = a; t < b; ++t) scores[t] = exp_nonpositive(scores[t] - m);
   float lane[kLanes] = {};
-  for (int64_t t = a; t < b; ++t) {
-    scores[t] = exp_nonpositive(scores[t] - m);
-    lane[(t - a) % kLanes] += scores[t];
-  }
+  for (t = a; t + kLanes <= b; t += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] += scores[t + l];
+  for (int l = 0; t + l < b; ++l) lane[l] += scores[t + l];
   return tree_sum(lane);
 }
 
-// ---- out = sum_t p_t v_t / denominator, an fma chain over t per element
+// ---- out[r] = sum_t p[r][t] v_t / denominator[r]: per element an fma chain over t in order
 
-void weighted_values_portable(const float* p, const float* values, int64_t a, int64_t b, int64_t head_dim,
-                              float denominator, float* out) {
-  float acc[kMaxHeadDim];
-  std::fill(acc, acc + head_dim, 0.0f);
-  for (int64_t t = a; t < b; ++t)
-    for (int64_t d = 0; d < head_dim; ++d) acc[d] = std::fma(p[t], values[t * head_dim + d], acc[d]);
-  const float inv = 1.0f / denominator;
-  for (int64_t d = 0; d < head_dim; ++d) out[d] = acc[d] * inv;
+void weighted_values_portable(const float* const* p, int rows, const float* values, int64_t a, int64_t b,
+                              int64_t head_dim, const float* denominators, float* const* out) {
+  for (int r = 0; r < rows; ++r) {
+    float acc[kMaxHeadDim];
+    std::fill(acc, acc + head_dim, 0.0f);
+    for (int64_t t = a; t < b; ++t)
+      for (int64_t d = 0; d < head_dim; ++d) acc[d] = std::fma(p[r][t], values[t * head_dim + d], acc[d]);
+    const float inv = 1.0f / denominators[r];
+    for (int64_t d = 0; d < head_dim; ++d) out[r][d] = acc[d] * inv;
+  }
 }
 
 #if defined(__AVX512F__)
-template <int kChunks>  // head_dim / 16, so the accumulators live in registers
-void weighted_values_avx512(const float* p, const float* values, int64_t a, int64_t b, float denominator,
-                            float* out) {
+// kRows rows share each loaded value vector; all kRows x kChunks accumulators in registers.
+template <int kRows, int kChunks>
+void weighted_values_avx512(const float* const* p, const float* values, int64_t a, int64_t b,
+                            const float* denominators, float* const* out) {
   constexpr int64_t d = kChunks * kLanes;
-  __m512 acc[kChunks];
-  for (int c = 0; c < kChunks; ++c) acc[c] = _mm512_setzero_ps();
+  __m512 acc[kRows][kChunks];
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < kChunks; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t t = a; t < b; ++t) {
-    const __m512 weight = _mm512_set1_ps(p[t]);
-    for (int c = 0; c < kChunks; ++c)
-      acc[c] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(values + t * d + c * kLanes), acc[c]);
+    __m512 v[kChunks];
+    for (int c = 0; c < kChunks; ++c) v[c] = _mm512_loadu_ps(values + t * d + c * kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 weight = _mm512_set1_ps(p[r][t]);
+      for (int c = 0; c < kChunks; ++c) acc[r][c] = _mm512_fmadd_ps(weight, v[c], acc[r][c]);
+    }
   }
-  const __m512 inv = _mm512_set1_ps(1.0f / denominator);
-  for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(out + c * kLanes, _mm512_mul_ps(acc[c], inv));
+  for (int r = 0; r < kRows; ++r) {
+    const __m512 inv = _mm512_set1_ps(1.0f / denominators[r]);
+    for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(out[r] + c * kLanes, _mm512_mul_ps(acc[r][c], inv));
+  }
+}
+
+// Rows in passes that keep at most ~24 accumulators live.
+template <int kChunks>
+void weighted_values_passes(const float* const* p, int rows, const float* values, int64_t a, int64_t b,
+                            const float* denominators, float* const* out) {
+  constexpr int kMaxRows = kChunks <= 6 ? 3 : (kChunks <= 12 ? 2 : 1);
+  for (int r0 = 0; r0 < rows; r0 += kMaxRows) {
+    const int n = std::min(kMaxRows, rows - r0);
+    if (n == 3)
+      weighted_values_avx512<3, kChunks>(p + r0, values, a, b, denominators + r0, out + r0);
+    else if (n == 2)
+      weighted_values_avx512<(kMaxRows >= 2 ? 2 : 1), kChunks>(p + r0, values, a, b, denominators + r0, out + r0);
+    else
+      weighted_values_avx512<1, kChunks>(p + r0, values, a, b, denominators + r0, out + r0);
+  }
 }
 #endif
 
-void weighted_values(const float* p, const float* values, int64_t a, int64_t b, int64_t head_dim,
-                     float denominator, float* out) {
+void weighted_values(const float* const* p, int rows, const float* values, int64_t a, int64_t b, int64_t head_dim,
+                     const float* denominators, float* const* out) {
 #if defined(__AVX512F__)
   switch (head_dim / kLanes) {
 #define NF4KV_CASE(n) \
   case n:             \
-    return weighted_values_avx512<n>(p, values, a, b, denominator, out);
+    return weighted_values_passes<n>(p, rows, values, a, b, denominators, out);
     NF4KV_CASE(1) NF4KV_CASE(2) NF4KV_CASE(3) NF4KV_CASE(4) NF4KV_CASE(5) NF4KV_CASE(6) NF4KV_CASE(7)
     NF4KV_CASE(8) NF4KV_CASE(9) NF4KV_CASE(10) NF4KV_CASE(11) NF4KV_CASE(12) NF4KV_CASE(13) NF4KV_CASE(14)
     NF4KV_CASE(15) NF4KV_CASE(16)
@@ -406,23 +561,7 @@ void weighted_values(const float* p, const float* values, int64_t a, int64_t b, 
       break;
   }
 #endif
-  weighted_values_portable(p, values, a, b, head_dim, denominator, out);
-}
-
-// softmax(scale * q . K[a:b]) @ V[a:b] for one query row (buffer rows [a, b)).
-void attend_row(const float* q, const float* keys, const float* values, int64_t a, int64_t b, int64_t head_dim,
-                float scale, float* scores, float* out) {
-  if (b <= a) {
-    std::fill(out, out + head_dim, 0.0f);
-    return;
-  }
-#if defined(__AVX512F__)
-  scores_avx512(q, keys, a, b, head_dim, scale, scores);
-#else
-  scores_portable(q, keys, a, b, head_dim, scale, scores);
-#endif
-  const float denominator = softmax_numerators(scores, a, b);
-  weighted_values(scores, values, a, b, head_dim, denominator, out);
+  weighted_values_portable(p, rows, values, a, b, head_dim, denominators, out);
 }
 
 struct Task {
@@ -430,6 +569,7 @@ struct Task {
 };
 
 void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tensor& block_table,
+               const at::Tensor& signs,
                const at::Tensor& seq_lens, const at::Tensor& query_start_loc, const at::Tensor& levels,
                const at::Tensor& scale_values, double scale, bool causal, int64_t sliding_window,
                int64_t key_group, int64_t value_group, const at::Tensor& out) {
@@ -457,6 +597,7 @@ void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tenso
   TORCH_CHECK(g.num_heads % g.num_kv_heads == 0, "num_heads ", g.num_heads, " is not a multiple of num_kv_heads ",
               g.num_kv_heads);
   const int64_t group = g.num_heads / g.num_kv_heads;
+  const Rotation rotation(signs_of(signs, g.head_dim), g.head_dim);
   const Tables t{levels.data_ptr<float>(), nullptr, scale_values.data_ptr<float>()};
   const int32_t* starts = query_start_loc.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
@@ -478,7 +619,7 @@ void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tenso
   const float sm_scale = static_cast<float>(scale);
 
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> keys, values, scores;
+    std::vector<float> keys, values, scores, rotated;
     for (int64_t i = begin; i < end; ++i) {
       const Task& task = tasks[i];
       const int64_t seq_len = lens[task.request];
@@ -489,19 +630,37 @@ void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tenso
       };
       auto end_key = [&](int64_t j) { return causal ? std::min(context + j + 1, seq_len) : seq_len; };
       const int64_t lo = first_key(task.first_query), hi = end_key(task.end_query - 1);
-      keys.resize(static_cast<size_t>((hi - lo) * g.head_dim));
-      values.resize(keys.size());
-      scores.resize(static_cast<size_t>(hi - lo + kLanes));
+      const int64_t span = (hi - lo + kLanes - 1) / kLanes * kLanes;  // whole key tiles
+      keys.resize(static_cast<size_t>(span * g.head_dim));
+      values.resize(static_cast<size_t>((hi - lo) * g.head_dim));
+      scores.resize(static_cast<size_t>(group * span));
+      rotated.resize(static_cast<size_t>(2 * group * g.head_dim));
       gather_head(cache_ptr, table + task.request * g.max_blocks, task.kv_head, lo, hi, g, t, keys.data(),
                   values.data());
+      std::vector<const float*> q_rows(group);
+      std::vector<float*> score_rows(group);
+      for (int64_t r = 0; r < group; ++r) {
+        q_rows[r] = rotated.data() + r * g.head_dim;
+        score_rows[r] = scores.data() + r * span;
+      }
+      std::vector<float*> out_rows(group);
+      for (int64_t r = 0; r < group; ++r) out_rows[r] = rotated.data() + (group + r) * g.head_dim;
+      std::vector<float> denominators(group);
       for (int64_t j = task.first_query; j < task.end_query; ++j) {
         const int64_t a = first_key(j) - lo, b = end_key(j) - lo;
-        const int64_t token = starts[task.request] + j;
-        for (int64_t h = task.kv_head * group; h < (task.kv_head + 1) * group; ++h) {
-          const int64_t offset = (token * g.num_heads + h) * g.head_dim;
-          attend_row(q_ptr + offset, keys.data(), values.data(), a, b, g.head_dim, sm_scale, scores.data(),
-                     out_ptr + offset);
+        const int64_t first_offset = ((starts[task.request] + j) * g.num_heads + task.kv_head * group) * g.head_dim;
+        if (b <= a) {  // cannot happen for decoders (a query sees itself); defined anyway
+          std::fill(out_ptr + first_offset, out_ptr + first_offset + group * g.head_dim, 0.0f);
+          continue;
         }
+        for (int64_t r = 0; r < group; ++r)
+          rotation.forward(q_ptr + first_offset + r * g.head_dim, rotated.data() + r * g.head_dim);
+        const int rows = static_cast<int>(group);
+        scores_rows(q_rows.data(), rows, keys.data(), a, b, g.head_dim, sm_scale, score_rows.data());
+        for (int64_t r = 0; r < group; ++r) denominators[r] = softmax_numerators(score_rows[r], a, b);
+        weighted_values(score_rows.data(), rows, values.data(), a, b, g.head_dim, denominators.data(),
+                        out_rows.data());
+        for (int64_t r = 0; r < group; ++r) rotation.inverse(out_rows[r], out_ptr + first_offset + r * g.head_dim);
       }
     }
   });
@@ -519,10 +678,11 @@ void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tenso
 
 NF4KV_LIBRARY(NF4KV_OPS, m) {
   m.def(
-      "store(Tensor key, Tensor value, Tensor(a!) cache, Tensor slot_mapping, Tensor levels, "
+      "store(Tensor key, Tensor value, Tensor(a!) cache, Tensor slot_mapping, Tensor signs, Tensor levels, "
       "Tensor midpoints, Tensor scale_values, int key_group, int value_group, int search_steps) -> ()");
   m.def(
-      "attention(Tensor query, Tensor cache, Tensor block_table, Tensor seq_lens, Tensor query_start_loc, "
+      "attention(Tensor query, Tensor cache, Tensor block_table, Tensor signs, Tensor seq_lens, "
+      "Tensor query_start_loc, "
       "Tensor levels, Tensor scale_values, float scale, bool causal, int sliding_window, int key_group, "
       "int value_group, Tensor(a!) out) -> ()");
   m.def("has_avx512() -> bool", +[]() { return kAvx512; });
