@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import statistics
@@ -203,11 +204,12 @@ async def prefix_workloads(base: str, tokenizer, args) -> dict[str, dict]:
 
     client = AsyncOpenAI(base_url=base + "/v1", api_key="EMPTY", timeout=600, max_retries=0)
 
-    def counters() -> tuple[float, float]:
+    def counters() -> tuple[float, float, float]:
         with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
             text = r.read().decode()
         return (metric_values(text, "vllm:prefix_cache_hits_total"),
-                metric_values(text, "vllm:prefix_cache_queries_total"))
+                metric_values(text, "vllm:prefix_cache_queries_total"),
+                metric_values(text, "nf4kv:prefix_cache_expired_blocks_total"))
 
     async def complete(prompt: str) -> str:
         out = await client.completions.create(
@@ -237,12 +239,12 @@ async def prefix_workloads(base: str, tokenizer, args) -> dict[str, dict]:
 
     for name, fn, n in (("repeat", repeat, args.prefix_requests),
                         ("agent", agent, args.agent_rounds * args.agent_sessions)):
-        h0, q0 = counters()
+        h0, q0, e0 = counters()
         start = time.perf_counter()
         await fn()
         wall = time.perf_counter() - start
-        h1, q1 = counters()
-        results[name] = {"wall": wall, "requests": n,
+        h1, q1, e1 = counters()
+        results[name] = {"wall": wall, "requests": n, "expired": e1 - e0,
                          "hit_rate": (h1 - h0) / (q1 - q0) if q1 > q0 else float("nan")}
         print(f"  {name}: {wall:.1f} s, prefix hit rate {results[name]['hit_rate']:.1%}",
               file=sys.stderr)
@@ -253,29 +255,41 @@ async def prefix_workloads(base: str, tokenizer, args) -> dict[str, dict]:
 def run_prefix(args, tokenizer) -> str:
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
+    configs = {"on": (), "off": ("--no-enable-prefix-caching",)}
+    if args.prefix_ttl_s is not None:
+        ttl_config = {"nf4kv": {"prefix_cache_ttl_s": args.prefix_ttl_s}}
+        configs["ttl"] = ("--additional-config", json.dumps(ttl_config))
     res = {}
     for dtype in args.dtypes:
-        for caching in ("on", "off"):
-            log = logs / f"server_prefix_{dtype}_{caching}.log"
-            extra = () if caching == "on" else ("--no-enable-prefix-caching",)
-            print(f"== {dtype}, prefix caching {caching}", file=sys.stderr)
+        for config, extra in configs.items():
+            log = logs / f"server_prefix_{dtype}_{config}.log"
+            print(f"== {dtype}, prefix caching {config}", file=sys.stderr)
             proc = start_server(dtype, args.port, args.prefix_kv_memory_bytes, log, extra)
             try:
-                res[dtype, caching] = asyncio.run(prefix_workloads(
+                res[dtype, config] = asyncio.run(prefix_workloads(
                     f"http://127.0.0.1:{args.port}", tokenizer, args))
             finally:
                 stop_server(proc)
-    lines = ["| workload | kv-cache-dtype | requests | prefix hit rate (on) | wall, caching on (s) "
-             "| wall, caching off (s) | time saved |", "|---|---|---|---|---|---|---|"]
+    ttl = args.prefix_ttl_s
+    header = ("| workload | kv-cache-dtype | requests | prefix hit rate (on) | wall, caching on (s) "
+              "| wall, caching off (s) | time saved |")
+    rule = "|---|---|---|---|---|---|---|"
+    if ttl is not None:
+        header += f" hit rate, TTL {ttl:g} s | wall, TTL {ttl:g} s (s) | blocks expired |"
+        rule += "---|---|---|"
+    lines = [header, rule]
     for name, label in (("repeat", f"{args.prefix_requests} requests over {args.prefix_unique} "
                                     f"unique {args.prefix_prompt_tokens}-token prompts"),
                         ("agent", f"agent: {args.agent_rounds} rounds x {args.agent_sessions} "
                                   "sessions")):
         for dtype in args.dtypes:
             on, off = res[dtype, "on"][name], res[dtype, "off"][name]
-            lines.append(f"| {label} | {dtype} | {on['requests']} | {on['hit_rate']:.1%} "
-                         f"| {on['wall']:.1f} | {off['wall']:.1f} "
-                         f"| {1 - on['wall'] / off['wall']:.0%} |")
+            line = (f"| {label} | {dtype} | {on['requests']} | {on['hit_rate']:.1%} "
+                    f"| {on['wall']:.1f} | {off['wall']:.1f} | {1 - on['wall'] / off['wall']:.0%} |")
+            if ttl is not None:
+                short = res[dtype, "ttl"][name]
+                line += f" {short['hit_rate']:.1%} | {short['wall']:.1f} | {short['expired']:.0f} |"
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -303,6 +317,8 @@ def main() -> None:
     parser.add_argument("--prefix-output-tokens", type=int, default=16)
     parser.add_argument("--agent-rounds", type=int, default=10)
     parser.add_argument("--agent-sessions", type=int, default=5)
+    parser.add_argument("--prefix-ttl-s", type=float,
+                        help="also run each dtype with caching on and this prefix-cache TTL")
     parser.add_argument("--out", help="also write the markdown table here")
     args = parser.parse_args()
 

@@ -386,28 +386,48 @@ inline void transpose_16x16(__m512* r) {
 }
 #endif
 
+// Walks the cells of one KV head in token order (no division per token).
+class CellCursor {
+ public:
+  CellCursor(const uint8_t* cache, const int32_t* blocks, int64_t kv_head, int64_t pos, const Geometry& g)
+      : cache_(cache), blocks_(blocks), kv_head_(kv_head), g_(g), block_(pos / g.block_size),
+        offset_(pos % g.block_size) {}
+
+  const uint8_t* next() {
+    if (offset_ == g_.block_size) {
+      offset_ = 0;
+      ++block_;
+    }
+    return cache_ + ((blocks_[block_] * g_.num_kv_heads + kv_head_) * g_.block_size + offset_++) * g_.cell_bytes;
+  }
+
+ private:
+  const uint8_t* cache_;
+  const int32_t* blocks_;
+  int64_t kv_head_;
+  const Geometry& g_;
+  int64_t block_, offset_;
+};
+
 // Dequantized K and V of tokens [lo, hi) of one request and KV head. Keys:
 // AVX-512, tiles of 16 tokens [tile][d][16] (tokens past hi are zero);
 // portable, row-major [token - lo][d]. Values: row-major.
 void gather_head(const uint8_t* cache, const int32_t* blocks, int64_t kv_head, int64_t lo, int64_t hi,
                  const Geometry& g, const Tables& t, float* keys, float* values) {
   const int64_t d = g.head_dim;
-  auto cell_of = [&](int64_t pos) {
-    const int64_t block = blocks[pos / g.block_size];
-    return cache + ((block * g.num_kv_heads + kv_head) * g.block_size + pos % g.block_size) * g.cell_bytes;
-  };
+  CellCursor cursor(cache, blocks, kv_head, lo, g);
 #if defined(__AVX512F__)
   const RowDecoder key_decoder(t, d, g.key_group), value_decoder(t, d, g.value_group);
   alignas(64) float rows[kLanes * kMaxHeadDim];
   for (int64_t tile_start = lo; tile_start < hi; tile_start += kLanes) {
     const int64_t n = std::min<int64_t>(kLanes, hi - tile_start);
     for (int64_t k = 0; k < n; ++k) {
-      const uint8_t* cell = cell_of(tile_start + k);
+      const uint8_t* cell = cursor.next();
       key_decoder.decode(cell, cell + d / 2, t.scale_values, rows + k * d);
       const uint8_t* v_codes = cell + g.value_offset;
       value_decoder.decode(v_codes, v_codes + d / 2, t.scale_values, values + (tile_start + k - lo) * d);
     }
-    std::fill(rows + n * d, rows + kLanes * d, 0.0f);
+    if (n < kLanes) std::fill(rows + n * d, rows + kLanes * d, 0.0f);
     float* tile = keys + (tile_start - lo) * d;  // tile index * 16 * d
     for (int64_t c = 0; c < d / kLanes; ++c) {
       __m512 r[kLanes];
@@ -418,7 +438,7 @@ void gather_head(const uint8_t* cache, const int32_t* blocks, int64_t kv_head, i
   }
 #else
   for (int64_t pos = lo; pos < hi; ++pos) {
-    const uint8_t* cell = cell_of(pos);
+    const uint8_t* cell = cursor.next();
     const uint8_t* v_codes = cell + g.value_offset;
     dequant_row_portable(cell, cell + d / 2, d, g.key_group, t, keys + (pos - lo) * d);
     dequant_row_portable(v_codes, v_codes + d / 2, d, g.value_group, t, values + (pos - lo) * d);

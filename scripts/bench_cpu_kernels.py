@@ -1,0 +1,103 @@
+"""Time the C++ CPU kernels against the PyTorch reference path, side by side.
+
+For decode (N requests x L cached tokens), prefill (one request of L tokens)
+and quantize-on-write, on SmolLM2-135M's attention shape (9 query / 3 KV heads,
+head_dim 64) by default. Prints a markdown table; ratios are measured in the
+same process, back to back (timings on shared CPUs are noisy, ratios less so).
+
+    python scripts/bench_cpu_kernels.py [--threads 1] [--out docs/...md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from vllm_nf4kv import cpu_kernels
+from vllm_nf4kv.format import CellLayout
+from vllm_nf4kv.paged_attention import ACCUMULATE, paged_attention
+from vllm_nf4kv.reference import write_paged
+from vllm_nf4kv.rotation import rotate, unrotate
+
+
+def best_of(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=9)
+    parser.add_argument("--kv-heads", type=int, default=3)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not cpu_kernels.available():
+        raise SystemExit("the C++ kernels are not available here (see the log)")
+    layout = CellLayout.for_head_dim(args.head_dim)
+    gen = torch.Generator().manual_seed(0)
+    num_blocks = 8192 // args.block_size * 16
+    cache = torch.zeros(num_blocks, args.kv_heads, args.block_size, layout.cell_bytes, dtype=torch.uint8)
+    tokens = num_blocks * args.block_size
+    kv = torch.randn(tokens, args.kv_heads, args.head_dim, generator=gen, dtype=torch.float32).bfloat16()
+    cpu_kernels.store(cache, kv, kv, torch.arange(tokens), layout)  # realistic codes and scales
+
+    def attention_pair(num_reqs: int, seq_len: int, q_len: int) -> tuple[float, float]:
+        per_req = -(-seq_len // args.block_size)
+        table = torch.randperm(num_blocks, generator=gen)[: num_reqs * per_req].view(num_reqs, per_req).int()
+        starts = torch.arange(num_reqs + 1) * q_len
+        lens = torch.full((num_reqs,), seq_len)
+        query = torch.randn(num_reqs * q_len, args.heads, args.head_dim, generator=gen).bfloat16()
+        scale = args.head_dim**-0.5
+        metadata = (starts, lens, table, scale)
+
+        def fast() -> object:
+            return cpu_kernels.attention(query, cache, layout, *metadata)
+
+        def slow() -> object:
+            return unrotate(paged_attention(rotate(query, ACCUMULATE), cache, layout, *metadata))
+
+        return best_of(fast, args.repeats), best_of(slow, max(1, args.repeats // 2))
+
+    rows = []
+    for num_reqs, seq_len in [(1, 1024), (8, 1024), (8, 4096), (32, 2048)]:
+        rows.append((f"decode, {num_reqs} x {seq_len} tokens", *attention_pair(num_reqs, seq_len, 1)))
+    for seq_len in (512, 2048):
+        rows.append((f"prefill, 1 x {seq_len} tokens", *attention_pair(1, seq_len, seq_len)))
+    for n in (1, 8, 2048):
+        key = torch.randn(n, args.kv_heads, args.head_dim, generator=gen).bfloat16()
+        slots = torch.randperm(tokens, generator=gen)[:n]
+        fast = best_of(lambda: cpu_kernels.store(cache, key, key, slots, layout), args.repeats)  # noqa: B023
+        slow = best_of(lambda: write_paged(cache, key, key, slots, layout), args.repeats)  # noqa: B023
+        rows.append((f"store (quantize-on-write), {n} tokens", fast, slow))
+
+    build = "AVX-512" if cpu_kernels.build().has_avx512() else "portable"
+    lines = [
+        f"{args.heads} query / {args.kv_heads} KV heads, head_dim {args.head_dim}, block size "
+        f"{args.block_size}, {args.threads} thread(s), C++ build: {build}; best of {args.repeats}",
+        "",
+        "| operation (one layer) | C++ kernels (ms) | PyTorch path (ms) | speedup |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {name} | {fast:.3f} | {slow:.3f} | {slow / fast:.1f}x |" for name, fast, slow in rows]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
