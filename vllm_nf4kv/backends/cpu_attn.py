@@ -149,6 +149,6 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
                 rotate(query, ACCUMULATE), cache, self.layout, *metadata, self.scale,
                 attn_metadata.causal, window,
             )
-            result = unrotate(rotated)
+            result = unrotate(rotated, output.dtype)
         output.view(-1, self.num_heads, self.head_size)[:n] = result
         return output

@@ -1,16 +1,16 @@
-// NF4 KV-cache kernels for vLLM's CPU platform: quantize-on-write and paged
-// attention that dequantizes inside the dot products.
+// NF4 KV-cache kernels for vLLM's CPU platform: quantize-on-write, and paged
+// attention that reads NF4 pages directly (each task dequantizes the pages it
+// needs into cache-resident fp32 tiles; no fp32 copy of the cache exists).
 //
 // Ground truth is vllm_nf4kv/reference.py. The store kernel reproduces it byte
-// for byte (same integer scale encoding, same midpoint counting, same pairwise
+// for byte (same integer scale encoding, same nearest-level index, same pairwise
 // error sums; this file is compiled with -ffp-contract=off so no a*b+c is
 // fused behind our back). The attention kernel reads the same fp32 values the
 // reference decodes (level * scale) and accumulates in fp32 in an order that
-// depends only on a query's own position: every score is a dot product over d
-// in order, every output a sum over keys in order, and softmax sums use 16
-// lanes indexed from the query's first key. So a query's result is the same
-// whatever else is in the batch, which is what makes a prefix-cache hit,
-// chunked prefill and a cold run reproduce each other bit for bit.
+// depends only on a query's own position (see "The attention arithmetic"
+// below). So a query's result is the same whatever else is in the batch, which
+// is what makes a prefix-cache hit, chunked prefill and a cold run reproduce
+// each other bit for bit.
 //
 // Layouts (see vllm_nf4kv/format.py):
 //   cache  uint8 [num_blocks, num_kv_heads, block_size, cell_bytes]
@@ -142,7 +142,6 @@ struct Tables {
   const float* scale_values;  // [256], code 0 -> 0.0
 };
 
-// One rotated head vector -> codes | scale codes (reference.quantize_groups + packing).
 // Codes and squared errors of one group for one candidate scale (the inner
 // step of reference.quantize_groups).
 void group_trial(const float* x, int group, float scale, const Tables& t, uint8_t* trial, float* err) {
