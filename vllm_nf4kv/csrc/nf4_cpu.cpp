@@ -23,7 +23,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__AVX512F__)
+// The vector path needs AVX-512 F, BW and VL (every AVX-512 CPU since Skylake-SP).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define NF4KV_AVX512 1
 #include <immintrin.h>
 #endif
 
@@ -41,6 +43,8 @@ constexpr int kLanes = 16;            // one AVX-512 register of fp32
 constexpr int kQueryTile = 64;        // queries of one request per attention task
 constexpr float kScaleMax = 61440.0f; // format.SCALE_MAX, the largest ue5m3 scale
 constexpr int kMaxHeadDim = 512;
+constexpr int64_t kKeyChunk = 64;     // tokens dequantized at a time (16 KB of K or V at head_dim 64)
+constexpr int kMaxRowsPerQuery = 64;  // query heads per KV head (GQA group) the kernel takes
 
 // reference.sanitize: NaN -> 0, +-inf -> +-SCALE_MAX.
 inline float sanitize(float x) {
@@ -142,16 +146,30 @@ struct Tables {
   const float* scale_values;  // [256], code 0 -> 0.0
 };
 
-// Codes and squared errors of one group for one candidate scale (the inner
-// step of reference.quantize_groups).
-void group_trial(const float* x, int group, float scale, const Tables& t, uint8_t* trial, float* err) {
-  const float safe = scale > 0.0f ? scale : 1.0f;
-#if defined(__AVX512F__)
-  if (group % kLanes == 0) {  // 16 values at a time; nearest level by a 4-step binary search
+// The vector constants of the scale search, built once per thread (building
+// them per call would stall on store forwarding).
+struct SearchConstants {
+#if defined(NF4KV_AVX512)
+  __m512 midpoints, levels;  // midpoint lane 15 is +inf, never probed
+  explicit SearchConstants(const Tables& t) {
     alignas(64) float mids[kLanes];
     std::memcpy(mids, t.midpoints, 15 * sizeof(float));
-    mids[15] = std::numeric_limits<float>::infinity();  // never probed
-    const __m512 mid_v = _mm512_load_ps(mids), level_v = _mm512_loadu_ps(t.levels);
+    mids[15] = std::numeric_limits<float>::infinity();
+    midpoints = _mm512_load_ps(mids);
+    levels = _mm512_loadu_ps(t.levels);
+  }
+#else
+  explicit SearchConstants(const Tables&) {}
+#endif
+};
+
+// Codes and squared errors of one group for one candidate scale (the inner
+// step of reference.quantize_groups).
+void group_trial(const float* x, int group, float scale, const Tables& t, const SearchConstants& k,
+                 uint8_t* trial, float* err) {
+  const float safe = scale > 0.0f ? scale : 1.0f;
+#if defined(NF4KV_AVX512)
+  if (group % kLanes == 0) {  // 16 values at a time; nearest level by a 4-step binary search
     const __m512 safe_v = _mm512_set1_ps(safe), scale_v = _mm512_set1_ps(scale);
     for (int c = 0; c < group; c += kLanes) {
       const __m512 xv = _mm512_loadu_ps(x + c);
@@ -159,11 +177,12 @@ void group_trial(const float* x, int group, float scale, const Tables& t, uint8_
                                      _mm512_set1_ps(1.0f));
       __m512i code = _mm512_setzero_si512();  // ends as the number of midpoints below v
       for (int step = 8; step >= 1; step /= 2) {
-        const __m512 probe = _mm512_permutexvar_ps(_mm512_add_epi32(code, _mm512_set1_epi32(step - 1)), mid_v);
+        const __m512 probe =
+            _mm512_permutexvar_ps(_mm512_add_epi32(code, _mm512_set1_epi32(step - 1)), k.midpoints);
         code = _mm512_mask_add_epi32(code, _mm512_cmp_ps_mask(probe, v, _CMP_LT_OQ), code, _mm512_set1_epi32(step));
       }
       _mm_storeu_si128(reinterpret_cast<__m128i*>(trial + c), _mm512_cvtepi32_epi8(code));
-      const __m512 diff = _mm512_sub_ps(_mm512_mul_ps(_mm512_permutexvar_ps(code, level_v), scale_v), xv);
+      const __m512 diff = _mm512_sub_ps(_mm512_mul_ps(_mm512_permutexvar_ps(code, k.levels), scale_v), xv);
       _mm512_storeu_ps(err + c, _mm512_mul_ps(diff, diff));
     }
     return;
@@ -179,7 +198,7 @@ void group_trial(const float* x, int group, float scale, const Tables& t, uint8_
 
 // One rotated head vector -> codes | scale codes (reference.quantize_groups + packing).
 void quantize_row(const float* x_in, int head_dim, int group, int search_steps, const Tables& t,
-                  uint8_t* row) {
+                  const SearchConstants& constants, uint8_t* row) {
   float x[kMaxHeadDim];
   for (int i = 0; i < head_dim; ++i) x[i] = sanitize(x_in[i]);
   uint8_t* scale_codes = row + head_dim / 2;
@@ -194,7 +213,7 @@ void quantize_row(const float* x_in, int head_dim, int group, int search_steps, 
     int32_t best_code = first;
     for (int step = 0; step < search_steps; ++step) {
       const int32_t candidate = first > step ? first - step : first;
-      group_trial(x + g0, group, t.scale_values[candidate], t, trial, err);
+      group_trial(x + g0, group, t.scale_values[candidate], t, constants, trial, err);
       const float total = pairwise_sum(err, group);
       if (step == 0 || total < best_err) {  // the first minimum: the largest scale on ties
         best_err = total;
@@ -255,6 +274,7 @@ void store(const at::Tensor& key, const at::Tensor& value, const at::Tensor& cac
   for (int64_t i = 0; i < num_tokens; ++i)
     TORCH_CHECK(slots[i] < num_blocks * block_size, "slot ", slots[i], " is outside the cache");
   at::parallel_for(0, num_tokens * num_heads, 16, [&](int64_t begin, int64_t end) {
+    const SearchConstants constants(t);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t token = item / num_heads, head = item % num_heads;
       const int64_t slot = slots[token];
@@ -262,9 +282,9 @@ void store(const at::Tensor& key, const at::Tensor& value, const at::Tensor& cac
       uint8_t* cell = base + (((slot / block_size) * num_heads + head) * block_size + slot % block_size) * cell_bytes;
       float rotated[kMaxHeadDim];
       rotation.forward(k + item * head_dim, rotated);
-      quantize_row(rotated, head_dim, key_group, search_steps, t, cell);
+      quantize_row(rotated, head_dim, key_group, search_steps, t, constants, cell);
       rotation.forward(v + item * head_dim, rotated);
-      quantize_row(rotated, head_dim, value_group, search_steps, t, cell + key_bytes);
+      quantize_row(rotated, head_dim, value_group, search_steps, t, constants, cell + key_bytes);
     }
   });
 }
@@ -308,7 +328,7 @@ struct Geometry {
 // (i, i+8), (i, i+4), (i, i+2), (0, 1). The AVX-512 path computes 16 keys at a
 // time from transposed key tiles (one register = one dimension of 16 keys).
 
-#if defined(__AVX512F__)
+#if defined(NF4KV_AVX512)
 constexpr bool kAvx512 = true;
 #else
 constexpr bool kAvx512 = false;
@@ -325,14 +345,18 @@ void dequant_row_portable(const uint8_t* codes, const uint8_t* scale_codes, int6
   }
 }
 
-#if defined(__AVX512F__)
+#if defined(NF4KV_AVX512)
 struct RowDecoder {
   __m512 levels;
   __m512i interleave;  // (high nibble i, low nibble i) pairs: 0, 16, 1, 17, ...
   __m512i group_of[kMaxHeadDim / kLanes];
   int64_t head_dim, num_groups;
+  __mmask16 group_mask;
 
-  RowDecoder(const Tables& t, int64_t head_dim_, int64_t group) : head_dim(head_dim_), num_groups(head_dim_ / group) {
+  RowDecoder(const Tables& t, int64_t head_dim_, int64_t group)
+      : head_dim(head_dim_), num_groups(head_dim_ / group),
+        group_mask(static_cast<__mmask16>((1u << (head_dim_ / group)) - 1)) {
+    TORCH_CHECK(num_groups <= kLanes, "at most 16 scale groups per head vector, got ", num_groups);
     levels = _mm512_loadu_ps(t.levels);
     alignas(64) int32_t idx[kLanes];
     for (int l = 0; l < kLanes; ++l) idx[l] = (l / 2) + (l % 2) * kLanes;
@@ -344,9 +368,13 @@ struct RowDecoder {
   }
 
   void decode(const uint8_t* codes, const uint8_t* scale_codes, const float* scale_values, float* out) const {
-    alignas(64) float scales[kLanes] = {};
-    for (int64_t g = 0; g < num_groups; ++g) scales[g] = scale_values[scale_codes[g]];
-    const __m512 row_scales = _mm512_load_ps(scales);
+    // ue5m3 codes -> fp32 from their bits, as reference.decode_scale builds them (code 0 -> 0.0);
+    // computed in registers: a scalar table lookup per group would stall on store forwarding
+    const __m512i code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(group_mask, scale_codes));
+    const __m512i exponent = _mm512_add_epi32(_mm512_srli_epi32(code, 3), _mm512_set1_epi32(127 - 16));
+    const __m512i bits = _mm512_or_si512(_mm512_slli_epi32(exponent, 23),
+                                         _mm512_slli_epi32(_mm512_and_si512(code, _mm512_set1_epi32(7)), 20));
+    const __m512 row_scales = _mm512_maskz_mov_ps(_mm512_test_epi32_mask(code, code), _mm512_castsi512_ps(bits));
     const __m512i low_mask = _mm512_set1_epi32(15);
     for (int64_t c = 0; c < head_dim / kLanes; ++c) {
       const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * c)));
@@ -356,6 +384,13 @@ struct RowDecoder {
       _mm512_storeu_ps(out + c * kLanes, _mm512_mul_ps(values, _mm512_permutexvar_ps(group_of[c], row_scales)));
     }
   }
+};
+
+// The K and V row decoders of one layout, built once per thread and call.
+struct KVDecoders {
+  RowDecoder key, value;
+  KVDecoders(const Tables& t, const Geometry& g)
+      : key(t, g.head_dim, g.key_group), value(t, g.head_dim, g.value_group) {}
 };
 
 // In place: r[i] lane j <- r[j] lane i.
@@ -408,23 +443,27 @@ class CellCursor {
   int64_t block_, offset_;
 };
 
-// Dequantized K and V of tokens [lo, hi) of one request and KV head. Keys:
-// AVX-512, tiles of 16 tokens [tile][d][16] (tokens past hi are zero);
-// portable, row-major [token - lo][d]. Values: row-major.
-void gather_head(const uint8_t* cache, const int32_t* blocks, int64_t kv_head, int64_t lo, int64_t hi,
-                 const Geometry& g, const Tables& t, float* keys, float* values) {
+#if !defined(NF4KV_AVX512)
+struct KVDecoders {  // the portable path decodes with plain table lookups
+  KVDecoders(const Tables&, const Geometry&) {}
+};
+#endif
+
+// Dequantized keys of tokens [lo, hi) of one request and KV head. AVX-512:
+// tiles of 16 tokens [tile][d][16] (tokens past hi are zero); portable:
+// row-major [token - lo][d].
+void gather_keys(const uint8_t* cache, const int32_t* blocks, int64_t kv_head, int64_t lo, int64_t hi,
+                 const Geometry& g, const Tables& t, const KVDecoders& decoders, float* keys) {
   const int64_t d = g.head_dim;
   CellCursor cursor(cache, blocks, kv_head, lo, g);
-#if defined(__AVX512F__)
-  const RowDecoder key_decoder(t, d, g.key_group), value_decoder(t, d, g.value_group);
+#if defined(NF4KV_AVX512)
+  const RowDecoder& decoder = decoders.key;
   alignas(64) float rows[kLanes * kMaxHeadDim];
   for (int64_t tile_start = lo; tile_start < hi; tile_start += kLanes) {
     const int64_t n = std::min<int64_t>(kLanes, hi - tile_start);
     for (int64_t k = 0; k < n; ++k) {
       const uint8_t* cell = cursor.next();
-      key_decoder.decode(cell, cell + d / 2, t.scale_values, rows + k * d);
-      const uint8_t* v_codes = cell + g.value_offset;
-      value_decoder.decode(v_codes, v_codes + d / 2, t.scale_values, values + (tile_start + k - lo) * d);
+      decoder.decode(cell, cell + d / 2, t.scale_values, rows + k * d);
     }
     if (n < kLanes) std::fill(rows + n * d, rows + kLanes * d, 0.0f);
     float* tile = keys + (tile_start - lo) * d;  // tile index * 16 * d
@@ -438,16 +477,29 @@ void gather_head(const uint8_t* cache, const int32_t* blocks, int64_t kv_head, i
 #else
   for (int64_t pos = lo; pos < hi; ++pos) {
     const uint8_t* cell = cursor.next();
-    const uint8_t* v_codes = cell + g.value_offset;
     dequant_row_portable(cell, cell + d / 2, d, g.key_group, t, keys + (pos - lo) * d);
-    dequant_row_portable(v_codes, v_codes + d / 2, d, g.value_group, t, values + (pos - lo) * d);
   }
 #endif
 }
 
+// Dequantized values of tokens [lo, hi), row-major [token - lo][d].
+void gather_values(const uint8_t* cache, const int32_t* blocks, int64_t kv_head, int64_t lo, int64_t hi,
+                   const Geometry& g, const Tables& t, const KVDecoders& decoders, float* values) {
+  const int64_t d = g.head_dim;
+  CellCursor cursor(cache, blocks, kv_head, lo, g);
+  for (int64_t pos = lo; pos < hi; ++pos) {
+    const uint8_t* codes = cursor.next() + g.value_offset;
+#if defined(NF4KV_AVX512)
+    decoders.value.decode(codes, codes + d / 2, t.scale_values, values + (pos - lo) * d);
+#else
+    dequant_row_portable(codes, codes + d / 2, d, g.value_group, t, values + (pos - lo) * d);
+#endif
+  }
+}
+
 // ---- scores[r][t] = scale * q_r . k_t for keys [a, b) and up to 4 query rows sharing them
 
-#if defined(__AVX512F__)
+#if defined(NF4KV_AVX512)
 template <int kRows>
 void scores_avx512(const float* const* q, const float* key_tiles, int64_t a, int64_t b, int64_t head_dim,
                    float scale, float* const* scores) {
@@ -467,7 +519,7 @@ void scores_avx512(const float* const* q, const float* key_tiles, int64_t a, int
 
 void scores_rows(const float* const* q, int rows, const float* keys, int64_t a, int64_t b, int64_t head_dim,
                  float scale, float* const* scores) {
-#if defined(__AVX512F__)
+#if defined(NF4KV_AVX512)
   for (int r0 = 0; r0 < rows; r0 += 4) {
     switch (std::min(4, rows - r0)) {
       case 1: scores_avx512<1>(q + r0, keys, a, b, head_dim, scale, scores + r0); break;
@@ -511,67 +563,61 @@ float softmax_numerators(float* scores, int64_t a, int64_t b) {
   return tree_sum(lane);
 }
 
-// ---- out[r] = sum_t p[r][t] v_t / denominator[r]: per element an fma chain over t in order
+// ---- acc[r] += sum_t p[r][t] v_t for keys [a, b): per element an fma chain over t in
+// order, continued across calls (fp32 stores and loads are exact), so walking the
+// keys in chunks gives the bits of one pass
 
-void weighted_values_portable(const float* const* p, int rows, const float* values, int64_t a, int64_t b,
-                              int64_t head_dim, const float* denominators, float* const* out) {
-  for (int r = 0; r < rows; ++r) {
-    float acc[kMaxHeadDim];
-    std::fill(acc, acc + head_dim, 0.0f);
+void accumulate_values_portable(const float* const* p, int rows, const float* values, int64_t a, int64_t b,
+                                int64_t head_dim, float* const* acc) {
+  for (int r = 0; r < rows; ++r)
     for (int64_t t = a; t < b; ++t)
-      for (int64_t d = 0; d < head_dim; ++d) acc[d] = std::fma(p[r][t], values[t * head_dim + d], acc[d]);
-    const float inv = 1.0f / denominators[r];
-    for (int64_t d = 0; d < head_dim; ++d) out[r][d] = acc[d] * inv;
-  }
+      for (int64_t d = 0; d < head_dim; ++d) acc[r][d] = std::fma(p[r][t], values[t * head_dim + d], acc[r][d]);
 }
 
-#if defined(__AVX512F__)
+#if defined(NF4KV_AVX512)
 // kRows rows share each loaded value vector; all kRows x kChunks accumulators in registers.
 template <int kRows, int kChunks>
-void weighted_values_avx512(const float* const* p, const float* values, int64_t a, int64_t b,
-                            const float* denominators, float* const* out) {
+void accumulate_values_avx512(const float* const* p, const float* values, int64_t a, int64_t b, float* const* acc) {
   constexpr int64_t d = kChunks * kLanes;
-  __m512 acc[kRows][kChunks];
+  __m512 sum[kRows][kChunks];
   for (int r = 0; r < kRows; ++r)
-    for (int c = 0; c < kChunks; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int c = 0; c < kChunks; ++c) sum[r][c] = _mm512_loadu_ps(acc[r] + c * kLanes);
   for (int64_t t = a; t < b; ++t) {
     __m512 v[kChunks];
     for (int c = 0; c < kChunks; ++c) v[c] = _mm512_loadu_ps(values + t * d + c * kLanes);
     for (int r = 0; r < kRows; ++r) {
       const __m512 weight = _mm512_set1_ps(p[r][t]);
-      for (int c = 0; c < kChunks; ++c) acc[r][c] = _mm512_fmadd_ps(weight, v[c], acc[r][c]);
+      for (int c = 0; c < kChunks; ++c) sum[r][c] = _mm512_fmadd_ps(weight, v[c], sum[r][c]);
     }
   }
-  for (int r = 0; r < kRows; ++r) {
-    const __m512 inv = _mm512_set1_ps(1.0f / denominators[r]);
-    for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(out[r] + c * kLanes, _mm512_mul_ps(acc[r][c], inv));
-  }
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(acc[r] + c * kLanes, sum[r][c]);
 }
 
 // Rows in passes that keep at most ~24 accumulators live.
 template <int kChunks>
-void weighted_values_passes(const float* const* p, int rows, const float* values, int64_t a, int64_t b,
-                            const float* denominators, float* const* out) {
+void accumulate_values_passes(const float* const* p, int rows, const float* values, int64_t a, int64_t b,
+                              float* const* acc) {
   constexpr int kMaxRows = kChunks <= 6 ? 3 : (kChunks <= 12 ? 2 : 1);
   for (int r0 = 0; r0 < rows; r0 += kMaxRows) {
     const int n = std::min(kMaxRows, rows - r0);
     if (n == 3)
-      weighted_values_avx512<3, kChunks>(p + r0, values, a, b, denominators + r0, out + r0);
+      accumulate_values_avx512<3, kChunks>(p + r0, values, a, b, acc + r0);
     else if (n == 2)
-      weighted_values_avx512<(kMaxRows >= 2 ? 2 : 1), kChunks>(p + r0, values, a, b, denominators + r0, out + r0);
+      accumulate_values_avx512<(kMaxRows >= 2 ? 2 : 1), kChunks>(p + r0, values, a, b, acc + r0);
     else
-      weighted_values_avx512<1, kChunks>(p + r0, values, a, b, denominators + r0, out + r0);
+      accumulate_values_avx512<1, kChunks>(p + r0, values, a, b, acc + r0);
   }
 }
 #endif
 
-void weighted_values(const float* const* p, int rows, const float* values, int64_t a, int64_t b, int64_t head_dim,
-                     const float* denominators, float* const* out) {
-#if defined(__AVX512F__)
+void accumulate_values(const float* const* p, int rows, const float* values, int64_t a, int64_t b,
+                       int64_t head_dim, float* const* acc) {
+#if defined(NF4KV_AVX512)
   switch (head_dim / kLanes) {
 #define NF4KV_CASE(n) \
   case n:             \
-    return weighted_values_passes<n>(p, rows, values, a, b, denominators, out);
+    return accumulate_values_passes<n>(p, rows, values, a, b, acc);
     NF4KV_CASE(1) NF4KV_CASE(2) NF4KV_CASE(3) NF4KV_CASE(4) NF4KV_CASE(5) NF4KV_CASE(6) NF4KV_CASE(7)
     NF4KV_CASE(8) NF4KV_CASE(9) NF4KV_CASE(10) NF4KV_CASE(11) NF4KV_CASE(12) NF4KV_CASE(13) NF4KV_CASE(14)
     NF4KV_CASE(15) NF4KV_CASE(16)
@@ -580,7 +626,7 @@ void weighted_values(const float* const* p, int rows, const float* values, int64
       break;
   }
 #endif
-  weighted_values_portable(p, rows, values, a, b, head_dim, denominators, out);
+  accumulate_values_portable(p, rows, values, a, b, head_dim, acc);
 }
 
 struct Task {
@@ -616,6 +662,7 @@ void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tenso
   TORCH_CHECK(g.num_heads % g.num_kv_heads == 0, "num_heads ", g.num_heads, " is not a multiple of num_kv_heads ",
               g.num_kv_heads);
   const int64_t group = g.num_heads / g.num_kv_heads;
+  TORCH_CHECK(group <= kMaxRowsPerQuery, "at most ", kMaxRowsPerQuery, " query heads per KV head, got ", group);
   const Rotation rotation(signs_of(signs, g.head_dim), g.head_dim);
   const Tables t{levels.data_ptr<float>(), nullptr, scale_values.data_ptr<float>()};
   const int32_t* starts = query_start_loc.data_ptr<int32_t>();
@@ -638,9 +685,14 @@ void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tenso
   const float sm_scale = static_cast<float>(scale);
 
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> keys, values, scores, rotated;
+    const KVDecoders decoders(t, g);
+    std::vector<float> keys(static_cast<size_t>(kKeyChunk * g.head_dim));
+    std::vector<float> values(keys.size()), scores, query_rows, acc, denominators;
+    std::vector<const float*> q_rows;
+    std::vector<float*> score_rows, acc_rows;
     for (int64_t i = begin; i < end; ++i) {
       const Task& task = tasks[i];
+      const int32_t* blocks = table + task.request * g.max_blocks;
       const int64_t seq_len = lens[task.request];
       const int64_t context = seq_len - (starts[task.request + 1] - starts[task.request]);
       // Keys query j may read: [first_key(j), end_key(j)), both nondecreasing in j.
@@ -650,36 +702,66 @@ void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tenso
       auto end_key = [&](int64_t j) { return causal ? std::min(context + j + 1, seq_len) : seq_len; };
       const int64_t lo = first_key(task.first_query), hi = end_key(task.end_query - 1);
       const int64_t span = (hi - lo + kLanes - 1) / kLanes * kLanes;  // whole key tiles
-      keys.resize(static_cast<size_t>(span * g.head_dim));
-      values.resize(static_cast<size_t>((hi - lo) * g.head_dim));
-      scores.resize(static_cast<size_t>(group * span));
-      rotated.resize(static_cast<size_t>(2 * group * g.head_dim));
-      gather_head(cache_ptr, table + task.request * g.max_blocks, task.kv_head, lo, hi, g, t, keys.data(),
-                  values.data());
-      std::vector<const float*> q_rows(group);
-      std::vector<float*> score_rows(group);
-      for (int64_t r = 0; r < group; ++r) {
-        q_rows[r] = rotated.data() + r * g.head_dim;
-        score_rows[r] = scores.data() + r * span;
+      // One row per (query of the task, query head of this KV head).
+      const int64_t num_rows = (task.end_query - task.first_query) * group;
+      scores.resize(static_cast<size_t>(num_rows * span));
+      query_rows.resize(static_cast<size_t>(num_rows * g.head_dim));
+      acc.assign(static_cast<size_t>(num_rows * g.head_dim), 0.0f);
+      denominators.resize(static_cast<size_t>(num_rows));
+      q_rows.resize(num_rows);
+      score_rows.resize(num_rows);
+      acc_rows.resize(num_rows);
+      for (int64_t row = 0; row < num_rows; ++row) {
+        const int64_t j = task.first_query + row / group, h = task.kv_head * group + row % group;
+        rotation.forward(q_ptr + ((starts[task.request] + j) * g.num_heads + h) * g.head_dim,
+                         query_rows.data() + row * g.head_dim);
+        q_rows[row] = query_rows.data() + row * g.head_dim;
+        score_rows[row] = scores.data() + row * span;
+        acc_rows[row] = acc.data() + row * g.head_dim;
       }
-      std::vector<float*> out_rows(group);
-      for (int64_t r = 0; r < group; ++r) out_rows[r] = rotated.data() + (group + r) * g.head_dim;
-      std::vector<float> denominators(group);
-      for (int64_t j = task.first_query; j < task.end_query; ++j) {
-        const int64_t a = first_key(j) - lo, b = end_key(j) - lo;
-        const int64_t first_offset = ((starts[task.request] + j) * g.num_heads + task.kv_head * group) * g.head_dim;
-        if (b <= a) {  // cannot happen for decoders (a query sees itself); defined anyway
-          std::fill(out_ptr + first_offset, out_ptr + first_offset + group * g.head_dim, 0.0f);
+      // Keys, then values, a chunk of kKeyChunk tokens at a time (the dequantized chunk stays in
+      // L1); chunk starts are lo + multiples of 16, so score tiles line up across chunks.
+      const int rows_per_query = static_cast<int>(group);
+      for (int64_t c0 = lo; c0 < hi; c0 += kKeyChunk) {
+        const int64_t c1 = std::min(hi, c0 + kKeyChunk);
+        gather_keys(cache_ptr, blocks, task.kv_head, c0, c1, g, t, decoders, keys.data());
+        for (int64_t j = task.first_query; j < task.end_query; ++j) {
+          const int64_t a = std::max(first_key(j), c0), b = std::min(end_key(j), c1);
+          if (a >= b) continue;
+          const int64_t row = (j - task.first_query) * group;
+          float* shifted[kMaxRowsPerQuery];
+          for (int r = 0; r < rows_per_query; ++r) shifted[r] = score_rows[row + r] + (c0 - lo);
+          scores_rows(q_rows.data() + row, rows_per_query, keys.data(), a - c0, b - c0, g.head_dim, sm_scale,
+                      shifted);
+        }
+      }
+      for (int64_t row = 0; row < num_rows; ++row) {
+        const int64_t j = task.first_query + row / group;
+        denominators[row] = softmax_numerators(score_rows[row], first_key(j) - lo, end_key(j) - lo);
+      }
+      for (int64_t c0 = lo; c0 < hi; c0 += kKeyChunk) {
+        const int64_t c1 = std::min(hi, c0 + kKeyChunk);
+        gather_values(cache_ptr, blocks, task.kv_head, c0, c1, g, t, decoders, values.data());
+        for (int64_t j = task.first_query; j < task.end_query; ++j) {
+          const int64_t a = std::max(first_key(j), c0), b = std::min(end_key(j), c1);
+          if (a >= b) continue;
+          const int64_t row = (j - task.first_query) * group;
+          const float* shifted[kMaxRowsPerQuery];
+          for (int r = 0; r < rows_per_query; ++r) shifted[r] = score_rows[row + r] + (c0 - lo);
+          accumulate_values(shifted, rows_per_query, values.data(), a - c0, b - c0, g.head_dim,
+                            acc_rows.data() + row);
+        }
+      }
+      for (int64_t row = 0; row < num_rows; ++row) {
+        const int64_t j = task.first_query + row / group, h = task.kv_head * group + row % group;
+        float* out = out_ptr + ((starts[task.request] + j) * g.num_heads + h) * g.head_dim;
+        if (end_key(j) <= first_key(j)) {  // cannot happen for decoders (a query sees itself)
+          std::fill(out, out + g.head_dim, 0.0f);
           continue;
         }
-        for (int64_t r = 0; r < group; ++r)
-          rotation.forward(q_ptr + first_offset + r * g.head_dim, rotated.data() + r * g.head_dim);
-        const int rows = static_cast<int>(group);
-        scores_rows(q_rows.data(), rows, keys.data(), a, b, g.head_dim, sm_scale, score_rows.data());
-        for (int64_t r = 0; r < group; ++r) denominators[r] = softmax_numerators(score_rows[r], a, b);
-        weighted_values(score_rows.data(), rows, values.data(), a, b, g.head_dim, denominators.data(),
-                        out_rows.data());
-        for (int64_t r = 0; r < group; ++r) rotation.inverse(out_rows[r], out_ptr + first_offset + r * g.head_dim);
+        const float inv = 1.0f / denominators[row];
+        for (int64_t d = 0; d < g.head_dim; ++d) acc_rows[row][d] = acc_rows[row][d] * inv;
+        rotation.inverse(acc_rows[row], out);
       }
     }
   });
