@@ -722,18 +722,21 @@ void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tenso
       // Keys, then values, a chunk of kKeyChunk tokens at a time (the dequantized chunk stays in
       // L1); chunk starts are lo + multiples of 16, so score tiles line up across chunks.
       const int rows_per_query = static_cast<int>(group);
+      // visit(first row of query j, the query's keys within the chunk as [a, b) from c0)
+      auto for_each_query = [&](int64_t c0, int64_t c1, auto&& visit) {
+        for (int64_t j = task.first_query; j < task.end_query; ++j) {
+          const int64_t a = std::max(first_key(j), c0), b = std::min(end_key(j), c1);
+          if (a < b) visit((j - task.first_query) * group, a - c0, b - c0);
+        }
+      };
       for (int64_t c0 = lo; c0 < hi; c0 += kKeyChunk) {
         const int64_t c1 = std::min(hi, c0 + kKeyChunk);
         gather_keys(cache_ptr, blocks, task.kv_head, c0, c1, g, t, decoders, keys.data());
-        for (int64_t j = task.first_query; j < task.end_query; ++j) {
-          const int64_t a = std::max(first_key(j), c0), b = std::min(end_key(j), c1);
-          if (a >= b) continue;
-          const int64_t row = (j - task.first_query) * group;
+        for_each_query(c0, c1, [&](int64_t row, int64_t a, int64_t b) {
           float* shifted[kMaxRowsPerQuery];
           for (int r = 0; r < rows_per_query; ++r) shifted[r] = score_rows[row + r] + (c0 - lo);
-          scores_rows(q_rows.data() + row, rows_per_query, keys.data(), a - c0, b - c0, g.head_dim, sm_scale,
-                      shifted);
-        }
+          scores_rows(q_rows.data() + row, rows_per_query, keys.data(), a, b, g.head_dim, sm_scale, shifted);
+        });
       }
       for (int64_t row = 0; row < num_rows; ++row) {
         const int64_t j = task.first_query + row / group;
@@ -742,15 +745,11 @@ void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tenso
       for (int64_t c0 = lo; c0 < hi; c0 += kKeyChunk) {
         const int64_t c1 = std::min(hi, c0 + kKeyChunk);
         gather_values(cache_ptr, blocks, task.kv_head, c0, c1, g, t, decoders, values.data());
-        for (int64_t j = task.first_query; j < task.end_query; ++j) {
-          const int64_t a = std::max(first_key(j), c0), b = std::min(end_key(j), c1);
-          if (a >= b) continue;
-          const int64_t row = (j - task.first_query) * group;
+        for_each_query(c0, c1, [&](int64_t row, int64_t a, int64_t b) {
           const float* shifted[kMaxRowsPerQuery];
           for (int r = 0; r < rows_per_query; ++r) shifted[r] = score_rows[row + r] + (c0 - lo);
-          accumulate_values(shifted, rows_per_query, values.data(), a - c0, b - c0, g.head_dim,
-                            acc_rows.data() + row);
-        }
+          accumulate_values(shifted, rows_per_query, values.data(), a, b, g.head_dim, acc_rows.data() + row);
+        });
       }
       for (int64_t row = 0; row < num_rows; ++row) {
         const int64_t j = task.first_query + row / group, h = task.kv_head * group + row % group;
