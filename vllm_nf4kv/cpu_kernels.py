@@ -1,10 +1,10 @@
 """The C++ NF4 kernels for vLLM's CPU platform, built on first use.
 
 Why C++: the PyTorch path (:mod:`vllm_nf4kv.paged_attention`) dequantizes
-every page a step reads into fp32 tensors and runs attention in fp64; per
-decode step that costs 20-50x vLLM's own C++ CPU kernel. ``csrc/nf4_cpu.cpp``
-dequantizes inside the attention loops instead, and writes cells with the
-reference codec's exact arithmetic.
+every page a step reads into fp32 tensors and runs attention in fp64, 44-55x
+slower per decode step than ``csrc/nf4_cpu.cpp``, which dequantizes small
+tiles inside the attention loops instead and writes cells with the reference
+codec's exact arithmetic (``scripts/bench_cpu_kernels.py``).
 
 Why built on first use (``torch.utils.cpp_extension``): the package stays pure
 Python, and the kernels are compiled for the machine that runs them
