@@ -123,10 +123,12 @@ def test_pytorch_fallback_path_agrees_with_the_kernels(engines, moby_dick):
     without = perplexity(engines("nf4", env={cpu_kernels.ENV_SWITCH: "0"}), windows)
     print(f"ppl nf4 kernels={with_kernels:.4f} pytorch={without:.4f}")
     # Same pages, attention in fp32 (kernels) vs fp64 (PyTorch): the outputs differ in bf16 ulps,
-    # which flip a few NF4 codes in later layers; over 8k tokens the two paths' perplexities
-    # differ by 0.09% (Moby Dick and State of the Union), over 1k by up to ~1%. A broken path
-    # costs tens of percent.
-    assert with_kernels != 0 and abs(without / with_kernels - 1) < 0.01
+    # which flip a few NF4 codes in later layers and move a 4k-token perplexity by tenths of a
+    # percent (scripts/bench_vllm.py: +2.74% / +2.70% vs auto with the kernels, +2.09% / +3.08%
+    # on the PyTorch path). A broken path costs tens of percent. Exactly equal perplexities would
+    # mean the switch did not take the PyTorch path at all.
+    assert with_kernels != without
+    assert abs(without / with_kernels - 1) < 0.01
 
 
 def test_block_size_does_not_change_results(engines, moby_dick):

@@ -28,7 +28,7 @@ from vllm_nf4kv import cpu_kernels
 from vllm_nf4kv.backends.common import NF4BackendMixin, refuse_unsupported
 from vllm_nf4kv.format import CellLayout
 from vllm_nf4kv.paged_attention import ACCUMULATE, paged_attention
-from vllm_nf4kv.reference import check_paged_cache, write_paged
+from vllm_nf4kv.reference import write_paged
 from vllm_nf4kv.rotation import rotate, unrotate
 
 logger = init_logger("vllm.nf4kv")
@@ -99,10 +99,10 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
         self.use_kernels = cpu_kernels.available()
         logger.info_once("nf4 KV cache on CPU: %s", cpu_kernels.describe())
 
-    def _cache(self, kv_cache: torch.Tensor) -> torch.Tensor:
-        cache = kv_cache.view(torch.uint8) if kv_cache.dtype != torch.uint8 else kv_cache
-        check_paged_cache(cache, self.layout)
-        return cache
+    @staticmethod
+    def _cache(kv_cache: torch.Tensor) -> torch.Tensor:
+        """The pages as uint8 (every path below checks their shape against the layout)."""
+        return kv_cache.view(torch.uint8) if kv_cache.dtype != torch.uint8 else kv_cache
 
     def do_kv_cache_update(
         self,

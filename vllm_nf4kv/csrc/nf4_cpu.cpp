@@ -226,12 +226,16 @@ void quantize_row(const float* x_in, int head_dim, int group, int search_steps, 
   for (int i = 0; i < head_dim / 2; ++i) row[i] = static_cast<uint8_t>((codes[2 * i] << 4) | codes[2 * i + 1]);
 }
 
-Tables tables_of(const at::Tensor& levels, const at::Tensor& midpoints, const at::Tensor& scale_values) {
-  TORCH_CHECK(levels.dtype() == at::kFloat && levels.numel() == 16 && levels.is_contiguous());
-  TORCH_CHECK(midpoints.dtype() == at::kFloat && midpoints.numel() == 15 && midpoints.is_contiguous());
-  TORCH_CHECK(scale_values.dtype() == at::kFloat && scale_values.numel() == 256 &&
-              scale_values.is_contiguous());
-  return {levels.data_ptr<float>(), midpoints.data_ptr<float>(), scale_values.data_ptr<float>()};
+const float* table_of(const at::Tensor& table, int64_t size, const char* name) {
+  TORCH_CHECK(table.dtype() == at::kFloat && table.numel() == size && table.is_contiguous(), name,
+              " must be a contiguous fp32 table of ", size);
+  return table.data_ptr<float>();
+}
+
+// midpoints: the store needs them, attention does not (nullptr there).
+Tables tables_of(const at::Tensor& levels, const at::Tensor* midpoints, const at::Tensor& scale_values) {
+  return {table_of(levels, 16, "levels"), midpoints != nullptr ? table_of(*midpoints, 15, "midpoints") : nullptr,
+          table_of(scale_values, 256, "scale_values")};
 }
 
 void check_cache(const at::Tensor& cache, int64_t cell_bytes) {
@@ -265,7 +269,7 @@ void store(const at::Tensor& key, const at::Tensor& value, const at::Tensor& cac
   check_cache(cache, cell_bytes);
   TORCH_CHECK(cache.size(1) == num_heads, "cache has ", cache.size(1), " KV heads, key has ", num_heads);
   const int64_t num_blocks = cache.size(0), block_size = cache.size(2);
-  const Tables t = tables_of(levels, midpoints, scale_values);
+  const Tables t = tables_of(levels, &midpoints, scale_values);
   const Rotation rotation(signs_of(signs, head_dim), head_dim);
   const float* k = key.data_ptr<float>();
   const float* v = value.data_ptr<float>();
@@ -367,7 +371,7 @@ struct RowDecoder {
     }
   }
 
-  void decode(const uint8_t* codes, const uint8_t* scale_codes, const float* scale_values, float* out) const {
+  void decode(const uint8_t* codes, const uint8_t* scale_codes, float* out) const {
     // ue5m3 codes -> fp32 from their bits, as reference.decode_scale builds them (code 0 -> 0.0);
     // computed in registers: a scalar table lookup per group would stall on store forwarding
     const __m512i code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(group_mask, scale_codes));
@@ -463,7 +467,7 @@ void gather_keys(const uint8_t* cache, const int32_t* blocks, int64_t kv_head, i
     const int64_t n = std::min<int64_t>(kLanes, hi - tile_start);
     for (int64_t k = 0; k < n; ++k) {
       const uint8_t* cell = cursor.next();
-      decoder.decode(cell, cell + d / 2, t.scale_values, rows + k * d);
+      decoder.decode(cell, cell + d / 2, rows + k * d);
     }
     if (n < kLanes) std::fill(rows + n * d, rows + kLanes * d, 0.0f);
     float* tile = keys + (tile_start - lo) * d;  // tile index * 16 * d
@@ -490,7 +494,7 @@ void gather_values(const uint8_t* cache, const int32_t* blocks, int64_t kv_head,
   for (int64_t pos = lo; pos < hi; ++pos) {
     const uint8_t* codes = cursor.next() + g.value_offset;
 #if defined(NF4KV_AVX512)
-    decoders.value.decode(codes, codes + d / 2, t.scale_values, values + (pos - lo) * d);
+    decoders.value.decode(codes, codes + d / 2, values + (pos - lo) * d);
 #else
     dequant_row_portable(codes, codes + d / 2, d, g.value_group, t, values + (pos - lo) * d);
 #endif
@@ -664,7 +668,7 @@ void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tenso
   const int64_t group = g.num_heads / g.num_kv_heads;
   TORCH_CHECK(group <= kMaxRowsPerQuery, "at most ", kMaxRowsPerQuery, " query heads per KV head, got ", group);
   const Rotation rotation(signs_of(signs, g.head_dim), g.head_dim);
-  const Tables t{levels.data_ptr<float>(), nullptr, scale_values.data_ptr<float>()};
+  const Tables t = tables_of(levels, nullptr, scale_values);
   const int32_t* starts = query_start_loc.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
 

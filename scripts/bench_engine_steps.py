@@ -1,0 +1,56 @@
+"""Prefill and decode-step time of one in-process vLLM engine per kv-cache dtype.
+
+Separates the two costs that `vllm serve` mixes: the time to prefill N prompts
+of L tokens (one token generated), and the time per decode step with those N
+sequences running (a second run generating more tokens, minus the first).
+Prefix caching is off so both runs prefill. Single process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0), so no API server shares the cores.
+
+    python scripts/bench_engine_steps.py [--dtypes auto nf4] [--prompts 8] [--prompt-tokens 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", nargs="+", default=["auto", "nf4"])
+    parser.add_argument("--model", default=str(REPO / ".assets/models/smollm2-135m"))
+    parser.add_argument("--text", default=str(REPO / ".assets/texts/moby_dick.txt"))
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=1000)
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--kv-memory-bytes", type=int, default=256 * 2**20)
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    for dtype in args.dtypes:
+        llm = LLM(model=args.model, kv_cache_dtype=dtype, enforce_eager=True, seed=0,
+                  kv_cache_memory_bytes=args.kv_memory_bytes, max_model_len=2048, enable_prefix_caching=False)
+        ids = llm.get_tokenizer().encode(Path(args.text).read_text())
+        n = args.prompt_tokens
+        prompts = [TokensPrompt(prompt_token_ids=ids[i * n : (i + 1) * n]) for i in range(args.prompts)]
+        llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+        start = time.perf_counter()
+        llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        params = SamplingParams(max_tokens=1 + args.decode_steps, ignore_eos=True)
+        llm.generate(prompts, params, use_tqdm=False)
+        decode = time.perf_counter() - start - prefill
+        print(f"{dtype}: prefill {args.prompts} x {n} tokens {prefill:.2f} s; "
+              f"decode step with {args.prompts} sequences {decode / args.decode_steps * 1e3:.0f} ms")
+        del llm
+
+
+if __name__ == "__main__":
+    main()
