@@ -11,10 +11,10 @@ from vllm_nf4kv import reference
 from vllm_nf4kv.format import CellLayout
 
 
-def fill_cache(seq_lens, num_kv_heads, head_dim, block_size, seed=0):
+def fill_cache(seq_lens, num_kv_heads, head_dim, block_size, seed=0, layout=None):
     """Random K/V written through the reference codec into shuffled blocks."""
     gen = torch.Generator().manual_seed(seed)
-    layout = CellLayout.for_head_dim(head_dim)
+    layout = layout or CellLayout.for_head_dim(head_dim)
     blocks_per_seq = [-(-n // block_size) for n in seq_lens]
     num_blocks = sum(blocks_per_seq) + 3
     cache = torch.zeros(num_blocks, num_kv_heads, block_size, layout.cell_bytes, dtype=torch.uint8)

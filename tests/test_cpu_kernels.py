@@ -12,7 +12,7 @@ import torch
 from paged_cases import dense_attention, fill_cache
 
 from vllm_nf4kv import cpu_kernels, reference
-from vllm_nf4kv.format import SCALE_MAX, CellLayout
+from vllm_nf4kv.format import SCALE_MAX, CellLayout, RowFormat
 from vllm_nf4kv.rotation import rotate, unrotate
 
 
@@ -99,10 +99,10 @@ def dense_in_model_space(query, *args, **kwargs):
     return unrotate(rotated, torch.float64)
 
 
-def _mixed_batch(head_dim, num_heads, num_kv_heads, block_size, seed=0):
+def _mixed_batch(head_dim, num_heads, num_kv_heads, block_size, seed=0, layout=None):
     seq_lens = [1, 37, 130, 20, 9, 200]  # decodes, a chunk of 7 after 123, a prefill, a 70-query chunk
     query_lens = [1, 1, 7, 1, 9, 70]
-    cache, table, layout = fill_cache(seq_lens, num_kv_heads, head_dim, block_size, seed=seed)
+    cache, table, layout = fill_cache(seq_lens, num_kv_heads, head_dim, block_size, seed=seed, layout=layout)
     starts = [0]
     for q in query_lens:
         starts.append(starts[-1] + q)
@@ -191,6 +191,20 @@ def test_native_and_portable_builds_agree_bit_for_bit(native, portable):
         a = cpu_kernels.attention(*args, sliding_window=window, ops=native)
         b = cpu_kernels.attention(*args, sliding_window=window, ops=portable)
         assert torch.equal(a, b), (head_dim, (a - b).abs().max())
+
+
+@pytest.mark.parametrize("groups", [(64, 4, 8), (64, 8, 32), (96, 12, 48), (128, 8, 16)])
+def test_other_group_sizes_match_dense_and_both_builds(native, portable, groups):
+    """Group sizes other than the default take the decoders' other branches (a scale per
+    dimension pair, up to 16 scale codes a row, value groups that do not fill a register)."""
+    head_dim, key_group, value_group = groups
+    layout = CellLayout(RowFormat(head_dim, key_group), RowFormat(head_dim, value_group))
+    cache, table, layout, starts, seq_lens, query = _mixed_batch(head_dim, 8, 2, 16, seed=key_group, layout=layout)
+    args = (query, cache, layout, torch.tensor(starts), torch.tensor(seq_lens), table, head_dim**-0.5)
+    got = cpu_kernels.attention(*args, ops=native)
+    want = dense_in_model_space(query, cache, table, layout, starts, seq_lens, head_dim**-0.5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got, cpu_kernels.attention(*args, ops=portable))
 
 
 def test_switch_forces_the_pytorch_path(monkeypatch):

@@ -30,6 +30,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -350,15 +351,28 @@ void dequant_row_portable(const uint8_t* codes, const uint8_t* scale_codes, int6
 }
 
 #if defined(NF4KV_AVX512)
+// ue5m3 codes (one per lane) -> fp32 scales from their bits, as reference.decode_scale builds
+// them (code 0 -> 0.0). Computed in registers: a table lookup per code would stall on store
+// forwarding.
+inline __m512 decode_scales(__m512i code) {
+  const __m512i exponent = _mm512_add_epi32(_mm512_srli_epi32(code, 3), _mm512_set1_epi32(127 - 16));
+  const __m512i bits = _mm512_or_si512(_mm512_slli_epi32(exponent, 23),
+                                       _mm512_slli_epi32(_mm512_and_si512(code, _mm512_set1_epi32(7)), 20));
+  return _mm512_maskz_mov_ps(_mm512_test_epi32_mask(code, code), _mm512_castsi512_ps(bits));
+}
+
+// One head vector's codes -> level * scale, row-major. With groups of a multiple of 16 each
+// group gets its own 16-entry table of level * scale (the same fp32 products), and 16 values
+// cost one byte expansion, one shift and one lookup (vpermps reads only an index's low 4 bits).
 struct RowDecoder {
   __m512 levels;
   __m512i interleave;  // (high nibble i, low nibble i) pairs: 0, 16, 1, 17, ...
   __m512i group_of[kMaxHeadDim / kLanes];
-  int64_t head_dim, num_groups;
+  int64_t head_dim, group, num_groups;
   __mmask16 group_mask;
 
-  RowDecoder(const Tables& t, int64_t head_dim_, int64_t group)
-      : head_dim(head_dim_), num_groups(head_dim_ / group),
+  RowDecoder(const Tables& t, int64_t head_dim_, int64_t group_)
+      : head_dim(head_dim_), group(group_), num_groups(head_dim_ / group_),
         group_mask(static_cast<__mmask16>((1u << (head_dim_ / group)) - 1)) {
     TORCH_CHECK(num_groups <= kLanes, "at most 16 scale groups per head vector, got ", num_groups);
     levels = _mm512_loadu_ps(t.levels);
@@ -372,13 +386,21 @@ struct RowDecoder {
   }
 
   void decode(const uint8_t* codes, const uint8_t* scale_codes, float* out) const {
-    // ue5m3 codes -> fp32 from their bits, as reference.decode_scale builds them (code 0 -> 0.0);
-    // computed in registers: a scalar table lookup per group would stall on store forwarding
-    const __m512i code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(group_mask, scale_codes));
-    const __m512i exponent = _mm512_add_epi32(_mm512_srli_epi32(code, 3), _mm512_set1_epi32(127 - 16));
-    const __m512i bits = _mm512_or_si512(_mm512_slli_epi32(exponent, 23),
-                                         _mm512_slli_epi32(_mm512_and_si512(code, _mm512_set1_epi32(7)), 20));
-    const __m512 row_scales = _mm512_maskz_mov_ps(_mm512_test_epi32_mask(code, code), _mm512_castsi512_ps(bits));
+    const __m512 row_scales = decode_scales(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(group_mask, scale_codes)));
+    if (group % kLanes == 0) {
+      const __m512i nibble_shift = _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+      const int64_t chunks = group / kLanes;
+      for (int64_t gi = 0; gi < num_groups; ++gi) {
+        const __m512 table =
+            _mm512_mul_ps(levels, _mm512_permutexvar_ps(_mm512_set1_epi32(static_cast<int32_t>(gi)), row_scales));
+        for (int64_t c = gi * chunks; c < (gi + 1) * chunks; ++c) {
+          const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * c));
+          const __m512i index = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(bytes, bytes)), nibble_shift);
+          _mm512_storeu_ps(out + c * kLanes, _mm512_permutexvar_ps(index, table));
+        }
+      }
+      return;
+    }
     const __m512i low_mask = _mm512_set1_epi32(15);
     for (int64_t c = 0; c < head_dim / kLanes; ++c) {
       const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * c)));
@@ -388,13 +410,6 @@ struct RowDecoder {
       _mm512_storeu_ps(out + c * kLanes, _mm512_mul_ps(values, _mm512_permutexvar_ps(group_of[c], row_scales)));
     }
   }
-};
-
-// The K and V row decoders of one layout, built once per thread and call.
-struct KVDecoders {
-  RowDecoder key, value;
-  KVDecoders(const Tables& t, const Geometry& g)
-      : key(t, g.head_dim, g.key_group), value(t, g.head_dim, g.value_group) {}
 };
 
 // In place: r[i] lane j <- r[j] lane i.
@@ -422,6 +437,70 @@ inline void transpose_16x16(__m512* r) {
     r[12 + j] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0xDD);
   }
 }
+
+// The keys of 16 tokens straight into a transposed tile [d][16 tokens]. The cells' code and
+// scale-code bytes are loaded as rows of dwords and transposed as dwords (a dword holds 8
+// codes, so this moves 1/8 of what transposing decoded fp32 would); then each dimension of the
+// 16 tokens is one shift, one level lookup (vpermps reads only the index's low 4 bits) and one
+// multiply by its group's 16 scales: the same fp32 products as the reference.
+struct KeyTileDecoder {
+  static constexpr int kMaxColumns = kMaxHeadDim / 8 + kLanes / 4;  // codes, then <= 16 scale codes
+  __m512 levels;
+  int64_t head_dim, group, num_groups, columns;
+
+  KeyTileDecoder(const Tables& t, int64_t head_dim_, int64_t group_)
+      : levels(_mm512_loadu_ps(t.levels)), head_dim(head_dim_), group(group_), num_groups(head_dim_ / group_),
+        columns((head_dim_ / 2 + head_dim_ / group_ + 3) / 4) {
+    TORCH_CHECK(num_groups <= kLanes, "at most 16 scale groups per head vector, got ", num_groups);
+  }
+
+  // cells[k] for k < n; tokens n..15 of the tile decode as zeros.
+  void decode(const uint8_t* const* cells, int64_t n, float* tile) const {
+    alignas(64) int32_t words[kMaxColumns * kLanes];  // [column][token]
+    for (int64_t c0 = 0; c0 < columns; c0 += kLanes) {
+      const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(kLanes, columns - c0)) - 1);
+      __m512 r[kLanes];
+      for (int64_t k = 0; k < kLanes; ++k)
+        r[k] = k < n ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(mask, cells[k] + 4 * c0)) : _mm512_setzero_ps();
+      transpose_16x16(r);
+      for (int64_t j = 0; j < std::min<int64_t>(kLanes, columns - c0); ++j)
+        _mm512_store_ps(reinterpret_cast<float*>(words + (c0 + j) * kLanes), r[j]);
+    }
+    __m512 scales[kLanes];
+    for (int64_t gi = 0; gi < num_groups; ++gi) {
+      const int64_t byte = head_dim / 2 + gi;
+      const __m512i word = _mm512_load_si512(words + byte / 4 * kLanes);
+      scales[gi] = decode_scales(_mm512_and_si512(_mm512_srli_epi32(word, 8 * (byte % 4)), _mm512_set1_epi32(255)));
+    }
+    // dword w holds the codes of dims 8w .. 8w + 7: byte b = dims (2b high nibble, 2b + 1 low)
+    for (int64_t w = 0; w < head_dim / 8; ++w) {
+      const __m512i word = _mm512_load_si512(words + w * kLanes);
+      float* dims = tile + 8 * w * kLanes;
+      const __m512 word_scales = scales[8 * w / group];
+      auto one = [&](int e, __m512i index) {
+        const __m512 s = group % 8 == 0 ? word_scales : scales[(8 * w + e) / group];
+        _mm512_storeu_ps(dims + e * kLanes, _mm512_mul_ps(_mm512_permutexvar_ps(index, levels), s));
+      };
+      one(0, _mm512_srli_epi32(word, 4));
+      one(1, word);
+      one(2, _mm512_srli_epi32(word, 12));
+      one(3, _mm512_srli_epi32(word, 8));
+      one(4, _mm512_srli_epi32(word, 20));
+      one(5, _mm512_srli_epi32(word, 16));
+      one(6, _mm512_srli_epi32(word, 28));
+      one(7, _mm512_srli_epi32(word, 24));
+    }
+  }
+};
+
+// The K and V decoders of one layout, built once per thread and call.
+struct KVDecoders {
+  KeyTileDecoder key;
+  RowDecoder value;
+  KVDecoders(const Tables& t, const Geometry& g)
+      : key(t, g.head_dim, g.key_group), value(t, g.head_dim, g.value_group) {}
+};
+
 #endif
 
 // Walks the cells of one KV head in token order (no division per token).
@@ -461,22 +540,11 @@ void gather_keys(const uint8_t* cache, const int32_t* blocks, int64_t kv_head, i
   const int64_t d = g.head_dim;
   CellCursor cursor(cache, blocks, kv_head, lo, g);
 #if defined(NF4KV_AVX512)
-  const RowDecoder& decoder = decoders.key;
-  alignas(64) float rows[kLanes * kMaxHeadDim];
   for (int64_t tile_start = lo; tile_start < hi; tile_start += kLanes) {
     const int64_t n = std::min<int64_t>(kLanes, hi - tile_start);
-    for (int64_t k = 0; k < n; ++k) {
-      const uint8_t* cell = cursor.next();
-      decoder.decode(cell, cell + d / 2, rows + k * d);
-    }
-    if (n < kLanes) std::fill(rows + n * d, rows + kLanes * d, 0.0f);
-    float* tile = keys + (tile_start - lo) * d;  // tile index * 16 * d
-    for (int64_t c = 0; c < d / kLanes; ++c) {
-      __m512 r[kLanes];
-      for (int k = 0; k < kLanes; ++k) r[k] = _mm512_load_ps(rows + k * d + c * kLanes);
-      transpose_16x16(r);
-      for (int j = 0; j < kLanes; ++j) _mm512_storeu_ps(tile + (c * kLanes + j) * kLanes, r[j]);
-    }
+    const uint8_t* cells[kLanes];
+    for (int64_t k = 0; k < n; ++k) cells[k] = cursor.next();
+    decoders.key.decode(cells, n, keys + (tile_start - lo) * d);  // tile index * 16 * d
   }
 #else
   for (int64_t pos = lo; pos < hi; ++pos) {
@@ -504,19 +572,39 @@ void gather_values(const uint8_t* cache, const int32_t* blocks, int64_t kv_head,
 // ---- scores[r][t] = scale * q_r . k_t for keys [a, b) and up to 4 query rows sharing them
 
 #if defined(NF4KV_AVX512)
+// kTiles key tiles at once: kRows x kTiles independent fma chains hide the fma latency (one
+// tile's kRows chains alone would wait on it), and each broadcast query value serves kTiles tiles.
+template <int kRows, int kTiles>
+void score_tiles(const float* const* q, const float* key_tiles, int64_t tile, int64_t head_dim, __m512 scale,
+                 float* const* scores) {
+  const float* kt = key_tiles + tile * kLanes * head_dim;
+  __m512 acc[kRows][kTiles];
+  for (int r = 0; r < kRows; ++r)
+    for (int i = 0; i < kTiles; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < head_dim; ++d) {
+    __m512 k[kTiles];
+    for (int i = 0; i < kTiles; ++i) k[i] = _mm512_loadu_ps(kt + (i * head_dim + d) * kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 qd = _mm512_set1_ps(q[r][d]);
+      for (int i = 0; i < kTiles; ++i) acc[r][i] = _mm512_fmadd_ps(qd, k[i], acc[r][i]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int i = 0; i < kTiles; ++i) _mm512_storeu_ps(scores[r] + (tile + i) * kLanes, _mm512_mul_ps(acc[r][i], scale));
+}
+
 template <int kRows>
 void scores_avx512(const float* const* q, const float* key_tiles, int64_t a, int64_t b, int64_t head_dim,
                    float scale, float* const* scores) {
   const __m512 scale_v = _mm512_set1_ps(scale);
-  for (int64_t tile = a / kLanes; tile * kLanes < b; ++tile) {
-    const float* kt = key_tiles + tile * kLanes * head_dim;
-    __m512 acc[kRows];
-    for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < head_dim; ++d) {
-      const __m512 k = _mm512_loadu_ps(kt + d * kLanes);
-      for (int r = 0; r < kRows; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][d]), k, acc[r]);
-    }
-    for (int r = 0; r < kRows; ++r) _mm512_storeu_ps(scores[r] + tile * kLanes, _mm512_mul_ps(acc[r], scale_v));
+  const int64_t end = (b + kLanes - 1) / kLanes;
+  int64_t tile = a / kLanes;
+  for (; tile + 4 <= end; tile += 4) score_tiles<kRows, 4>(q, key_tiles, tile, head_dim, scale_v, scores);
+  switch (end - tile) {
+    case 3: score_tiles<kRows, 3>(q, key_tiles, tile, head_dim, scale_v, scores); break;
+    case 2: score_tiles<kRows, 2>(q, key_tiles, tile, head_dim, scale_v, scores); break;
+    case 1: score_tiles<kRows, 1>(q, key_tiles, tile, head_dim, scale_v, scores); break;
+    default: break;
   }
 }
 #endif
@@ -688,13 +776,23 @@ void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tenso
   float* out_ptr = out.data_ptr<float>();
   const float sm_scale = static_cast<float>(scale);
 
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+  // Longest tasks first, handed out one at a time: a static split gives one thread the late
+  // (long) query tiles of a causal prefill and leaves the other idle. Which thread runs a task
+  // does not change its bits.
+  auto cost = [&](const Task& task) {
+    return (task.end_query - task.first_query + 1) * (lens[task.request] - starts[task.request + 1] +
+                                                      starts[task.request] + task.end_query);
+  };
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& b) { return cost(a) > cost(b); });
+  std::atomic<int64_t> next_task{0};
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_tasks), 1, [&](int64_t, int64_t) {
     const KVDecoders decoders(t, g);
     std::vector<float> keys(static_cast<size_t>(kKeyChunk * g.head_dim));
     std::vector<float> values(keys.size()), scores, query_rows, acc, denominators;
     std::vector<const float*> q_rows;
     std::vector<float*> score_rows, acc_rows;
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i; (i = next_task.fetch_add(1)) < num_tasks;) {
       const Task& task = tasks[i];
       const int32_t* blocks = table + task.request * g.max_blocks;
       const int64_t seq_len = lens[task.request];
