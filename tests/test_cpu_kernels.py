@@ -199,7 +199,8 @@ def test_other_group_sizes_match_dense_and_both_builds(native, portable, groups)
     dimension pair, up to 16 scale codes a row, value groups that do not fill a register)."""
     head_dim, key_group, value_group = groups
     layout = CellLayout(RowFormat(head_dim, key_group), RowFormat(head_dim, value_group))
-    cache, table, layout, starts, seq_lens, query = _mixed_batch(head_dim, 8, 2, 16, seed=key_group, layout=layout)
+    batch = _mixed_batch(head_dim, 8, 2, 16, seed=key_group, layout=layout)
+    cache, table, layout, starts, seq_lens, query = batch
     args = (query, cache, layout, torch.tensor(starts), torch.tensor(seq_lens), table, head_dim**-0.5)
     got = cpu_kernels.attention(*args, ops=native)
     want = dense_in_model_space(query, cache, table, layout, starts, seq_lens, head_dim**-0.5)
