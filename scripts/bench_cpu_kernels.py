@@ -6,13 +6,21 @@ head_dim 64) by default. Prints a markdown table; ratios are measured in the
 same process, back to back (timings on shared CPUs are noisy, ratios less so).
 
     python scripts/bench_cpu_kernels.py [--threads 1] [--out docs/...md]
+    python scripts/bench_cpu_kernels.py --against 0c79e6f --threads 2   # kernels of a commit vs these
+
+``--against REV`` times the kernels as they were at git revision REV instead of
+the PyTorch path (built beside the current ones, same flags), and says whether
+the two give the same bits.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,6 +42,22 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
     return min(times) * 1e3
 
 
+def kernels_at(rev: str) -> object:
+    """torch.ops namespace of the C++ kernels as committed at `rev`."""
+    from torch.utils.cpp_extension import load
+
+    repo = Path(__file__).resolve().parents[1]
+    text = subprocess.run(["git", "show", f"{rev}:vllm_nf4kv/csrc/nf4_cpu.cpp"], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout
+    namespace = "nf4kv_at_" + subprocess.run(["git", "rev-parse", "--short", rev], cwd=repo, check=True,
+                                             capture_output=True, text=True).stdout.strip()
+    source = Path(tempfile.mkdtemp()) / f"{namespace}.cpp"
+    source.write_text(text)
+    load(name=namespace, sources=[str(source)], extra_cflags=[*cpu_kernels.CFLAGS, cpu_kernels.NATIVE,
+         f"-DNF4KV_OPS={namespace}"], extra_ldflags=["-fopenmp"], is_python_module=False)
+    return getattr(torch.ops, namespace)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -42,6 +66,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--against", metavar="REV", help="compare with the kernels at this git revision")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -54,6 +79,8 @@ def main() -> None:
     tokens = num_blocks * args.block_size
     kv = torch.randn(tokens, args.kv_heads, args.head_dim, generator=gen, dtype=torch.float32).bfloat16()
     cpu_kernels.store(cache, kv, kv, torch.arange(tokens), layout)  # realistic codes and scales
+    before = kernels_at(args.against) if args.against else None
+    same_bits = []
 
     def attention_pair(num_reqs: int, seq_len: int, q_len: int) -> tuple[float, float]:
         per_req = -(-seq_len // args.block_size)
@@ -68,9 +95,14 @@ def main() -> None:
             return cpu_kernels.attention(query, cache, layout, *metadata)
 
         def slow() -> object:
+            if before is not None:
+                return cpu_kernels.attention(query, cache, layout, *metadata, ops=before)
             return unrotate(paged_attention(rotate(query, ACCUMULATE), cache, layout, *metadata))
 
-        return best_of(fast, args.repeats), best_of(slow, max(1, args.repeats // 2))
+        if before is not None:
+            same_bits.append(torch.equal(fast(), slow()))
+        slow_repeats = args.repeats if before is not None else max(1, args.repeats // 2)
+        return best_of(fast, args.repeats), best_of(slow, slow_repeats)
 
     rows = []
     for num_reqs, seq_len in [(1, 1024), (8, 1024), (8, 4096), (32, 2048)]:
@@ -81,18 +113,24 @@ def main() -> None:
         key = torch.randn(n, args.kv_heads, args.head_dim, generator=gen).bfloat16()
         slots = torch.randperm(tokens, generator=gen)[:n]
         fast = best_of(lambda: cpu_kernels.store(cache, key, key, slots, layout), args.repeats)  # noqa: B023
-        slow = best_of(lambda: write_paged(cache, key, key, slots, layout), args.repeats)  # noqa: B023
+        slow_store = write_paged if before is None else partial(cpu_kernels.store, ops=before)
+        slow = best_of(lambda: slow_store(cache, key, key, slots, layout), args.repeats)  # noqa: B023
         rows.append((f"store (quantize-on-write), {n} tokens", fast, slow))
 
+    baseline = f"kernels at {args.against}" if before is not None else "PyTorch path"
     build = "AVX-512" if cpu_kernels.build().has_avx512() else "portable"
     lines = [
         f"{args.heads} query / {args.kv_heads} KV heads, head_dim {args.head_dim}, block size "
         f"{args.block_size}, {args.threads} thread(s), C++ build: {build}; best of {args.repeats}",
         "",
-        "| operation (one layer) | C++ kernels (ms) | PyTorch path (ms) | speedup |",
+        f"| operation (one layer) | C++ kernels (ms) | {baseline} (ms) | speedup |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {name} | {fast:.3f} | {slow:.3f} | {slow / fast:.1f}x |" for name, fast, slow in rows]
+    digits = 1 if before is None else 2
+    lines += [f"| {name} | {t:.3f} | {u:.3f} | {u / t:.{digits}f}x |" for name, t, u in rows]
+    if before is not None:
+        same = "yes" if all(same_bits) else "NO"
+        lines += ["", f"Attention outputs bit-identical to {args.against}'s: {same}"]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -1,4 +1,4 @@
-"""Prefill and decode-step time of one in-process vLLM engine per kv-cache dtype.
+"""Prefill, decode-step and workload time of one in-process vLLM engine per kv-cache dtype.
 
 Separates the two costs that `vllm serve` mixes: the time to prefill N prompts
 of L tokens (one token generated), and the time per decode step with those N
@@ -6,7 +6,13 @@ sequences running (a second run generating more tokens, minus the first).
 Prefix caching is off so both runs prefill. Single process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0), so no API server shares the cores.
 
+``--output-tokens K`` instead times the whole KV-bound workload in the engine
+alone: N prompts of L tokens, K output tokens each (ignore_eos), the engine's own
+scheduler deciding how many run at once within --kv-memory-bytes; reported as
+output tokens/s, the in-process counterpart of bench_serve.py's kv-bound row.
+
     python scripts/bench_engine_steps.py [--dtypes auto nf4] [--prompts 8] [--prompt-tokens 1000]
+    python scripts/bench_engine_steps.py --prompts 16 --output-tokens 256 --kv-memory-bytes 67108864
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=1000)
     parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--output-tokens", type=int, help="time the whole workload instead (see above)")
     parser.add_argument("--kv-memory-bytes", type=int, default=256 * 2**20)
     args = parser.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -40,6 +47,15 @@ def main() -> None:
         n = args.prompt_tokens
         prompts = [TokensPrompt(prompt_token_ids=ids[i * n : (i + 1) * n]) for i in range(args.prompts)]
         llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+        if args.output_tokens:
+            out = args.output_tokens
+            start = time.perf_counter()
+            llm.generate(prompts, SamplingParams(max_tokens=out, ignore_eos=True), use_tqdm=False)
+            wall = time.perf_counter() - start
+            print(f"{dtype}: {args.prompts} x ({n} prompt + {out} output) tokens in {wall:.1f} s, "
+                  f"{args.prompts * out / wall:.1f} output tok/s")
+            del llm
+            continue
         start = time.perf_counter()
         llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
         prefill = time.perf_counter() - start

@@ -162,9 +162,10 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
-def start_server(dtype: str, port: int, kv_bytes: int, log: Path,
-                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
+def start_server(dtype: str, port: int, kv_bytes: int, log: Path, extra: tuple[str, ...] = (),
+                 server_env: tuple[str, ...] = ()) -> subprocess.Popen:
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    env.update(item.split("=", 1) for item in server_env)
     cmd = [str(REPO / ".venv/bin/vllm"), "serve", str(MODEL), "--served-model-name", "smollm2",
            "--kv-cache-dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
            "--enforce-eager", "--max-model-len", "2048", "--kv-cache-memory-bytes", str(kv_bytes),
@@ -264,7 +265,7 @@ def run_prefix(args, tokenizer) -> str:
         for config, extra in configs.items():
             log = logs / f"server_prefix_{dtype}_{config}.log"
             print(f"== {dtype}, prefix caching {config}", file=sys.stderr)
-            proc = start_server(dtype, args.port, args.prefix_kv_memory_bytes, log, extra)
+            proc = start_server(dtype, args.port, args.prefix_kv_memory_bytes, log, extra, args.server_env)
             try:
                 res[dtype, config] = asyncio.run(prefix_workloads(
                     f"http://127.0.0.1:{args.port}", tokenizer, args))
@@ -320,6 +321,8 @@ def main() -> None:
     parser.add_argument("--agent-sessions", type=int, default=5)
     parser.add_argument("--prefix-ttl-s", type=float,
                         help="also run each dtype with caching on and this prefix-cache TTL")
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="set in every server's environment (repeatable), the same for each dtype")
     parser.add_argument("--out", help="also write the markdown table here")
     args = parser.parse_args()
 
@@ -347,7 +350,7 @@ def main() -> None:
             base = args.base_url.rstrip("/")
         else:
             print(f"== {dtype}: starting vllm serve", file=sys.stderr)
-            proc = start_server(dtype, args.port, args.kv_memory_bytes, log)
+            proc = start_server(dtype, args.port, args.kv_memory_bytes, log, server_env=args.server_env)
             base = f"http://127.0.0.1:{args.port}"
         try:
             # one short warm-up request, not measured

@@ -31,13 +31,13 @@ def main() -> None:
 
     groups: dict[str, dict[str, dict[str, str]]] = {}
     for path in args.tables:
-        tag = path.stem.removeprefix("serve-")
+        tag = path.stem.removeprefix("serve-").replace("-uniproc", "\n(uniproc)")
         for row in read_rows(path):
             name = row["workload"].split(" (")[0]  # "kv-bound (1000 prompt tok, ...)" -> "kv-bound"
             groups.setdefault(f"{name}\n{tag}", {})[row["kv-cache-dtype"]] = row
     dtypes = ["auto", "fp8", "nf4"]
     names = list(groups)
-    fig, (ax_tput, ax_tpot) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (ax_tput, ax_tpot) = plt.subplots(2, 1, figsize=(max(9.0, 1.6 * len(groups)), 8.5))
     width = 0.26
     for i, dtype in enumerate(dtypes):
         xs = [j + (i - 1) * width for j in range(len(names))]

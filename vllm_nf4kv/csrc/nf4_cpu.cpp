@@ -361,9 +361,10 @@ inline __m512 decode_scales(__m512i code) {
   return _mm512_maskz_mov_ps(_mm512_test_epi32_mask(code, code), _mm512_castsi512_ps(bits));
 }
 
-// One head vector's codes -> level * scale, row-major. With groups of a multiple of 16 each
-// group gets its own 16-entry table of level * scale (the same fp32 products), and 16 values
-// cost one byte expansion, one shift and one lookup (vpermps reads only an index's low 4 bits).
+// One head vector's codes -> level * scale, row-major (values; keys go through KeyTileDecoder).
+// With groups of a multiple of 16 each group gets its own 16-entry table of level * scale (the
+// same fp32 products), and 16 values cost one byte expansion, one shift and one lookup (vpermps
+// reads only an index's low 4 bits); other group sizes look up levels and scales per element.
 struct RowDecoder {
   __m512 levels;
   __m512i interleave;  // (high nibble i, low nibble i) pairs: 0, 16, 1, 17, ...
