@@ -44,18 +44,15 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
 
 def kernels_at(rev: str) -> object:
     """torch.ops namespace of the C++ kernels as committed at `rev`."""
-    from torch.utils.cpp_extension import load
-
     repo = Path(__file__).resolve().parents[1]
-    text = subprocess.run(["git", "show", f"{rev}:vllm_nf4kv/csrc/nf4_cpu.cpp"], cwd=repo, check=True,
-                          capture_output=True, text=True).stdout
-    namespace = "nf4kv_at_" + subprocess.run(["git", "rev-parse", "--short", rev], cwd=repo, check=True,
-                                             capture_output=True, text=True).stdout.strip()
+
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=repo, check=True, capture_output=True, text=True).stdout
+
+    namespace = "nf4kv_at_" + git("rev-parse", "--short", rev).strip()
     source = Path(tempfile.mkdtemp()) / f"{namespace}.cpp"
-    source.write_text(text)
-    load(name=namespace, sources=[str(source)], extra_cflags=[*cpu_kernels.CFLAGS, cpu_kernels.NATIVE,
-         f"-DNF4KV_OPS={namespace}"], extra_ldflags=["-fopenmp"], is_python_module=False)
-    return getattr(torch.ops, namespace)
+    source.write_text(git("show", f"{rev}:vllm_nf4kv/csrc/nf4_cpu.cpp"))
+    return cpu_kernels.build(namespace, source=source)
 
 
 def main() -> None:

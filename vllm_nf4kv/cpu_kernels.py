@@ -56,19 +56,21 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def build(namespace: str = NAMESPACE, arch: str = NATIVE) -> Any:
+def build(namespace: str = NAMESPACE, arch: str = NATIVE, source: Path = SOURCE) -> Any:
     """Compile (or reuse the cached build) and return ``torch.ops.<namespace>``.
 
     ``arch`` is the ``-march`` flag; the tests build ``-march=x86-64-v3`` (no
     AVX-512) beside the native build to check the portable loops.
+    ``source`` lets a benchmark build another version of the kernels beside
+    these (under its own namespace).
     """
     from torch.utils.cpp_extension import load
 
     flags = [*CFLAGS, arch, f"-DNF4KV_OPS={namespace}"]
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_flags().encode())
+    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + _cpu_flags().encode())
     load(
         name=f"{namespace}_{digest.hexdigest()[:12]}",
-        sources=[str(SOURCE)],
+        sources=[str(source)],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
