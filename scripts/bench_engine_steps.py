@@ -10,14 +10,18 @@ Prefix caching is off so both runs prefill. Single process
 alone: N prompts of L tokens, K output tokens each (ignore_eos), the engine's own
 scheduler deciding how many run at once within --kv-memory-bytes; reported as
 output tokens/s, the in-process counterpart of bench_serve.py's kv-bound row.
+``--capacity-control`` then also runs auto with the KV bytes that hold as many
+tokens as nf4's cache: the ceiling for any format with nf4's capacity.
 
     python scripts/bench_engine_steps.py [--dtypes auto nf4] [--prompts 8] [--prompt-tokens 1000]
-    python scripts/bench_engine_steps.py --prompts 16 --output-tokens 256 --kv-memory-bytes 67108864
+    python scripts/bench_engine_steps.py --prompts 16 --output-tokens 256 --kv-memory-bytes 67108864 \
+        --capacity-control
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -35,14 +39,26 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--output-tokens", type=int, help="time the whole workload instead (see above)")
     parser.add_argument("--kv-memory-bytes", type=int, default=256 * 2**20)
+    parser.add_argument("--capacity-control", action="store_true",
+                        help="with --output-tokens: after nf4, run auto with as many KV tokens as nf4 had")
     args = parser.parse_args()
+    if args.capacity_control and ("nf4" not in args.dtypes or not args.output_tokens):
+        parser.error("--capacity-control needs nf4 among --dtypes and --output-tokens")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    for dtype in args.dtypes:
+    from vllm_nf4kv.tools.plan import ModelShape
+
+    runs = [(dtype, dtype, args.kv_memory_bytes) for dtype in args.dtypes]
+    for label, dtype, kv_bytes in runs:
         llm = LLM(model=args.model, kv_cache_dtype=dtype, enforce_eager=True, seed=0,
-                  kv_cache_memory_bytes=args.kv_memory_bytes, max_model_len=2048, enable_prefix_caching=False)
+                  kv_cache_memory_bytes=kv_bytes, max_model_len=2048, enable_prefix_caching=False)
+        cache = llm.llm_engine.vllm_config.cache_config
+        kv_tokens = cache.num_gpu_blocks * cache.block_size
+        if args.capacity_control and dtype == "nf4":
+            shape = ModelShape.from_config(json.loads((Path(args.model) / "config.json").read_text()))
+            runs.append(("auto, nf4's KV tokens", "auto", kv_tokens * shape.bytes_per_token("auto")))
         ids = llm.get_tokenizer().encode(Path(args.text).read_text())
         n = args.prompt_tokens
         prompts = [TokensPrompt(prompt_token_ids=ids[i * n : (i + 1) * n]) for i in range(args.prompts)]
@@ -52,8 +68,8 @@ def main() -> None:
             start = time.perf_counter()
             llm.generate(prompts, SamplingParams(max_tokens=out, ignore_eos=True), use_tqdm=False)
             wall = time.perf_counter() - start
-            print(f"{dtype}: {args.prompts} x ({n} prompt + {out} output) tokens in {wall:.1f} s, "
-                  f"{args.prompts * out / wall:.1f} output tok/s")
+            print(f"{label} ({kv_tokens:,} KV tokens): {args.prompts} x ({n} prompt + {out} output) tokens "
+                  f"in {wall:.1f} s, {args.prompts * out / wall:.1f} output tok/s")
             del llm
             continue
         start = time.perf_counter()
@@ -63,7 +79,7 @@ def main() -> None:
         params = SamplingParams(max_tokens=1 + args.decode_steps, ignore_eos=True)
         llm.generate(prompts, params, use_tqdm=False)
         decode = time.perf_counter() - start - prefill
-        print(f"{dtype}: prefill {args.prompts} x {n} tokens {prefill:.2f} s; "
+        print(f"{label}: prefill {args.prompts} x {n} tokens {prefill:.2f} s; "
               f"decode step with {args.prompts} sequences {decode / args.decode_steps * 1e3:.0f} ms")
         del llm
 

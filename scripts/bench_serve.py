@@ -16,6 +16,11 @@ running at once (``vllm:num_requests_running`` sampled from /metrics every 0.2 s
 while requests were waiting or running), output tokens/s over the workload's wall time, TTFT and
 TPOT percentiles per request.
 
+``--capacity-control`` adds one more server: auto given the KV bytes that hold as many tokens as
+nf4's cache did. It is the ceiling for any KV format with nf4's capacity (a 4-bit cache that cost
+nothing to read and write): how much of a workload's speed-up capacity can buy at all, and how much
+of that nf4 gets.
+
 ``--workload prefix`` instead runs, per dtype, one server with prefix caching on and one with
 ``--no-enable-prefix-caching`` (KV budget --prefix-kv-memory-bytes): 50 requests cycling over 5
 unique 1000-token prompts (5 workers), then an agent-style run, 5 sessions x 10 rounds where each
@@ -42,6 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / ".assets/models/smollm2-135m"
 TEXTS = [REPO / ".assets/texts/moby_dick.txt", REPO / ".assets/texts/sotu_2000_2021.txt"]
+CAPACITY_CONTROL = "auto, nf4's KV tokens"
 
 
 @dataclass
@@ -193,6 +199,13 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def auto_bytes_per_token() -> int:
+    """KV bytes one token costs the served model with --kv-cache-dtype auto (the planner's count)."""
+    from vllm_nf4kv.tools.plan import ModelShape
+
+    return ModelShape.from_config(json.loads((MODEL / "config.json").read_text())).bytes_per_token("auto")
+
+
 def capacity(log: Path) -> int | None:
     m = re.search(r"KV cache size: ([\d,]+) tokens", log.read_text()) if log.exists() else None
     return int(m.group(1).replace(",", "")) if m else None
@@ -323,8 +336,14 @@ def main() -> None:
                         help="also run each dtype with caching on and this prefix-cache TTL")
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                         help="set in every server's environment (repeatable), the same for each dtype")
+    parser.add_argument("--capacity-control", action="store_true",
+                        help=f"after the dtypes (which must include nf4), run '{CAPACITY_CONTROL}': auto "
+                             "with the KV bytes that hold as many tokens as nf4's cache, i.e. what nf4's "
+                             "capacity would give at auto's speed")
     parser.add_argument("--out", help="also write the markdown table here")
     args = parser.parse_args()
+    if args.capacity_control and ("nf4" not in args.dtypes or args.base_url):
+        parser.error("--capacity-control needs nf4 among --dtypes and starts its own servers (no --base-url)")
 
     from transformers import AutoTokenizer
 
@@ -343,14 +362,15 @@ def main() -> None:
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
     rows = []
-    for dtype in args.dtypes:
-        log = logs / f"server_{dtype}.log"
+
+    def measure(label: str, dtype: str, kv_bytes: int) -> None:
+        log = logs / f"server_{label.replace(' ', '_')}.log"
         proc = None
         if args.base_url:
             base = args.base_url.rstrip("/")
         else:
-            print(f"== {dtype}: starting vllm serve", file=sys.stderr)
-            proc = start_server(dtype, args.port, args.kv_memory_bytes, log, server_env=args.server_env)
+            print(f"== {label}: starting vllm serve", file=sys.stderr)
+            proc = start_server(dtype, args.port, kv_bytes, log, server_env=args.server_env)
             base = f"http://127.0.0.1:{args.port}"
         try:
             # one short warm-up request, not measured
@@ -361,16 +381,22 @@ def main() -> None:
                                              args.output_tokens))
                 busy = [x for x, y in zip(r.running, r.waiting, strict=True) if x + y > 0]
                 rows.append({
-                    "dtype": dtype, "work": w, "capacity": capacity(log), "r": r,
+                    "dtype": label, "work": w, "capacity": capacity(log), "r": r,
                     "max_running": max(r.running, default=float("nan")),
                     "mean_running": statistics.mean(busy) if busy else float("nan"),
                 })
-                print(f"{dtype} {w.name}: {r.output_tokens / r.wall:.1f} out tok/s, "
+                print(f"{label} {w.name}: {r.output_tokens / r.wall:.1f} out tok/s, "
                       f"max running {rows[-1]['max_running']:.0f}, errors {r.errors}",
                       file=sys.stderr)
         finally:
             if proc is not None:
                 stop_server(proc)
+
+    for dtype in args.dtypes:
+        measure(dtype, dtype, args.kv_memory_bytes)
+    if args.capacity_control:
+        nf4_tokens = next(x["capacity"] for x in rows if x["dtype"] == "nf4")
+        measure(CAPACITY_CONTROL, "auto", nf4_tokens * auto_bytes_per_token())
 
     lines = ["| workload | kv-cache-dtype | KV tokens | max running seqs | mean running seqs "
              "| output tok/s | vs auto | TTFT p50 / p90 (s) | TPOT p50 / p90 (ms) | requests | errors |",

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+CAPACITY_CONTROL = "auto, nf4's KV tokens"  # bench_serve.py's label for that row
+
 
 def read_rows(path: Path) -> list[dict[str, str]]:
     """The rows of the first markdown table in ``path`` as dicts keyed by header."""
@@ -46,6 +48,12 @@ def main() -> None:
         bars = ax_tput.bar(xs, ratio, width, label=dtype)
         ax_tput.bar_label(bars, fmt="%.2fx", fontsize=7)
         ax_tpot.bar(xs, tpot, width, label=dtype)
+    ceiling = [(j, float(groups[n][CAPACITY_CONTROL]["vs auto"].rstrip("x")))
+               for j, n in enumerate(names) if CAPACITY_CONTROL in groups[n]]
+    if ceiling:  # bench_serve.py --capacity-control: auto with nf4's KV tokens
+        ax_tput.hlines([r for _, r in ceiling], [j - 1.5 * width for j, _ in ceiling],
+                       [j + 1.5 * width for j, _ in ceiling], colors="black", lw=1.5,
+                       label="auto with nf4's KV tokens (ceiling)")
     ax_tput.axhline(1.0, color="gray", lw=0.8)
     ax_tput.axhline(2.0, color="red", lw=0.8, ls="--", label="KV-bound target (2x)")
     ax_tput.axhline(0.8, color="orange", lw=0.8, ls="--", label="not-KV-bound target (0.8x)")

@@ -54,6 +54,16 @@ inline float sanitize(float x) {
   return x;
 }
 
+#if defined(NF4KV_AVX512)
+inline __m256 sanitize(__m256 x) {
+  const __m256 magnitude = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
+  const __mmask8 infinite = _mm256_cmp_ps_mask(magnitude, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ);
+  const __m256 clamped = _mm256_or_ps(_mm256_xor_ps(x, magnitude), _mm256_set1_ps(kScaleMax));
+  x = _mm256_mask_mov_ps(x, infinite, clamped);
+  return _mm256_mask_mov_ps(x, _mm256_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm256_setzero_ps());
+}
+#endif
+
 // ------------------------------------------------------------------ rotation
 
 // x @ R and x @ R^T of rotation.py on CPU: signs, Hadamard butterflies with
@@ -69,25 +79,56 @@ class Rotation {
   // fp32 out = (sanitize(x) * signs) H, rounded once from fp64
   void forward(const float* x, float* out) const {
     double y[kMaxHeadDim];
-    for (int64_t i = 0; i < head_dim_; ++i) y[i] = static_cast<double>(sanitize(x[i])) * signs_[i];
+    int64_t i = 0;
+#if defined(NF4KV_AVX512)
+    for (; i + 8 <= head_dim_; i += 8)
+      _mm512_storeu_pd(y + i, _mm512_mul_pd(_mm512_cvtps_pd(sanitize(_mm256_loadu_ps(x + i))),
+                                            _mm512_loadu_pd(signs_ + i)));
+#endif
+    for (; i < head_dim_; ++i) y[i] = static_cast<double>(sanitize(x[i])) * signs_[i];
     hadamard(y);
-    for (int64_t i = 0; i < head_dim_; ++i) out[i] = static_cast<float>(y[i]);
+    to_float(y, nullptr, out);
   }
 
   // fp32 out = (x H) * signs
   void inverse(const float* x, float* out) const {
     double y[kMaxHeadDim];
-    for (int64_t i = 0; i < head_dim_; ++i) y[i] = static_cast<double>(x[i]);
+    int64_t i = 0;
+#if defined(NF4KV_AVX512)
+    for (; i + 8 <= head_dim_; i += 8) _mm512_storeu_pd(y + i, _mm512_cvtps_pd(_mm256_loadu_ps(x + i)));
+#endif
+    for (; i < head_dim_; ++i) y[i] = static_cast<double>(x[i]);
     hadamard(y);
-    for (int64_t i = 0; i < head_dim_; ++i) out[i] = static_cast<float>(y[i] * signs_[i]);
+    to_float(y, signs_, out);
   }
 
  private:
+  // out = float(y) or float(y * signs), each rounded once (the conversion
+  // rounds to nearest even, as the cast does).
+  void to_float(const double* y, const double* signs, float* out) const {
+    int64_t i = 0;
+#if defined(NF4KV_AVX512)
+    for (; i + 8 <= head_dim_; i += 8) {
+      __m512d v = _mm512_loadu_pd(y + i);
+      if (signs != nullptr) v = _mm512_mul_pd(v, _mm512_loadu_pd(signs + i));
+      _mm256_storeu_ps(out + i, _mm512_cvtpd_ps(v));
+    }
+#endif
+    for (; i < head_dim_; ++i) out[i] = static_cast<float>(signs != nullptr ? y[i] * signs[i] : y[i]);
+  }
+
   void hadamard(double* y) const {
     int64_t start = 0;
     for (const int64_t size : blocks_) {
       double* b = y + start;
-      for (int64_t stride = 1; stride < size; stride *= 2)
+      int64_t stride = 1;
+#if defined(NF4KV_AVX512)
+      if (size >= 8) {  // blocks come largest first, so b is 8-aligned here
+        butterflies_within_registers(b, size);
+        stride = 8;
+      }
+#endif
+      for (; stride < size; stride *= 2)
         for (int64_t i = 0; i < size; i += 2 * stride)
           for (int64_t j = i; j < i + stride; ++j) {
             const double first = b[j], second = b[j + stride];
@@ -99,6 +140,24 @@ class Rotation {
       start += size;
     }
   }
+
+#if defined(NF4KV_AVX512)
+  // The stages with strides 1, 2 and 4, eight values a register: each lane
+  // gets its partner by a shuffle, and keeps first + second or first - second
+  // of the same two operands as the scalar loop (addition commutes exactly).
+  static void butterflies_within_registers(double* b, int64_t size) {
+    for (int64_t i = 0; i < size; i += 8) {
+      __m512d x = _mm512_loadu_pd(b + i);
+      __m512d partner = _mm512_permute_pd(x, 0x55);                       // stride 1
+      x = _mm512_mask_blend_pd(0xAA, _mm512_add_pd(x, partner), _mm512_sub_pd(partner, x));
+      partner = _mm512_permutex_pd(x, _MM_SHUFFLE(1, 0, 3, 2));           // stride 2
+      x = _mm512_mask_blend_pd(0xCC, _mm512_add_pd(x, partner), _mm512_sub_pd(partner, x));
+      partner = _mm512_shuffle_f64x2(x, x, _MM_SHUFFLE(1, 0, 3, 2));      // stride 4
+      x = _mm512_mask_blend_pd(0xF0, _mm512_add_pd(x, partner), _mm512_sub_pd(partner, x));
+      _mm512_storeu_pd(b + i, x);
+    }
+  }
+#endif
 
   const double* signs_;
   int64_t head_dim_;
@@ -164,11 +223,27 @@ struct SearchConstants {
 #endif
 };
 
-// Codes and squared errors of one group for one candidate scale (the inner
-// step of reference.quantize_groups).
-void group_trial(const float* x, int group, float scale, const Tables& t, const SearchConstants& k,
-                 uint8_t* trial, float* err) {
+#if defined(NF4KV_AVX512)
+// pairwise_sum of 16 values in one register: lanes (0+1), (2+3), ..., then
+// pairs of those, and so on; each add takes the same two operands as the
+// scalar loop's. A sum over 16k values is k of these, then pairwise_sum over
+// the k results (no pair of pairwise_sum's first four levels crosses a
+// 16-aligned boundary).
+inline float pairwise_sum(__m512 x) {
+  x = _mm512_add_ps(x, _mm512_permute_ps(x, _MM_SHUFFLE(2, 3, 0, 1)));        // lane 2i: x[2i] + x[2i+1]
+  x = _mm512_add_ps(x, _mm512_permute_ps(x, _MM_SHUFFLE(1, 0, 3, 2)));        // lane 4i
+  x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, _MM_SHUFFLE(2, 3, 0, 1)));  // lane 8i
+  x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, _MM_SHUFFLE(1, 0, 3, 2)));  // lane 0
+  return _mm512_cvtss_f32(x);
+}
+#endif
+
+// Codes of one group for one candidate scale and their summed squared error
+// (the inner step of reference.quantize_groups).
+float group_trial(const float* x, int group, float scale, const Tables& t, const SearchConstants& k,
+                  uint8_t* trial) {
   const float safe = scale > 0.0f ? scale : 1.0f;
+  float err[kMaxHeadDim];
 #if defined(NF4KV_AVX512)
   if (group % kLanes == 0) {  // 16 values at a time; nearest level by a 4-step binary search
     const __m512 safe_v = _mm512_set1_ps(safe), scale_v = _mm512_set1_ps(scale);
@@ -184,9 +259,9 @@ void group_trial(const float* x, int group, float scale, const Tables& t, const 
       }
       _mm_storeu_si128(reinterpret_cast<__m128i*>(trial + c), _mm512_cvtepi32_epi8(code));
       const __m512 diff = _mm512_sub_ps(_mm512_mul_ps(_mm512_permutexvar_ps(code, k.levels), scale_v), xv);
-      _mm512_storeu_ps(err + c, _mm512_mul_ps(diff, diff));
+      err[c / kLanes] = pairwise_sum(_mm512_mul_ps(diff, diff));
     }
-    return;
+    return pairwise_sum(err, group / kLanes);
   }
 #endif
   for (int i = 0; i < group; ++i) {
@@ -195,6 +270,7 @@ void group_trial(const float* x, int group, float scale, const Tables& t, const 
     const float diff = t.levels[trial[i]] * scale - x[i];
     err[i] = diff * diff;
   }
+  return pairwise_sum(err, group);
 }
 
 // One rotated head vector -> codes | scale codes (reference.quantize_groups + packing).
@@ -205,7 +281,6 @@ void quantize_row(const float* x_in, int head_dim, int group, int search_steps, 
   uint8_t* scale_codes = row + head_dim / 2;
   uint8_t codes[kMaxHeadDim];
   uint8_t trial[kMaxHeadDim];
-  float err[kMaxHeadDim];
   for (int g0 = 0, gi = 0; g0 < head_dim; g0 += group, ++gi) {
     float absmax = 0.0f;
     for (int i = 0; i < group; ++i) absmax = std::max(absmax, std::fabs(x[g0 + i]));
@@ -214,8 +289,7 @@ void quantize_row(const float* x_in, int head_dim, int group, int search_steps, 
     int32_t best_code = first;
     for (int step = 0; step < search_steps; ++step) {
       const int32_t candidate = first > step ? first - step : first;
-      group_trial(x + g0, group, t.scale_values[candidate], t, constants, trial, err);
-      const float total = pairwise_sum(err, group);
+      const float total = group_trial(x + g0, group, t.scale_values[candidate], t, constants, trial);
       if (step == 0 || total < best_err) {  // the first minimum: the largest scale on ties
         best_err = total;
         best_code = candidate;
