@@ -11,7 +11,7 @@ alone: N prompts of L tokens, K output tokens each (ignore_eos), the engine's ow
 scheduler deciding how many run at once within --kv-memory-bytes; reported as
 output tokens/s, the in-process counterpart of bench_serve.py's kv-bound row.
 ``--capacity-control`` then also runs auto with the KV bytes that hold as many
-tokens as nf4's cache: the ceiling for any format with nf4's capacity.
+tokens as nf4's cache: what nf4's capacity alone buys at auto's kernel costs.
 
     python scripts/bench_engine_steps.py [--dtypes auto nf4] [--prompts 8] [--prompt-tokens 1000]
     python scripts/bench_engine_steps.py --prompts 16 --output-tokens 256 --kv-memory-bytes 67108864 \

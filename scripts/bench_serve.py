@@ -17,9 +17,9 @@ while requests were waiting or running), output tokens/s over the workload's wal
 TPOT percentiles per request.
 
 ``--capacity-control`` adds one more server: auto given the KV bytes that hold as many tokens as
-nf4's cache did. It is the ceiling for any KV format with nf4's capacity (a 4-bit cache that cost
-nothing to read and write): how much of a workload's speed-up capacity can buy at all, and how much
-of that nf4 gets.
+nf4's cache did, i.e. nf4's capacity at auto's kernel costs. Its ratio to auto is what the extra
+capacity alone buys in that workload; a 4-bit format beats it only where its kernels are cheaper
+than vLLM's bf16 ones.
 
 ``--workload prefix`` instead runs, per dtype, one server with prefix caching on and one with
 ``--no-enable-prefix-caching`` (KV budget --prefix-kv-memory-bytes): 50 requests cycling over 5
@@ -338,8 +338,8 @@ def main() -> None:
                         help="set in every server's environment (repeatable), the same for each dtype")
     parser.add_argument("--capacity-control", action="store_true",
                         help=f"after the dtypes (which must include nf4), run '{CAPACITY_CONTROL}': auto "
-                             "with the KV bytes that hold as many tokens as nf4's cache, i.e. what nf4's "
-                             "capacity would give at auto's speed")
+                             "with the KV bytes that hold as many tokens as nf4's cache (nf4's capacity "
+                             "at auto's kernel costs)")
     parser.add_argument("--out", help="also write the markdown table here")
     args = parser.parse_args()
     if args.capacity_control and ("nf4" not in args.dtypes or args.base_url):

@@ -2,6 +2,7 @@
 
     python scripts/plot_serving.py docs/results/serve-prefill-heavy.md \\
         docs/results/serve-decode-heavy.md --out docs/img/serving.png
+    python scripts/plot_serving.py --summary docs/results/serve-*.md   # kv-bound rows, one table
 """
 
 from __future__ import annotations
@@ -20,11 +21,34 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     return [dict(zip(header, row, strict=True)) for row in rows]
 
 
+def kv_bound_summary(tables: list[Path]) -> str:
+    """One markdown row per table: the kv-bound workload's output tok/s per dtype and vs auto, and
+    nf4's share of the capacity control's (when the table has one)."""
+    lines = ["| run | auto (tok/s) | fp8 | nf4 | auto, nf4's KV tokens | nf4 / control |",
+             "|---|---|---|---|---|---|"]
+    for path in tables:
+        rows = {r["kv-cache-dtype"]: r for r in read_rows(path) if r["workload"].startswith("kv-bound")}
+        cells = [rows["auto"]["output tok/s"]]
+        for dtype in ("fp8", "nf4", CAPACITY_CONTROL):
+            row = rows.get(dtype)
+            cells.append(f"{row['output tok/s']} ({row['vs auto']})" if row else "-")
+        control = rows.get(CAPACITY_CONTROL)
+        share = float(rows["nf4"]["output tok/s"]) / float(control["output tok/s"]) if control else None
+        cells.append(f"{share:.0%}" if share else "-")
+        lines.append(f"| {path.stem} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tables", nargs="+", type=Path, help="markdown written by bench_serve.py --out")
     parser.add_argument("--out", type=Path, default=Path("docs/img/serving.png"))
+    parser.add_argument("--summary", action="store_true",
+                        help="print the kv-bound rows of all tables as one markdown table, no plot")
     args = parser.parse_args()
+    if args.summary:
+        print(kv_bound_summary(args.tables))
+        return
 
     import matplotlib
 
@@ -53,7 +77,7 @@ def main() -> None:
     if ceiling:  # bench_serve.py --capacity-control: auto with nf4's KV tokens
         ax_tput.hlines([r for _, r in ceiling], [j - 1.5 * width for j, _ in ceiling],
                        [j + 1.5 * width for j, _ in ceiling], colors="black", lw=1.5,
-                       label="auto with nf4's KV tokens (ceiling)")
+                       label="auto with nf4's KV tokens (capacity alone)")
     ax_tput.axhline(1.0, color="gray", lw=0.8)
     ax_tput.axhline(2.0, color="red", lw=0.8, ls="--", label="KV-bound target (2x)")
     ax_tput.axhline(0.8, color="orange", lw=0.8, ls="--", label="not-KV-bound target (0.8x)")
