@@ -647,6 +647,14 @@ void gather_values(const uint8_t* cache, const int32_t* blocks, int64_t kv_head,
 // ---- scores[r][t] = scale * q_r . k_t for keys [a, b) and up to 4 query rows sharing them
 
 #if defined(NF4KV_AVX512)
+// A loaded value kept in a register. Without this GCC folds the load into every fma that uses v, so
+// the inner loops issue a 512-bit load per fma plus the broadcasts, more than the load ports
+// take (one 512-bit load a cycle on Zen 4), and the fmas wait on them.
+inline __m512 in_register(__m512 v) {
+  __asm__("" : "+v"(v));
+  return v;
+}
+
 // kTiles key tiles at once: kRows x kTiles independent fma chains hide the fma latency (one
 // tile's kRows chains alone would wait on it), and each broadcast query value serves kTiles tiles.
 template <int kRows, int kTiles>
@@ -658,7 +666,7 @@ void score_tiles(const float* const* q, const float* key_tiles, int64_t tile, in
     for (int i = 0; i < kTiles; ++i) acc[r][i] = _mm512_setzero_ps();
   for (int64_t d = 0; d < head_dim; ++d) {
     __m512 k[kTiles];
-    for (int i = 0; i < kTiles; ++i) k[i] = _mm512_loadu_ps(kt + (i * head_dim + d) * kLanes);
+    for (int i = 0; i < kTiles; ++i) k[i] = in_register(_mm512_loadu_ps(kt + (i * head_dim + d) * kLanes));
     for (int r = 0; r < kRows; ++r) {
       const __m512 qd = _mm512_set1_ps(q[r][d]);
       for (int i = 0; i < kTiles; ++i) acc[r][i] = _mm512_fmadd_ps(qd, k[i], acc[r][i]);
@@ -751,7 +759,7 @@ void accumulate_values_avx512(const float* const* p, const float* values, int64_
     for (int c = 0; c < kChunks; ++c) sum[r][c] = _mm512_loadu_ps(acc[r] + c * kLanes);
   for (int64_t t = a; t < b; ++t) {
     __m512 v[kChunks];
-    for (int c = 0; c < kChunks; ++c) v[c] = _mm512_loadu_ps(values + t * d + c * kLanes);
+    for (int c = 0; c < kChunks; ++c) v[c] = in_register(_mm512_loadu_ps(values + t * d + c * kLanes));
     for (int r = 0; r < kRows; ++r) {
       const __m512 weight = _mm512_set1_ps(p[r][t]);
       for (int c = 0; c < kChunks; ++c) sum[r][c] = _mm512_fmadd_ps(weight, v[c], sum[r][c]);
