@@ -123,7 +123,7 @@ class Rotation {
       double* b = y + start;
       int64_t stride = 1;
 #if defined(NF4KV_AVX512)
-      if (size >= 8) {  // blocks come largest first, so b is 8-aligned here
+      if (size >= 8) {  // a power of two: whole registers of 8
         butterflies_within_registers(b, size);
         stride = 8;
       }
