@@ -21,7 +21,6 @@ tokens as nf4's cache: what nf4's capacity alone buys at auto's kernel costs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -46,9 +45,8 @@ def main() -> None:
         parser.error("--capacity-control needs nf4 among --dtypes and --output-tokens")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
+    from bench_serve import CAPACITY_CONTROL, auto_bytes_per_token
     from vllm import LLM, SamplingParams, TokensPrompt
-
-    from vllm_nf4kv.tools.plan import ModelShape
 
     runs = [(dtype, dtype, args.kv_memory_bytes) for dtype in args.dtypes]
     for label, dtype, kv_bytes in runs:
@@ -57,8 +55,7 @@ def main() -> None:
         cache = llm.llm_engine.vllm_config.cache_config
         kv_tokens = cache.num_gpu_blocks * cache.block_size
         if args.capacity_control and dtype == "nf4":
-            shape = ModelShape.from_config(json.loads((Path(args.model) / "config.json").read_text()))
-            runs.append(("auto, nf4's KV tokens", "auto", kv_tokens * shape.bytes_per_token("auto")))
+            runs.append((CAPACITY_CONTROL, "auto", kv_tokens * auto_bytes_per_token(Path(args.model))))
         ids = llm.get_tokenizer().encode(Path(args.text).read_text())
         n = args.prompt_tokens
         prompts = [TokensPrompt(prompt_token_ids=ids[i * n : (i + 1) * n]) for i in range(args.prompts)]

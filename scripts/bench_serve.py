@@ -47,7 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / ".assets/models/smollm2-135m"
 TEXTS = [REPO / ".assets/texts/moby_dick.txt", REPO / ".assets/texts/sotu_2000_2021.txt"]
-CAPACITY_CONTROL = "auto, nf4's KV tokens"
+CAPACITY_CONTROL = "auto, nf4's KV tokens"  # the --capacity-control row (plot_serving.py reads it)
 
 
 @dataclass
@@ -199,11 +199,11 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def auto_bytes_per_token() -> int:
-    """KV bytes one token costs the served model with --kv-cache-dtype auto (the planner's count)."""
+def auto_bytes_per_token(model: Path = MODEL) -> int:
+    """KV bytes one token of `model` costs with --kv-cache-dtype auto (the planner's count)."""
     from vllm_nf4kv.tools.plan import ModelShape
 
-    return ModelShape.from_config(json.loads((MODEL / "config.json").read_text())).bytes_per_token("auto")
+    return ModelShape.from_config(json.loads((model / "config.json").read_text())).bytes_per_token("auto")
 
 
 def capacity(log: Path) -> int | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-CAPACITY_CONTROL = "auto, nf4's KV tokens"  # bench_serve.py's label for that row
+from bench_serve import CAPACITY_CONTROL
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

@@ -1,7 +1,7 @@
 """The C++ NF4 kernels for vLLM's CPU platform, built on first use.
 
 Why C++: the PyTorch path (:mod:`vllm_nf4kv.paged_attention`) dequantizes
-every page a step reads into fp32 tensors and runs attention in fp64, 54-80x
+every page a step reads into fp32 tensors and runs attention in fp64, 53-75x
 slower per decode step than ``csrc/nf4_cpu.cpp``, which dequantizes small
 tiles inside the attention loops instead and writes cells with the reference
 codec's exact arithmetic (``scripts/bench_cpu_kernels.py``).

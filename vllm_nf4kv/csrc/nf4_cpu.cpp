@@ -448,7 +448,7 @@ struct RowDecoder {
 
   RowDecoder(const Tables& t, int64_t head_dim_, int64_t group_)
       : head_dim(head_dim_), group(group_), num_groups(head_dim_ / group_),
-        group_mask(static_cast<__mmask16>((1u << (head_dim_ / group)) - 1)) {
+        group_mask(static_cast<__mmask16>((1u << num_groups) - 1)) {
     TORCH_CHECK(num_groups <= kLanes, "at most 16 scale groups per head vector, got ", num_groups);
     levels = _mm512_loadu_ps(t.levels);
     alignas(64) int32_t idx[kLanes];
