@@ -11,7 +11,13 @@ import math
 
 import pytest
 
-from vllm_nf4kv.ttl.config import ENV_VAR, parse_ttl, resolve_ttl
+from vllm_nf4kv.ttl.config import (
+    ENV_VAR,
+    MAX_REQUEST_ENV_VAR,
+    parse_request_ttl,
+    parse_ttl,
+    resolve_ttl,
+)
 
 
 @pytest.mark.parametrize(
@@ -95,6 +101,53 @@ def test_non_mapping_additional_config_has_no_ttl():
     assert resolve_ttl(object(), environ={}).ttl_s is None
 
 
+# -- a request's own TTL and the server's maximum -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (60, 60.0),
+        (0, 0.0),
+        (2.5, 2.5),
+        ("60", 60.0),
+        ("500ms", 0.5),
+        ("30s", 30.0),
+        (" 5m ", 300.0),
+        ("1h", 3600.0),
+        ("1.5h", 5400.0),
+        (None, None),
+    ],
+)
+def test_parse_request_ttl_valid(value, expected):
+    assert parse_request_ttl(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value", [-1, "-5", math.nan, math.inf, "inf", "nan", True, "ten", "5 days", "", [60], {}]
+)
+def test_parse_request_ttl_refuses(value):
+    with pytest.raises(ValueError, match=r"vllm_xargs\.nf4kv_prefix_ttl_s must be seconds as a number >= 0"):
+        parse_request_ttl(value)
+
+
+def test_request_ttl_above_the_maximum():
+    assert parse_request_ttl("1h", max_ttl_s=3600) == 3600.0
+    message = r"above this server's maximum of 3600 s \(nf4kv\.max_request_ttl_s\)"
+    with pytest.raises(ValueError, match=message):
+        parse_request_ttl(3601, max_ttl_s=3600)
+
+
+def test_max_request_ttl_sources():
+    assert resolve_ttl({}, {}).max_request_ttl_s is None
+    assert resolve_ttl({"nf4kv": {"max_request_ttl_s": 600}}, {}).max_request_ttl_s == 600
+    assert resolve_ttl({}, {MAX_REQUEST_ENV_VAR: "60"}).max_request_ttl_s == 60
+    cli_wins = resolve_ttl({"nf4kv": {"max_request_ttl_s": 5}}, {MAX_REQUEST_ENV_VAR: "60"})
+    assert cli_wins.max_request_ttl_s == 5
+    with pytest.raises(ValueError, match=r"nf4kv\.max_request_ttl_s: prefix-cache TTL must be >= 0"):
+        resolve_ttl({"nf4kv": {"max_request_ttl_s": -1}}, {})
+
+
 # -- through vLLM's own startup path ------------------------------------------------
 
 
@@ -116,6 +169,7 @@ def engine_args_cls():
         ({"nf4kv": {"prefix_cache_ttl_s": "ten"}}, None, "must be a number"),
         ({}, "abc", f"^{ENV_VAR}: "),
         ({}, "-3", f"^{ENV_VAR}: .*>= 0 seconds"),
+        ({"nf4kv": {"max_request_ttl_s": "often"}}, None, "max_request_ttl_s: .* must be a number"),
     ],
 )
 def test_bad_ttl_is_a_startup_error(engine_args_cls, model_dir, monkeypatch, additional_config, env, message):

@@ -4,7 +4,7 @@
   ``NF4KV_PREFIX_CACHE_TTL_S=1000`` that the CLI must override): the same
   prompt twice within the TTL counts prefix hits on ``/metrics``; after the TTL
   it is a miss, the expired-block counter rises, and ``vllm-nf4kv stats`` shows it;
-* ``vllm serve`` (fp8, TTL off): the same prompt after longer than 2 s still hits;
+* ``vllm serve`` (auto, TTL off): the same prompt after longer than 2 s still hits;
 * ``vllm serve`` with a negative TTL exits at startup with a clear message;
 * an in-process engine (auto dtype, TTL from the environment variable).
 
@@ -21,147 +21,19 @@ moment the blocks were last released, which only gets safer under load.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
+from serve_process import BLOCK_SIZE, STARTUP_TIMEOUT_S, Server, launch, prompt, server_env, stop, wait_ready
 
 from vllm_nf4kv import cli
-from vllm_nf4kv.tools.stats import collect, fetch
 from vllm_nf4kv.ttl.config import ENV_VAR
 
 pytestmark = pytest.mark.slow
 
 TTL_S = 2.0
 MARGIN_S = 1.0
-MODEL_NAME = "smollm2"
-KV_BYTES = 256 * 2**20
-BLOCK_SIZE = 32  # small blocks and prompts keep each request well under the TTL on CPU
-STARTUP_TIMEOUT_S = 240
-TEXT = (
-    "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money "
-    "in my purse, and nothing particular to interest me on shore, I thought I would sail about "
-    "a little and see the watery part of the world. "
-)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def prompt(tag: str) -> str:
-    return f"[{tag}] " + TEXT * 2  # about 100 tokens: three full 32-token blocks and a partial one
-
-
-class Server:
-    def __init__(self, url: str, process: subprocess.Popen, log: Path) -> None:
-        self.url, self.process, self.log = url, process, log
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def complete(self, text: str) -> int:
-        """One completion (one generated token); returns its prompt token count."""
-        body = json.dumps({"model": MODEL_NAME, "prompt": text, "max_tokens": 1, "temperature": 0})
-        request = urllib.request.Request(
-            f"{self.url}/v1/completions", body.encode(), {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return json.load(response)["usage"]["prompt_tokens"]
-
-    def stats(self):
-        return collect(fetch(f"{self.url}/metrics", 30), self.url)
-
-    def stats_after(self, queries_before: float, prompt_tokens: int):
-        """Stats once the front end has recorded ``prompt_tokens`` more queried tokens."""
-        deadline = time.monotonic() + 15
-        while True:
-            stats = self.stats()
-            if stats.queries >= queries_before + prompt_tokens or time.monotonic() > deadline:
-                return stats
-            time.sleep(0.1)
-
-
-def server_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a plain `vllm serve`: engine core in its own process
-    env.pop(ENV_VAR, None)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.update(extra)
-    return env
-
-
-def vllm_command(model_dir: Path, port: int, *extra: str) -> list[str]:
-    return [
-        str(Path(sys.executable).with_name("vllm")),
-        "serve",
-        str(model_dir),
-        "--served-model-name",
-        MODEL_NAME,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--enforce-eager",
-        "--kv-cache-memory-bytes",
-        str(KV_BYTES),
-        "--max-model-len",
-        "2048",
-        "--block-size",
-        str(BLOCK_SIZE),
-        *extra,
-    ]
-
-
-def stop(process: subprocess.Popen) -> None:
-    """End the server and its engine core (they share the process group we gave it)."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is left
-    process.wait(timeout=30)
-
-
-def launch(model_dir: Path, log: Path, *extra: str, env: dict[str, str]) -> Server:
-    port = free_port()
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            vllm_command(model_dir, port, *extra),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    return Server(f"http://127.0.0.1:{port}", process, log)
-
-
-def wait_ready(server: Server) -> Server:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        if server.process.poll() is not None:
-            pytest.fail(f"vllm serve exited ({server.process.returncode}) at startup:\n{server.log_tail()}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return server
-        if time.monotonic() > deadline:
-            pytest.fail(f"vllm serve not ready after {STARTUP_TIMEOUT_S} s:\n{server.log_tail()}")
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +58,7 @@ def servers(model_dir, tmp_path_factory):
             json.dumps({"nf4kv": {"prefix_cache_ttl_s": TTL_S}}),
             env=server_env(**{ENV_VAR: "1000"}),  # the CLI value must win
         )
-        started["off"] = launch(model_dir, logs / "off.log", "--kv-cache-dtype", "fp8", env=server_env())
+        started["off"] = launch(model_dir, logs / "off.log", "--kv-cache-dtype", "auto", env=server_env())
         yield started
     finally:
         for server in started.values():
@@ -244,7 +116,7 @@ def test_serve_nf4_ttl_expires_prefix_hits(servers, capsys):
     stop(server.process)  # free the CPU for the next test
 
 
-def test_serve_fp8_ttl_off_keeps_lru(servers):
+def test_serve_auto_ttl_off_keeps_lru(servers):
     server = wait_ready(servers["off"])
     text = prompt("off")
     before = server.stats()

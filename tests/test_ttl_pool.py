@@ -198,6 +198,117 @@ def test_enable_again_switches_mode_and_keeps_counters(vllm_parts):
     assert type(pool).get_cached_block is block_pool_cls.get_cached_block
 
 
+# -- request TTLs: the tightest bound among the requests that used a block ---------------
+
+
+def run_with_ttl(pool, request, ttl):
+    """``run_prompt`` inside the request's TTL scope, as the scheduler's manager runs it."""
+    from vllm_nf4kv.ttl.pool import request_ttl_scope
+
+    with request_ttl_scope(pool, ttl):
+        return run_prompt(pool, request)
+
+
+def test_request_ttl_without_a_server_ttl(vllm_parts):
+    pool, clock, state = make_pool(vllm_parts, ttl=None, request_ttls=True)
+    _, request = vllm_parts
+    blocks, _ = run_with_ttl(pool, request(range(8)), 10.0)
+    pool.free_blocks(reversed(blocks))
+    clock.now = 10.0  # exactly its TTL: not older than it
+    blocks, hits = run_with_ttl(pool, request(range(8)), None)  # a request without a TTL hits
+    assert hits == 2
+    pool.free_blocks(reversed(blocks))  # released at 10.0: the TTL of 10 s still binds
+    clock.now = 20.5
+    blocks, hits = run_with_ttl(pool, request(range(8)), None)
+    assert hits == 0 and (state.expired_by_request, state.expired_by_server) == (2, 0)
+    pool.free_blocks(reversed(blocks))  # new content, no TTL: cached for good (LRU only)
+    clock.now = 1e6
+    assert run_with_ttl(pool, request(range(8)), None)[1] == 2
+
+
+def test_zero_ttl_is_never_a_hit_after_release(vllm_parts):
+    pool, clock, state = make_pool(vllm_parts, ttl=None, request_ttls=True)
+    _, request = vllm_parts
+    shared, _ = run_with_ttl(pool, request(range(8)), None)  # someone caches a prefix
+    pool.free_blocks(reversed(shared))
+    clock.now = 1.0
+    private, hits = run_with_ttl(pool, request(range(8)), 0.0)  # a ttl-0 request still hits it...
+    assert hits == 2
+    clock.now = 2.0
+    pool.free_blocks(reversed(private))
+    clock.now = 2.000001
+    assert run_with_ttl(pool, request(range(8)), None)[1] == 0  # ...and nobody does after it
+    assert state.expired_by_request == 2
+
+
+def test_a_longer_ttl_never_extends_a_shorter_one(vllm_parts):
+    pool, clock, state = make_pool(vllm_parts, ttl=None, request_ttls=True)
+    _, request = vllm_parts
+    blocks, _ = run_with_ttl(pool, request(range(8)), 5.0)
+    pool.free_blocks(reversed(blocks))
+    clock.now = 1.0
+    blocks, hits = run_with_ttl(pool, request(range(8)), 3600.0)  # another tenant, a longer TTL
+    assert hits == 2
+    pool.free_blocks(reversed(blocks))  # last use at 1.0; the block's TTL stays 5 s
+    clock.now = 6.5
+    assert run_with_ttl(pool, request(range(8)), 3600.0)[1] == 0
+    assert state.expired_by_request == 2
+
+
+def test_held_blocks_never_expire_under_a_request_ttl(vllm_parts):
+    pool, clock, _ = make_pool(vllm_parts, ttl=None, request_ttls=True)
+    _, request = vllm_parts
+    held, _ = run_with_ttl(pool, request(range(8)), 0.0)
+    clock.now = 100.0
+    other, hits = run_with_ttl(pool, request(range(8)), None)  # shares the held prefix
+    assert hits == 2
+    pool.free_blocks(reversed(held))
+    assert run_with_ttl(pool, request(range(8)), None)[1] == 2  # `other` still holds it
+    pool.free_blocks(reversed(other))
+
+
+def test_request_and_server_ttls_tightest_wins_with_its_cause(vllm_parts):
+    pool, clock, state = make_pool(vllm_parts, ttl=10.0, request_ttls=True, num_blocks=16)
+    _, request = vllm_parts
+    short, _ = run_with_ttl(pool, request([1] * 8), 2.0)  # tighter than the server's
+    long, _ = run_with_ttl(pool, request([2] * 8), 60.0)  # looser: the server's 10 s binds
+    pool.free_blocks(reversed(short))
+    pool.free_blocks(reversed(long))
+    clock.now = 3.0
+    assert pool.nf4kv_sweep() == 2 and (state.expired_by_request, state.expired_by_server) == (2, 0)
+    blocks, hits = run_with_ttl(pool, request([2] * 8), None)
+    assert hits == 2
+    pool.free_blocks(reversed(blocks))  # last use at 3.0
+    clock.now = 3.0 + 10.5
+    assert pool.nf4kv_sweep() == 2 and (state.expired_by_request, state.expired_by_server) == (2, 2)
+
+
+def test_allocation_takes_every_expired_block_first_even_out_of_release_order(vllm_parts):
+    """A short request TTL expires blocks released after live ones; reuse still takes them first."""
+    pool, clock, state = make_pool(vllm_parts, ttl=None, request_ttls=True, num_blocks=9, sweep_budget=1)
+    _, request = vllm_parts
+    live, _ = run_with_ttl(pool, request([1] * 8), 100.0)
+    pool.free_blocks(reversed(live))
+    dead = []
+    for token in (2, 3):
+        blocks, _ = run_with_ttl(pool, request([token] * 8), 1.0)
+        pool.free_blocks(reversed(blocks))
+        dead += blocks
+    clock.now = 5.0
+    taken = pool.get_new_blocks(4)  # four expired blocks sit behind two live ones
+    assert sorted(b.block_id for b in taken) == sorted(b.block_id for b in dead)
+    assert all(b.block_hash is not None for b in live) and state.expired_by_request == 4
+
+
+def test_request_ttls_off_ignore_the_scope(vllm_parts):
+    pool, clock, state = make_pool(vllm_parts, ttl=None)
+    _, request = vllm_parts
+    blocks, _ = run_with_ttl(pool, request(range(8)), 0.0)
+    pool.free_blocks(reversed(blocks))
+    clock.now = 100.0
+    assert run_with_ttl(pool, request(range(8)), None)[1] == 2 and not state.request_ttl
+
+
 # -- the patches ---------------------------------------------------------------------
 
 
@@ -208,17 +319,23 @@ def test_register_installs_each_patch_once():
     plugin.register()
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.metrics.loggers import StatLoggerManager
+
+    from vllm_nf4kv.ttl import engine
 
     targets = (
         Scheduler.__init__,
         Scheduler.make_stats,
+        Scheduler.add_request,
         StatLoggerManager.__init__,
         EngineArgs.create_engine_config,
+        InputProcessor._validate_params,
     )
     assert all(getattr(t, "_nf4kv_ttl_patch", False) for t in targets)
+    assert engine.SCHEDULER_HOOKED and engine.REQUESTS_HOOKED
     patches.install_block_pool_ttl()  # again: nothing is wrapped twice
-    for target in (Scheduler.__init__, Scheduler.make_stats, StatLoggerManager.__init__):
+    for target in targets:
         assert not getattr(target.__wrapped__, "_nf4kv_ttl_patch", False)
 
 
@@ -253,6 +370,7 @@ def test_payload_crosses_vllms_transport_and_reaches_prometheus():
     stats.num_kv_fetch_reqs_by_stage.update(
         {
             metrics.P_EXPIRED: 3,
+            metrics.P_EXPIRED_REQUEST: 4,
             metrics.P_CACHED: 7,
             metrics.P_TTL_MS: 2500,
             metrics.P_KV_BYTES: 100,
@@ -270,13 +388,17 @@ def test_payload_crosses_vllms_transport_and_reaches_prometheus():
     stat_logger.record(received, None, engine_idx=5)
     assert received.num_kv_fetch_reqs_by_stage == {"in_progress": 1}  # vLLM's loggers see only theirs
     labels = {"model_name": "ttl-test", "engine": "5"}
-    assert REGISTRY.get_sample_value(f"{metrics.M_EXPIRED}_total", labels) == 3
+    by_server = {**labels, "cause": metrics.CAUSE_SERVER}
+    by_request = {**labels, "cause": metrics.CAUSE_REQUEST}
+    assert REGISTRY.get_sample_value(f"{metrics.M_EXPIRED}_total", by_server) == 3
+    assert REGISTRY.get_sample_value(f"{metrics.M_EXPIRED}_total", by_request) == 4
     assert REGISTRY.get_sample_value(metrics.M_CACHED, labels) == 7
     assert REGISTRY.get_sample_value(metrics.M_TTL, labels) == 2.5
     assert REGISTRY.get_sample_value(metrics.M_KV_BF16_BYTES, labels) == 400
     received.num_kv_fetch_reqs_by_stage[metrics.P_EXPIRED] = 2  # the next step's delta
     stat_logger.record(received, None, engine_idx=5)
-    assert REGISTRY.get_sample_value(f"{metrics.M_EXPIRED}_total", labels) == 5
+    assert REGISTRY.get_sample_value(f"{metrics.M_EXPIRED}_total", by_server) == 5
+    assert REGISTRY.get_sample_value(f"{metrics.M_EXPIRED}_total", by_request) == 4
     assert received.num_kv_fetch_reqs_by_stage == {"in_progress": 1}
 
 

@@ -26,8 +26,10 @@ vllm:prefix_cache_queries_created{engine="0",model_name="smollm2"} 1.79e+09
 vllm:prefix_cache_hits_total{engine="0",model_name="smollm2"} 256.0
 vllm:prefix_cache_hits_total{engine="1",model_name="smollm2"} 144.0
 vllm:cache_config_info{block_size="128",cache_dtype="nf4",note="a \\"quoted\\", value"} 1.0
-nf4kv:prefix_cache_expired_blocks_total{engine="0",model_name="smollm2"} 2.0
-nf4kv:prefix_cache_expired_blocks_total{engine="1",model_name="smollm2"} 1.0
+nf4kv:prefix_cache_expired_blocks_total{cause="server_ttl",engine="0",model_name="smollm2"} 2.0
+nf4kv:prefix_cache_expired_blocks_total{cause="request_ttl",engine="0",model_name="smollm2"} 0.0
+nf4kv:prefix_cache_expired_blocks_total{cause="server_ttl",engine="1",model_name="smollm2"} 0.0
+nf4kv:prefix_cache_expired_blocks_total{cause="request_ttl",engine="1",model_name="smollm2"} 1.0
 nf4kv:prefix_cache_cached_blocks{engine="0",model_name="smollm2"} 5.0
 nf4kv:prefix_cache_cached_blocks{engine="1",model_name="smollm2"} 1.0
 nf4kv:prefix_cache_ttl_seconds{engine="0",model_name="smollm2"} 600.0
@@ -51,6 +53,7 @@ def test_collect_sums_engines():
     assert (stats.queries, stats.hits, stats.misses) == (1000, 400, 600)
     assert stats.hit_rate == pytest.approx(0.4)
     assert (stats.expired_blocks, stats.cached_blocks, stats.ttl_s) == (3, 6, 600)
+    assert stats.expired_by_cause == {"server_ttl": 2, "request_ttl": 1}
     assert stats.kv_saved_bytes == 2 * (235929600 - 66355200)
     assert stats.cache_dtype == "nf4"
 
@@ -62,7 +65,7 @@ def test_render_view():
         "misses         600 tokens",
         "hit rate       40.0%",
         "TTL            600 s",
-        "expirations    3 blocks",
+        "expirations    3 blocks (server TTL 2, request TTLs 1)",
         "cached blocks  6",
         "saved vs bf16  323.4 MiB (71.9%)",
     ):

@@ -95,8 +95,10 @@ def route_nf4_to_plugin_backend() -> None:
 #
 # The policy itself is not a patch: ``vllm_nf4kv.ttl.pool.enable_ttl`` switches
 # the class of ONE pool instance (the scheduler's) to a subclass of its own
-# class. These four patches only decide where that happens and carry its
-# metrics; docs/ttl.md has the whole picture.
+# class, and request TTLs switch the class of the scheduler's KV-cache manager
+# instance the same way (``ttl.engine.ttl_manager_class``). These six patches
+# only decide where that happens, validate requests and carry the metrics;
+# docs/ttl.md has the whole picture.
 
 _TTL_PATCH_MARK = "_nf4kv_ttl_patch"
 
@@ -265,12 +267,103 @@ def ttl_stats_logger() -> bool:
     return True
 
 
+def ttl_request_on_scheduler() -> bool:
+    """Target: ``vllm.v1.core.sched.scheduler.Scheduler.add_request``.
+
+    Why: a request may set its own prefix-cache TTL (``vllm_xargs``
+    ``nf4kv_prefix_ttl_s``); until the first one does, nothing should run per
+    allocation, for any dtype. How: wraps ``add_request(request)``; afterwards
+    ``ttl.engine.on_add_request`` turns request TTLs on for this engine when
+    the request sets one (policy on the scheduler's pool, the TTL scope on its
+    KV-cache manager instance). Versions: 0.32 and 0.33 (same signature).
+    Removed by: per-request cache retention upstream (RFC vllm#37003, PR
+    vllm#38514, open). Returns whether it is in place.
+    """
+    import functools
+    import inspect
+
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    original = getattr(Scheduler, "add_request", None)
+    if not callable(original):
+        return False
+    if _ttl_patched(original):
+        return True
+    if list(inspect.signature(original).parameters) != ["self", "request"]:
+        _ttl_logger().warning("vllm-nf4kv: Scheduler.add_request has an unknown signature; no request TTLs")
+        return False
+    from vllm_nf4kv.ttl.engine import on_add_request
+
+    @functools.wraps(original)
+    def add_request(self: Any, request: Any) -> None:
+        original(self, request)
+        on_add_request(self, request)
+
+    setattr(add_request, _TTL_PATCH_MARK, True)
+    Scheduler.add_request = add_request
+    return True
+
+
+def ttl_validate_request() -> bool:
+    """Target: ``vllm.v1.engine.input_processor.InputProcessor._validate_params``.
+
+    Why: a bad request TTL (negative, NaN, not a number, above the server's
+    ``max_request_ttl_s``) must be the client's error (HTTP 400 with the reason)
+    before the request reaches the engine, never a server error or a silently
+    ignored setting. ``_validate_params`` is where vLLM checks every request's
+    ``SamplingParams`` in the front end (API server and offline ``LLM``), with
+    the engine's ``vllm_config`` at hand. How: wraps it; afterwards the request
+    TTL in ``params.extra_args`` goes through ``ttl.config.parse_request_ttl``,
+    and a ``ValueError`` becomes vLLM's ``VLLMValidationError`` (a 400).
+    Versions: 0.32 and 0.33 (``_validate_params(params, supported_tasks)``).
+    Removed by: a vLLM hook for plugins to validate ``extra_args`` (none yet).
+    Returns whether it is in place.
+    """
+    import functools
+    import inspect
+
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original = getattr(InputProcessor, "_validate_params", None)
+    if not callable(original):
+        return False
+    if _ttl_patched(original):
+        return True
+    if list(inspect.signature(original).parameters)[:3] != ["self", "params", "supported_tasks"]:
+        _ttl_logger().warning("vllm-nf4kv: InputProcessor._validate_params has an unknown signature")
+        return False
+    from vllm_nf4kv.ttl.config import REQUEST_KEY, parse_request_ttl, resolve_ttl
+
+    @functools.wraps(original)
+    def _validate_params(self: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, params, *args, **kwargs)
+        extra_args = getattr(params, "extra_args", None)
+        if extra_args and extra_args.get(REQUEST_KEY) is not None:
+            setting = getattr(self, "_nf4kv_ttl_setting", None)
+            if setting is None:
+                setting = self._nf4kv_ttl_setting = resolve_ttl(self.vllm_config.additional_config)
+            try:
+                parse_request_ttl(extra_args[REQUEST_KEY], setting.max_request_ttl_s)
+            except ValueError as error:
+                raise VLLMValidationError(
+                    str(error), parameter=f"vllm_xargs.{REQUEST_KEY}", value=extra_args[REQUEST_KEY]
+                ) from None
+        return result
+
+    setattr(_validate_params, _TTL_PATCH_MARK, True)
+    InputProcessor._validate_params = _validate_params
+    return True
+
+
 def install_block_pool_ttl() -> None:
     """Install the prefix-cache TTL patches above (called by ``plugin.register``).
 
     Never raises for an unsupported vLLM: a missing target is logged and its
     patch skipped. A TTL set on a vLLM where the scheduler patch is missing is
-    refused at startup by ``ttl.engine.check_config``.
+    refused at startup by ``ttl.engine.check_config``; a request TTL on a vLLM
+    where either request patch is missing is refused by ``check_config`` too
+    when ``max_request_ttl_s`` is set, and otherwise logged here.
     """
     from vllm_nf4kv.ttl import engine
 
@@ -283,6 +376,12 @@ def install_block_pool_ttl() -> None:
         engine.SCHEDULER_HOOKED = ttl_on_scheduler_pool()
     except (ImportError, AttributeError) as error:
         log.warning("vllm-nf4kv: prefix-cache TTL unavailable (%s)", error)
+    requests_hooked = False
+    try:
+        requests_hooked = ttl_request_on_scheduler() and ttl_validate_request()
+    except (ImportError, AttributeError) as error:
+        log.warning("vllm-nf4kv: request prefix-cache TTLs unavailable (%s)", error)
+    engine.REQUESTS_HOOKED = requests_hooked and engine.SCHEDULER_HOOKED
     try:
         if _ttl_stats_carrier_ok() and ttl_stats_logger():
             ttl_stats_payload()

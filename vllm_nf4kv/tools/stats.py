@@ -3,7 +3,8 @@
 Fetches ``/metrics`` of a ``vllm serve`` (with this plugin loaded) and prints
 hits, misses and hit rate (vLLM's ``vllm:prefix_cache_queries`` and
 ``vllm:prefix_cache_hits``, in tokens, since the server started), the
-prefix-cache TTL, blocks expired by it and blocks cached now (this plugin's
+prefix-cache TTL, blocks expired by it (by the server-wide TTL and by TTLs that
+requests set for themselves) and blocks cached now (this plugin's
 ``nf4kv:*`` metrics, see docs/ttl.md), and the KV-cache memory against what the
 same capacity would take in bf16. Figures are summed over engines.
 """
@@ -18,9 +19,12 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from vllm_nf4kv.ttl.metrics import (
+    CAUSE_REQUEST,
+    CAUSE_SERVER,
+    EXPIRY_CAUSES,
     M_CACHED,
     M_EXPIRED,
     M_KV_BF16_BYTES,
@@ -62,6 +66,8 @@ class CacheStats:
     kv_cache_bytes: float | None
     kv_cache_bf16_bytes: float | None
     cache_dtype: str | None
+    # expired blocks by cause (metrics.EXPIRY_CAUSES: server_ttl, request_ttl)
+    expired_by_cause: dict[str, float] = field(default_factory=dict)
 
     @property
     def misses(self) -> float:
@@ -89,7 +95,10 @@ def collect(text: str, url: str = "") -> CacheStats:
     seen: set[str] = set()
     ttl: float | None = None
     cache_dtype = None
+    by_cause = dict.fromkeys(EXPIRY_CAUSES, 0.0)
     for name, labels, value in parse_metrics(text):
+        if name == f"{M_EXPIRED}_total" and labels.get("cause") in by_cause:
+            by_cause[labels["cause"]] += value
         if name == M_TTL:
             seen.add(name)
             ttl = value if ttl is None else min(ttl, value)
@@ -112,6 +121,7 @@ def collect(text: str, url: str = "") -> CacheStats:
         kv_cache_bytes=total(M_KV_BYTES),
         kv_cache_bf16_bytes=total(M_KV_BF16_BYTES),
         cache_dtype=cache_dtype,
+        expired_by_cause=by_cause if f"{M_EXPIRED}_total" in seen else {},
     )
 
 
@@ -139,7 +149,11 @@ def render(stats: CacheStats) -> str:
         ttl = expired = cached = "n/a (no nf4kv metrics: is the vllm-nf4kv plugin loaded?)"
     else:
         ttl = "off" if stats.ttl_s is None else f"{stats.ttl_s:g} s"
-        expired = f"{stats.expired_blocks:,.0f} blocks"
+        causes = stats.expired_by_cause
+        expired = (
+            f"{stats.expired_blocks:,.0f} blocks (server TTL {causes.get(CAUSE_SERVER, 0):,.0f}, "
+            f"request TTLs {causes.get(CAUSE_REQUEST, 0):,.0f})"
+        )
         cached = f"{stats.cached_blocks:,.0f}" if stats.cached_blocks is not None else "n/a"
     lines = [
         f"Prefix cache  {stats.url}",

@@ -1,16 +1,24 @@
-"""Where the prefix-cache TTL comes from, and what counts as a valid one.
+"""Where the prefix-cache TTLs come from, and what counts as a valid one.
 
-Two sources, the first one set wins:
+Server settings, each from two sources, the first one set wins:
 
-1. ``--additional-config '{"nf4kv": {"prefix_cache_ttl_s": 600}}'``
-   (``vllm_config.additional_config["nf4kv"]["prefix_cache_ttl_s"]``);
-2. the environment variable ``NF4KV_PREFIX_CACHE_TTL_S`` (not ``VLLM_*``: vLLM
-   warns about ``VLLM_*`` names it does not know).
+1. ``--additional-config '{"nf4kv": {"prefix_cache_ttl_s": 600, "max_request_ttl_s": 3600}}'``
+   (``vllm_config.additional_config["nf4kv"][...]``);
+2. the environment variables ``NF4KV_PREFIX_CACHE_TTL_S`` and
+   ``NF4KV_MAX_REQUEST_TTL_S`` (not ``VLLM_*``: vLLM warns about ``VLLM_*``
+   names it does not know).
 
-Unset (or JSON ``null``, or an empty variable) means *off*. A value is seconds:
-a finite number ``>= 0`` (``0``: a released block is never a hit again), or
-``inf`` (the same as off). Negative, NaN, booleans and anything that is not a
-number are refused with a :class:`ValueError` that names the source and the fix.
+Unset (or JSON ``null``, or an empty variable) means *off* / *no maximum*. A
+value is seconds: a finite number ``>= 0`` (``0``: a released block is never a
+hit again), or ``inf`` (the same as unset). Negative, NaN, booleans and
+anything that is not a number are refused with a :class:`ValueError` that
+names the source and the fix.
+
+A request sets its own TTL with ``{"vllm_xargs": {"nf4kv_prefix_ttl_s": 60}}``
+(``SamplingParams.extra_args``): seconds as a finite number ``>= 0`` or a
+string such as ``"60"``, ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"``, at most
+the server's ``max_request_ttl_s``; :func:`parse_request_ttl` says why
+anything else is refused (the API server answers HTTP 400 with that text).
 
 This module imports nothing from vLLM.
 """
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,14 +35,18 @@ from typing import Any
 CONFIG_NAMESPACE = "nf4kv"
 CONFIG_KEY = "prefix_cache_ttl_s"
 ENV_VAR = "NF4KV_PREFIX_CACHE_TTL_S"
+MAX_REQUEST_KEY = "max_request_ttl_s"
+MAX_REQUEST_ENV_VAR = "NF4KV_MAX_REQUEST_TTL_S"
+REQUEST_KEY = "nf4kv_prefix_ttl_s"  # in a request's vllm_xargs (SamplingParams.extra_args)
 
 
 @dataclass(frozen=True)
 class TTLSetting:
-    """The resolved TTL: ``ttl_s`` is None when the policy is off."""
+    """The resolved server settings: ``ttl_s`` is None when the server-wide TTL is off."""
 
     ttl_s: float | None
     source: str  # where it came from, for logs and errors
+    max_request_ttl_s: float | None = None  # the largest TTL a request may ask for; None: any
 
     @property
     def enabled(self) -> bool:
@@ -78,24 +91,76 @@ def parse_ttl(value: Any, source: str, example: str = CLI_EXAMPLE) -> float | No
     return seconds
 
 
-def resolve_ttl(additional_config: Any, environ: Mapping[str, str] | None = None) -> TTLSetting:
-    """The TTL for one engine: ``additional_config`` first, then the environment.
-
-    ``additional_config`` is ``vllm_config.additional_config`` (a dict, or an
-    object vLLM lets plugins put there: anything but a mapping has no TTL).
-    """
-    environ = os.environ if environ is None else environ
-    section = None
-    if isinstance(additional_config, Mapping):
-        section = additional_config.get(CONFIG_NAMESPACE)
+def _section(additional_config: Any) -> Mapping[str, Any]:
+    """The ``nf4kv`` section of ``additional_config`` (empty when there is none)."""
+    section = additional_config.get(CONFIG_NAMESPACE) if isinstance(additional_config, Mapping) else None
     if section is not None and not isinstance(section, Mapping):
         raise ValueError(
             f"--additional-config: {CONFIG_NAMESPACE!r} must be a JSON object such as "
             f'{{"{CONFIG_NAMESPACE}": {{"{CONFIG_KEY}": 600}}}}, got {section!r}'
         )
-    if section is not None and section.get(CONFIG_KEY) is not None:
-        return TTLSetting(parse_ttl(section[CONFIG_KEY], CLI_SOURCE, CLI_EXAMPLE), CLI_SOURCE)
-    raw = environ.get(ENV_VAR)
+    return section or {}
+
+
+def _setting(
+    section: Mapping[str, Any], key: str, env_var: str, environ: Mapping[str, str]
+) -> tuple[float | None, str]:
+    """One setting in seconds from the config key, else the variable; and its source."""
+    cli_source = f"--additional-config {CONFIG_NAMESPACE}.{key}"
+    if section.get(key) is not None:
+        example = f'--additional-config \'{{"{CONFIG_NAMESPACE}": {{"{key}": 600}}}}\''
+        return parse_ttl(section[key], cli_source, example), cli_source
+    raw = environ.get(env_var)
     if raw is not None and raw.strip():
-        return TTLSetting(parse_ttl(raw, ENV_VAR, ENV_EXAMPLE), ENV_VAR)
-    return TTLSetting(None, "default (off)")
+        return parse_ttl(raw, env_var, f"{env_var}=600"), env_var
+    return None, "default (off)"
+
+
+def resolve_ttl(additional_config: Any, environ: Mapping[str, str] | None = None) -> TTLSetting:
+    """The TTL settings for one engine: ``additional_config`` first, then the environment.
+
+    ``additional_config`` is ``vllm_config.additional_config`` (a dict, or an
+    object vLLM lets plugins put there: anything but a mapping has no TTL).
+    """
+    environ = os.environ if environ is None else environ
+    section = _section(additional_config)
+    ttl_s, source = _setting(section, CONFIG_KEY, ENV_VAR, environ)
+    max_request_ttl_s, _ = _setting(section, MAX_REQUEST_KEY, MAX_REQUEST_ENV_VAR, environ)
+    return TTLSetting(ttl_s, source, max_request_ttl_s)
+
+
+# -- a request's own TTL ------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {None: 1.0, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_request_ttl(value: Any, max_ttl_s: float | None = None) -> float | None:
+    """A request's TTL in seconds, None when it sets none; ValueError says why not.
+
+    The message is what the client reads in the HTTP 400 answer.
+    """
+    if value is None:
+        return None
+    where = f"vllm_xargs.{REQUEST_KEY}"
+    hint = (
+        'seconds as a number >= 0 (e.g. 60; 0: "never a prefix hit after this request"), '
+        'or a string such as "500ms", "30s", "5m", "1h"'
+    )
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{where} must be {hint}; got {value!r}")
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ValueError(f"{where} must be {hint}; got {value!r}")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{where} must be {hint}; got {value!r}")
+    if max_ttl_s is not None and seconds > max_ttl_s:
+        raise ValueError(
+            f"{where} is {value!r}, above this server's maximum of {max_ttl_s:g} s "
+            f"({CONFIG_NAMESPACE}.{MAX_REQUEST_KEY}); ask for at most {max_ttl_s:g}"
+        )
+    return seconds

@@ -5,7 +5,14 @@
 * :func:`install_on_scheduler`: put the policy on the scheduler's block pool,
   the only pool it is meant for (the scheduler is the one engine object that
   receives ``vllm_config``; CPU-offload and HiSparse pools are left as vLLM's);
+* :func:`on_add_request`: the first request that sets its own TTL turns request
+  TTLs on for this engine (until then nothing runs per allocation);
 * :func:`attach_stats`: add the metrics payload to the scheduler's stats.
+
+Request TTLs reach the pool through the scheduler's KV-cache manager: its
+instance gets a subclass of its own class (:func:`ttl_manager_class`) whose
+``allocate_slots`` opens :func:`~vllm_nf4kv.ttl.pool.request_ttl_scope` with the
+request's TTL, so the blocks that allocation hits or takes carry it.
 """
 
 from __future__ import annotations
@@ -13,27 +20,42 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from vllm_nf4kv.ttl.config import TTLSetting, resolve_ttl
+from vllm_nf4kv.ttl.config import (
+    CONFIG_NAMESPACE,
+    MAX_REQUEST_KEY,
+    REQUEST_KEY,
+    TTLSetting,
+    parse_request_ttl,
+    resolve_ttl,
+)
 from vllm_nf4kv.ttl.metrics import (
     P_CACHED,
     P_EXPIRED,
+    P_EXPIRED_REQUEST,
     P_KV_BF16_BYTES,
     P_KV_BYTES,
     P_TTL_MS,
     kv_memory,
     ttl_to_ms,
 )
-from vllm_nf4kv.ttl.pool import enable_ttl, missing_features, ttl_state
+from vllm_nf4kv.ttl.pool import enable_ttl, missing_features, request_ttl_scope, ttl_state
 
 logger = logging.getLogger("vllm.nf4kv.ttl")
 
 STATS_SWEEP_BUDGET = 4096  # expired blocks handled before each stats report, at most
 SCHEDULER_HOOKED = False  # set by vllm_nf4kv.patches once Scheduler.__init__ applies the TTL
+REQUESTS_HOOKED = False  # set by vllm_nf4kv.patches once request TTLs are validated and applied
 
 
 def check_config(vllm_config: Any) -> TTLSetting:
     """The engine's TTL; raises ValueError for a bad value or a scheduler it cannot reach."""
     setting = resolve_ttl(getattr(vllm_config, "additional_config", None))
+    if setting.max_request_ttl_s is not None and not REQUESTS_HOOKED:
+        raise ValueError(
+            f"--additional-config {CONFIG_NAMESPACE}.{MAX_REQUEST_KEY} is set, but vllm-nf4kv could "
+            f"not hook this vLLM's request validation or scheduler (see the warnings above), so "
+            f"request TTLs would not apply; unset it or use vLLM 0.32/0.33"
+        )
     if not setting.enabled:
         return setting
     if not SCHEDULER_HOOKED:
@@ -79,13 +101,16 @@ def install_on_scheduler(scheduler: Any) -> None:
             ttl_s,
         )
         ttl_s = None
-    state = enable_ttl(pool, ttl_s)
+    scheduler._nf4kv_setting = setting
+    state = enable_ttl(pool, ttl_s, request_ttls=ttl_s is not None)
+    if state.request_ttls:
+        manager.__class__ = ttl_manager_class(type(manager))
     try:
         memory = kv_memory(scheduler.kv_cache_config)
     except Exception:  # metrics only: never fail startup over them
         logger.debug("vllm-nf4kv: KV memory figures unavailable", exc_info=True)
         memory = (0, 0)
-    scheduler._nf4kv_report = {"memory": memory, "expired_reported": 0}
+    scheduler._nf4kv_report = {"memory": memory, "expired_reported": (0, 0)}
     if state.ttl_s is not None:
         logger.info(
             "vllm-nf4kv: prefix-cache TTL %s s (from %s) on the scheduler's block pool (%d blocks)",
@@ -95,6 +120,69 @@ def install_on_scheduler(scheduler: Any) -> None:
         )
 
 
+def request_ttl_of(request: Any) -> float | None:
+    """The TTL a request set for itself (``SamplingParams.extra_args``), None for none.
+
+    The API server refused bad values already (``patches.ttl_validate_request``);
+    a value that still does not parse here (a request built around it) counts
+    as 0, the privacy-safe reading, never as an error inside the engine.
+    """
+    extra_args = getattr(getattr(request, "sampling_params", None), "extra_args", None)
+    if not extra_args:
+        return None
+    value = extra_args.get(REQUEST_KEY)
+    if value is None:
+        return None
+    try:
+        return parse_request_ttl(value)
+    except ValueError as error:
+        request_id = getattr(request, "request_id", "?")
+        logger.warning("vllm-nf4kv: %s; request %s treated as TTL 0", error, request_id)
+        return 0.0
+
+
+class TTLScopedKVCacheManagerMixin:
+    """``allocate_slots`` inside the request's TTL scope; everything else is vLLM's."""
+
+    def allocate_slots(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        ttl_s = request_ttl_of(request)
+        if ttl_s is None:
+            return super().allocate_slots(request, *args, **kwargs)  # type: ignore[misc]
+        with request_ttl_scope(self.block_pool, ttl_s):  # type: ignore[attr-defined]
+            return super().allocate_slots(request, *args, **kwargs)  # type: ignore[misc]
+
+
+_MANAGER_CLASSES: dict[type, type] = {}
+
+
+def ttl_manager_class(base: type) -> type:
+    """Our subclass of a ``KVCacheManager`` class (``base`` itself if it is ours)."""
+    if issubclass(base, TTLScopedKVCacheManagerMixin):
+        return base
+    cls = _MANAGER_CLASSES.get(base)
+    if cls is None:
+        doc = f"{base.__qualname__} with request prefix-cache TTLs (vllm-nf4kv)."
+        namespace = {"__module__": __name__, "__doc__": doc}
+        cls = type(f"TTLScoped{base.__name__}", (TTLScopedKVCacheManagerMixin, base), namespace)
+        _MANAGER_CLASSES[base] = cls
+    return cls
+
+
+def on_add_request(scheduler: Any, request: Any) -> None:
+    """Turn request TTLs on for this engine at the first request that sets one."""
+    if request_ttl_of(request) is None:
+        return
+    manager = getattr(scheduler, "kv_cache_manager", None)
+    pool = getattr(manager, "block_pool", None)
+    state = ttl_state(pool)
+    if state is None or state.request_ttls or not pool.enable_caching:
+        return  # already on, no prefix cache, or no policy on this vLLM (logged at startup)
+    setting: TTLSetting = scheduler._nf4kv_setting
+    enable_ttl(pool, setting.ttl_s, request_ttls=True, clock=state.clock, sweep_budget=state.sweep_budget)
+    manager.__class__ = ttl_manager_class(type(manager))
+    logger.info("vllm-nf4kv: request prefix-cache TTLs on (first request with %s)", REQUEST_KEY)
+
+
 def attach_stats(scheduler: Any, stats: Any) -> None:
     """Add the payload (``metrics.P_*`` keys) to ``stats.num_kv_fetch_reqs_by_stage``."""
     report = getattr(scheduler, "_nf4kv_report", None)
@@ -102,16 +190,18 @@ def attach_stats(scheduler: Any, stats: Any) -> None:
     state = ttl_state(pool)
     if report is None or state is None or stats is None:
         return
-    if state.ttl_s is not None:
+    if state.policy:
         pool.nf4kv_sweep(STATS_SWEEP_BUDGET)
     kv_bytes, kv_bf16_bytes = report["memory"]
+    reported_server, reported_request = report["expired_reported"]
     stats.num_kv_fetch_reqs_by_stage.update(
         {
-            P_EXPIRED: state.expired_blocks - report["expired_reported"],
+            P_EXPIRED: state.expired_by_server - reported_server,
+            P_EXPIRED_REQUEST: state.expired_by_request - reported_request,
             P_CACHED: state.cached_blocks,
             P_TTL_MS: ttl_to_ms(state.ttl_s),
             P_KV_BYTES: kv_bytes,
             P_KV_BF16_BYTES: kv_bf16_bytes,
         }
     )
-    report["expired_reported"] = state.expired_blocks
+    report["expired_reported"] = (state.expired_by_server, state.expired_by_request)

@@ -26,7 +26,8 @@ from typing import Any
 
 PAYLOAD_PREFIX = "nf4kv:"
 # payload keys (ints) put by the engine core into SchedulerStats.num_kv_fetch_reqs_by_stage
-P_EXPIRED = "nf4kv:expired_blocks"  # delta since the previous stats
+P_EXPIRED = "nf4kv:expired_blocks"  # by the server-wide TTL, delta since the previous stats
+P_EXPIRED_REQUEST = "nf4kv:expired_blocks_request"  # by request TTLs, delta since the previous stats
 P_CACHED = "nf4kv:cached_blocks"
 P_TTL_MS = "nf4kv:ttl_ms"  # -1: TTL off
 P_KV_BYTES = "nf4kv:kv_cache_bytes"
@@ -34,7 +35,10 @@ P_KV_BF16_BYTES = "nf4kv:kv_cache_bf16_bytes"
 TTL_OFF_MS = -1
 
 # Prometheus metric names, as /metrics shows them (counters get "_total").
-M_EXPIRED = "nf4kv:prefix_cache_expired_blocks"
+M_EXPIRED = "nf4kv:prefix_cache_expired_blocks"  # label "cause": one of EXPIRY_CAUSES
+CAUSE_SERVER = "server_ttl"
+CAUSE_REQUEST = "request_ttl"
+EXPIRY_CAUSES = (CAUSE_SERVER, CAUSE_REQUEST)
 M_CACHED = "nf4kv:prefix_cache_cached_blocks"
 M_TTL = "nf4kv:prefix_cache_ttl_seconds"
 M_KV_BYTES = "nf4kv:kv_cache_bytes"
@@ -125,8 +129,9 @@ class PrometheusTTLMetrics:
         labels = ["model_name", "engine"]
         self.expired = Counter(
             M_EXPIRED,
-            "Prefix-cache blocks dropped because they were unused for longer than the TTL.",
-            labelnames=labels,
+            "Prefix-cache blocks dropped because they were unused for longer than their TTL "
+            "(cause: server_ttl, the server-wide one; request_ttl, one a request set).",
+            labelnames=[*labels, "cause"],
         )
         self.cached = Gauge(
             M_CACHED,
@@ -161,8 +166,9 @@ class PrometheusTTLMetrics:
 
     def record(self, payload: dict[str, int], model_name: str, engine_idx: int) -> None:
         labels = {"model_name": model_name, "engine": str(engine_idx)}
-        if P_EXPIRED in payload:
-            self.expired.labels(**labels).inc(payload[P_EXPIRED])
+        for key, cause in ((P_EXPIRED, CAUSE_SERVER), (P_EXPIRED_REQUEST, CAUSE_REQUEST)):
+            if key in payload:
+                self.expired.labels(**labels, cause=cause).inc(payload[key])
         if P_CACHED in payload:
             self.cached.labels(**labels).set(payload[P_CACHED])
         if P_TTL_MS in payload:

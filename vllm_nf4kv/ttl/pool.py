@@ -5,29 +5,38 @@ Semantics (docs/ttl.md):
 * a block's *last use* is the moment its reference count last dropped to 0
   (the last release; a touch takes the block out of the free queue, and the
   next release is later than that touch);
-* a free block holding a prefix-cache hash whose last use is older than the TTL
-  (``now - last_use > ttl``) is *expired*: it is never a prefix hit again; it
-  loses all its hashes and moves to the front of the free queue, where vLLM
+* a block's TTL is the tightest of the server-wide TTL and the *request TTLs*
+  of every request that used its current content (allocated it or hit it):
+  privacy wins, a longer TTL never loosens a shorter one; a block that gets new
+  content (reused, or its hash dropped) starts with no request TTL;
+* a free block holding a prefix-cache hash whose last use is older than its
+  TTL (``now > last_use + ttl``) is *expired*: it is never a prefix hit again;
+  it loses all its hashes and moves to the front of the free queue, where vLLM
   takes blocks first;
 * blocks held by running requests never expire; unexpired blocks keep vLLM's
-  LRU order (this module never reorders them); with the TTL off nothing changes.
+  LRU order (this module never reorders them); with no TTL nothing changes.
 
-How it stays O(1) amortised: ``released`` is an insertion-ordered map
-(``OrderedDict``, O(1) at both ends and in the middle) of the free cached
-blocks keyed by block id, in release order, which is also their LRU order in
-vLLM's free queue. Releases append, touches and allocations delete, and a
-*sweep* pops expired entries from the oldest end, at most ``sweep_budget`` per
-call, at each allocation and release and before stats. Every entry is popped
-at most once per release, so the sweeps cost O(1) per operation amortised and
-there is never a full scan. Correctness does not wait for sweeps: a lookup that
-lands on an expired block expires it on the spot and looks again (lazy check).
+How it stays O(1) amortised: the free cached blocks that have a TTL sit in one
+insertion-ordered map per distinct TTL (``OrderedDict``, O(1) at both ends and
+in the middle), in release order, so each map's deadlines only grow. A heap
+holds one entry per map, a lower bound of its first deadline. Releases append,
+touches and allocations delete, and a *sweep* pops expired blocks from the
+heads of the maps whose bound has passed, at most ``sweep_budget`` per call (at
+least as many as an allocation takes), at each allocation and release and
+before stats. Every block is popped at most once per release, so sweeps cost
+O(1) per operation amortised plus O(log T) per map visited, T being the number
+of distinct TTLs in use (one for a server-wide TTL alone); there is never a
+full scan. Correctness does not wait for sweeps: a lookup that lands on an
+expired block expires it on the spot and looks again (lazy check).
 
 The policy is applied to one pool *instance* (the scheduler's) by switching its
 class to a subclass of its own class (:func:`enable_ttl`), so pools that vLLM
 builds elsewhere (CPU offload, HiSparse host pools) stay vLLM's, and no vLLM
 constructor signature is involved (0.33 added ``num_hash_lookahead_tokens``).
-With the TTL off the pool only gets :class:`CachedBlockCountMixin` (the cached-block
-gauge); its lookup, release and allocation paths stay vLLM's.
+With no TTL the pool only gets :class:`CachedBlockCountMixin` (the cached-block
+gauge); its lookup, release and allocation paths stay vLLM's. Request TTLs
+reach the pool through :func:`request_ttl_scope`, which the scheduler's KV-cache
+manager opens around each allocation (``vllm_nf4kv.ttl.engine``).
 ``KVCacheBlock`` has ``__slots__``, so the per-block state lives here, by block
 id. The clock is injectable and must not go backwards (``time.monotonic``).
 
@@ -37,9 +46,12 @@ the pool has, after :func:`missing_features` has checked what it relies on.
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,25 +76,148 @@ REQUIRED_QUEUE_METHODS = ("remove", "prepend_n", "get_all_free_blocks")
 class TTLState:
     """Per-pool state of the policy (the pool's ``_nf4kv`` attribute)."""
 
-    ttl_s: float | None
+    ttl_s: float | None  # the server-wide TTL; None: none
     clock: Callable[[], float]
     sweep_budget: int
-    # free blocks that hold a hash: block id -> release time, oldest first
-    released: OrderedDict[int, float] = field(default_factory=OrderedDict)
+    request_ttls: bool = False  # honour request TTLs (the policy runs even without ttl_s)
+    # free blocks that hold a hash and have a TTL: block id -> (release time, TTL)
+    released: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # the same blocks by TTL, oldest release first: TTL -> {block id: deadline}
+    queues: dict[float, OrderedDict[int, float]] = field(default_factory=dict)
+    # one heap entry per queue: (a lower bound of its first deadline, TTL)
+    queue_bounds: list[tuple[float, float]] = field(default_factory=list)
+    queue_bound: dict[float, float] = field(default_factory=dict)  # TTL -> its entry's bound
+    # block id -> the tightest request TTL among the requests that used its content
+    request_ttl: dict[int, float] = field(default_factory=dict)
+    scope_ttl: float | None = None  # the request TTL of the allocation in progress
     cached_blocks: int = 0  # blocks holding at least one prefix-cache hash
-    expired_blocks: int = 0  # blocks dropped from the prefix cache by the TTL, since start
+    expired_by_server: int = 0  # blocks dropped by the server-wide TTL, since start
+    expired_by_request: int = 0  # blocks dropped by a request TTL, since start
+
+    @property
+    def policy(self) -> bool:
+        """Whether any TTL can apply (else the pool only counts cached blocks)."""
+        return self.ttl_s is not None or self.request_ttls
+
+    @property
+    def expired_blocks(self) -> int:
+        return self.expired_by_server + self.expired_by_request
+
+    def block_ttl(self, block_id: int) -> float | None:
+        """The TTL of a block's current content: the tightest bound, None for none."""
+        ttl = self.request_ttl.get(block_id)
+        if self.ttl_s is not None and (ttl is None or self.ttl_s < ttl):
+            return self.ttl_s
+        return ttl
+
+    def by_request(self, block_id: int) -> bool:
+        """Whether a request TTL, not the server-wide one, sets the block's TTL."""
+        ttl = self.request_ttl.get(block_id)
+        return ttl is not None and (self.ttl_s is None or ttl < self.ttl_s)
+
+    def count_expired(self, by_request: bool) -> None:
+        """Count one expiry, by the TTL that set it (the server's when both agree)."""
+        if by_request:
+            self.expired_by_request += 1
+        else:
+            self.expired_by_server += 1
 
     def is_expired(self, block_id: int, now: float) -> bool:
-        if self.ttl_s is None:
-            return False
-        released_at = self.released.get(block_id)
-        return released_at is not None and now - released_at > self.ttl_s
+        entry = self.released.get(block_id)
+        return entry is not None and now > entry[0] + entry[1]
+
+    def track(self, block_id: int, now: float) -> None:
+        """A free cached block released at ``now``: it expires after its TTL, if any."""
+        self.untrack(block_id)
+        ttl = self.block_ttl(block_id)
+        if ttl is None:
+            return
+        self.released[block_id] = (now, ttl)
+        deadline = now + ttl
+        queue = self.queues.get(ttl)
+        if queue is None:
+            queue = self.queues[ttl] = OrderedDict()
+        if ttl not in self.queue_bound:
+            self.queue_bound[ttl] = deadline
+            heapq.heappush(self.queue_bounds, (deadline, ttl))
+        queue[block_id] = deadline
+
+    def untrack(self, block_id: int) -> None:
+        """The block is taken, re-released or dropped: no pending expiry."""
+        entry = self.released.pop(block_id, None)
+        if entry is not None:
+            del self.queues[entry[1]][block_id]  # an empty queue keeps its heap entry
+
+    def use(self, block_id: int, ttl: float) -> None:
+        """A request with TTL ``ttl`` uses the block's content: the tightest bound wins."""
+        current = self.request_ttl.get(block_id)
+        if current is None or ttl < current:
+            self.request_ttl[block_id] = ttl
+
+    def pop_expired(self, now: float, budget: int | None) -> list[int]:
+        """Untrack and return up to ``budget`` (None: all) expired blocks, earliest first."""
+        expired: list[int] = []
+        bounds = self.queue_bounds
+        while bounds and (budget is None or len(expired) < budget):
+            bound, ttl = bounds[0]
+            if not now > bound:
+                break  # every queue's first deadline is at least its bound
+            heapq.heappop(bounds)
+            if self.queue_bound.get(ttl) != bound:
+                continue  # a stale entry
+            queue = self.queues[ttl]
+            while queue and (budget is None or len(expired) < budget):
+                block_id, deadline = next(iter(queue.items()))
+                if not now > deadline:
+                    break  # release order: everything after this one is younger
+                queue.popitem(last=False)
+                del self.released[block_id]
+                expired.append(block_id)
+            if queue:
+                bound = next(iter(queue.values()))
+                self.queue_bound[ttl] = bound
+                heapq.heappush(bounds, (bound, ttl))
+            else:
+                del self.queues[ttl], self.queue_bound[ttl]
+        return expired
+
+    def forget_content(self, block_id: int) -> None:
+        """The block lost its hash or gets new content: its TTL state goes with it."""
+        self.untrack(block_id)
+        self.request_ttl.pop(block_id, None)
+
+    def clear(self) -> None:
+        """The prefix cache was reset: no block holds content any more."""
+        self.released.clear()
+        self.queues.clear()
+        self.queue_bounds.clear()
+        self.queue_bound.clear()
+        self.request_ttl.clear()
+        self.cached_blocks = 0
+
+
+@contextlib.contextmanager
+def request_ttl_scope(pool: Any, ttl_s: float | None) -> Iterator[None]:
+    """Blocks the pool hands out or touches inside the scope get request TTL ``ttl_s``.
+
+    What vLLM's KV-cache manager does for one request (``allocate_slots``:
+    hits touched, new blocks taken) runs inside it; ``None`` is a no-op.
+    """
+    state = ttl_state(pool)
+    if ttl_s is None or state is None or not state.request_ttls:
+        yield
+        return
+    previous, state.scope_ttl = state.scope_ttl, ttl_s
+    try:
+        yield
+    finally:
+        state.scope_ttl = previous
 
 
 class CachedBlockCountMixin:
     """Counts blocks that hold a prefix-cache hash (for the metrics); nothing else.
 
-    What the scheduler's pool gets with the TTL off: vLLM's lookup, release and
+    What the scheduler's pool gets with no TTL: vLLM's lookup, release and
     allocation paths stay exactly vLLM's. Every hash change goes through the
     two methods below (``reset_prefix_cache`` resets all of them at once).
     """
@@ -105,8 +240,7 @@ class CachedBlockCountMixin:
     def reset_prefix_cache(self, *args: Any, **kwargs: Any) -> bool:
         done = super().reset_prefix_cache(*args, **kwargs)  # type: ignore[misc]
         if done:
-            self._nf4kv.released.clear()
-            self._nf4kv.cached_blocks = 0
+            self._nf4kv.clear()
         return done
 
     def nf4kv_sweep(self, budget: int | None = None) -> int:
@@ -118,7 +252,7 @@ class TTLBlockPoolMixin(CachedBlockCountMixin):
     """The TTL policy: overrides of ``BlockPool`` methods, mixed in front of its class.
 
     Every override calls vLLM's method and adds bookkeeping and expiry around
-    it; ``self`` is the vLLM pool and ``self._nf4kv.ttl_s`` is never None here.
+    it; ``self`` is the vLLM pool and ``self._nf4kv.policy`` is true here.
     """
 
     # -- lookups ------------------------------------------------------------
@@ -128,14 +262,13 @@ class TTLBlockPoolMixin(CachedBlockCountMixin):
         if blocks is None:
             return None
         state = self._nf4kv
-        released, ttl_s, now = state.released, state.ttl_s, None
+        released, now = state.released, None
         for block in blocks:
-            released_at = released.get(block.block_id)
-            if released_at is None:
-                continue  # held by a request: never expires
+            if block.block_id not in released:
+                continue  # held by a request, or no TTL: never expires
             if now is None:
                 now = state.clock()
-            if now - released_at > ttl_s:
+            if state.is_expired(block.block_id, now):
                 break
         else:
             return blocks  # the common case: nothing expired
@@ -147,6 +280,16 @@ class TTLBlockPoolMixin(CachedBlockCountMixin):
             self._nf4kv_expire(expired)
             blocks = super().get_cached_block(block_hash, kv_cache_group_ids)  # type: ignore[misc]
         return None
+
+    def _remove_cached_block_hashes(self, block: Any, *args: Any, **kwargs: Any) -> Any:
+        state = self._nf4kv
+        block_id = block.block_id
+        if block_id in state.released and state.is_expired(block_id, state.clock()):
+            state.count_expired(state.by_request(block_id))  # e.g. reused before a sweep reached it
+        removed = super()._remove_cached_block_hashes(block, *args, **kwargs)  # type: ignore[misc]
+        if block.block_hash is None:
+            state.forget_content(block_id)  # its content is no prefix any more
+        return removed
 
     # -- releases and reuse -------------------------------------------------
 
@@ -167,20 +310,28 @@ class TTLBlockPoolMixin(CachedBlockCountMixin):
     def touch(self, blocks: Any, *args: Any, **kwargs: Any) -> None:
         blocks = list(blocks)
         super().touch(blocks, *args, **kwargs)  # type: ignore[misc]
-        released = self._nf4kv.released
+        state = self._nf4kv
+        untrack, scope_ttl = state.untrack, state.scope_ttl
         for block in blocks:
-            released.pop(block.block_id, None)
+            untrack(block.block_id)
+        if scope_ttl is not None:
+            for block in blocks:
+                if not block.is_null:
+                    state.use(block.block_id, scope_ttl)
 
     def get_new_blocks(self, num_blocks: int, *args: Any, **kwargs: Any) -> list[Any]:
         state = self._nf4kv
         now = state.clock()
-        self._nf4kv_sweep(now, state.sweep_budget)  # expired blocks to the front first
+        # Expired blocks to the front first, at least as many as this allocation takes.
+        self._nf4kv_sweep(now, max(state.sweep_budget, num_blocks))
         blocks = super().get_new_blocks(num_blocks, *args, **kwargs)  # type: ignore[misc]
-        released, ttl_s = state.released, state.ttl_s
+        # vLLM's eviction above forgot the blocks that had a hash; these get new content.
+        request_ttl = state.request_ttl
         for block in blocks:
-            released_at = released.pop(block.block_id, None)
-            if released_at is not None and now - released_at > ttl_s:
-                state.expired_blocks += 1  # expired, reused before a sweep reached it
+            request_ttl.pop(block.block_id, None)
+        if state.scope_ttl is not None:
+            for block in blocks:
+                request_ttl[block.block_id] = state.scope_ttl
         return blocks
 
     def reset_prefix_cache(self, *args: Any, **kwargs: Any) -> bool:
@@ -191,45 +342,35 @@ class TTLBlockPoolMixin(CachedBlockCountMixin):
     # -- the policy -----------------------------------------------------------
 
     def _nf4kv_track_released(self, blocks: list[Any], now: float) -> None:
-        released = self._nf4kv.released
+        state = self._nf4kv
         for block in blocks:
             if block.ref_cnt == 0 and block.block_hash is not None and not block.is_null:
                 owner = getattr(block, "pool", None)  # deferred frees may hold other pools' blocks
                 if owner is None or owner is self:
-                    released[block.block_id] = now
-                    released.move_to_end(block.block_id)
+                    state.track(block.block_id, now)
 
     def _nf4kv_sweep(self, now: float, budget: int | None) -> int:
-        """Expire up to ``budget`` (None: all) expired blocks, oldest first."""
-        state = self._nf4kv
-        released, ttl_s = state.released, state.ttl_s
-        if not released:
-            return 0
-        blocks = self.blocks  # type: ignore[attr-defined]
-        expired = []
-        while released and (budget is None or len(expired) < budget):
-            block_id, released_at = next(iter(released.items()))
-            if now - released_at <= ttl_s:
-                break  # release order: everything after this one is younger
-            expired.append(blocks[block_id])
-            released.popitem(last=False)
-        self._nf4kv_expire(expired, already_untracked=True)
-        return len(expired)
+        """Expire up to ``budget`` (None: all) expired blocks, earliest deadline first."""
+        expired_ids = self._nf4kv.pop_expired(now, budget)
+        if expired_ids:
+            blocks = self.blocks  # type: ignore[attr-defined]
+            self._nf4kv_expire([blocks[block_id] for block_id in expired_ids])
+        return len(expired_ids)
 
-    def _nf4kv_expire(self, blocks: list[Any], already_untracked: bool = False) -> None:
+    def _nf4kv_expire(self, blocks: list[Any]) -> None:
         """Drop free ``blocks`` from the prefix cache and move them to the queue's front."""
         state = self._nf4kv
         queue = self.free_block_queue  # type: ignore[attr-defined]
         moved = []
         for block in blocks:
-            if not already_untracked:
-                state.released.pop(block.block_id, None)
+            state.untrack(block.block_id)
             if block.ref_cnt != 0 or block.block_hash is None:
                 continue  # taken or dropped meanwhile (e.g. evict_blocks): nothing to expire
+            by_request = state.by_request(block.block_id)  # before the eviction forgets its TTL
             # vLLM's own eviction step: removes every hash, emits BlockRemoved
             # events and closes the block's --kv-cache-metrics residency sample.
             if self._maybe_evict_cached_block(block):  # type: ignore[attr-defined]
-                state.expired_blocks += 1
+                state.count_expired(by_request)
             queue.remove(block)
             moved.append(block)
         queue.prepend_n(moved)
@@ -281,14 +422,17 @@ def enable_ttl(
     pool: Any,
     ttl_s: float | None,
     *,
+    request_ttls: bool = False,
     clock: Callable[[], float] = time.monotonic,
     sweep_budget: int = DEFAULT_SWEEP_BUDGET,
 ) -> TTLState:
     """Put the policy on one vLLM ``BlockPool`` instance, in place; returns its state.
 
-    ``ttl_s`` None keeps vLLM's behaviour and only counts cached blocks (for
-    the metrics). Safe on a pool in use: free cached blocks count as released
-    now. Calling it again replaces the TTL, clock and budget, keeping counters.
+    ``ttl_s`` is the server-wide TTL; ``request_ttls`` honours the TTLs that
+    :func:`request_ttl_scope` passes. With neither, vLLM's behaviour stays and
+    the pool only counts cached blocks (for the metrics). Safe on a pool in use:
+    free cached blocks count as released now. Calling it again replaces the
+    TTL, clock and budget, keeping counters, release times and request TTLs.
     """
     missing = missing_features(pool)
     if missing:
@@ -296,27 +440,33 @@ def enable_ttl(
             f"vllm-nf4kv prefix-cache TTL: this vLLM's {type(pool).__qualname__} lacks "
             f"{', '.join(missing)}; the TTL policy cannot run on it"
         )
-    if ttl_s is not None and (ttl_s != ttl_s or ttl_s < 0):
+    if ttl_s is not None and (math.isnan(ttl_s) or ttl_s < 0):
         raise ValueError(f"ttl_s must be None or >= 0 seconds, got {ttl_s!r}")
     if sweep_budget < 1:
         raise ValueError(f"sweep_budget must be >= 1, got {sweep_budget}")
-    if ttl_s is not None and not pool.enable_caching:
-        ttl_s = None  # no prefix cache, nothing to expire
+    if not pool.enable_caching:
+        ttl_s, request_ttls = None, False  # no prefix cache, nothing to expire
     previous: TTLState | None = getattr(pool, "_nf4kv", None)
     now = clock()
-    state = TTLState(ttl_s=ttl_s, clock=clock, sweep_budget=sweep_budget)
+    state = TTLState(ttl_s=ttl_s, clock=clock, sweep_budget=sweep_budget, request_ttls=request_ttls)
     if previous is not None:
         state.cached_blocks = previous.cached_blocks
-        state.expired_blocks = previous.expired_blocks
+        state.expired_by_server = previous.expired_by_server
+        state.expired_by_request = previous.expired_by_request
+        if request_ttls:
+            state.request_ttl = dict(previous.request_ttl)
     else:
         state.cached_blocks = sum(1 for block in pool.blocks if block.block_hash is not None)
-    if ttl_s is not None:
-        for block in pool.free_block_queue.get_all_free_blocks():  # queue order = LRU order
-            if block.block_hash is not None:
-                state.released[block.block_id] = (
-                    previous.released.get(block.block_id, now) if previous is not None else now
-                )
-    cls = ttl_pool_class(type(pool), policy=ttl_s is not None)
+    if state.policy:
+        released = previous.released if previous is not None else {}
+        free_cached = [
+            (released[block.block_id][0] if block.block_id in released else now, block.block_id)
+            for block in pool.free_block_queue.get_all_free_blocks()
+            if block.block_hash is not None
+        ]
+        for released_at, block_id in sorted(free_cached):  # each TTL's queue in release order
+            state.track(block_id, released_at)
+    cls = ttl_pool_class(type(pool), policy=state.policy)
     try:
         pool.__class__ = cls
     except TypeError as exc:  # e.g. a pool class with __slots__
