@@ -128,8 +128,9 @@ def test_bad_request_ttl_is_http_400(server, value, message):
     assert message in json.dumps(answer), answer
 
 
-def test_engine_turns_request_ttls_on_at_first_use(model_dir):
-    """Until a request sets a TTL, the scheduler's KV-cache manager and pool paths stay vLLM's."""
+@pytest.mark.parametrize(("kv_cache_dtype", "server_ttl_s"), [("nf4", None), ("auto", 3600)])
+def test_engine_request_ttls_any_dtype_with_or_without_a_server_ttl(model_dir, kv_cache_dtype, server_ttl_s):
+    """In-process engines; with no server TTL, vLLM's classes stay in place until a request sets one."""
     import gc
 
     from vllm import LLM, SamplingParams
@@ -141,26 +142,31 @@ def test_engine_turns_request_ttls_on_at_first_use(model_dir):
 
     llm = LLM(
         model=str(model_dir),
-        kv_cache_dtype="nf4",
+        kv_cache_dtype=kv_cache_dtype,
         enforce_eager=True,
         block_size=BLOCK_SIZE,
         kv_cache_memory_bytes=64 * 2**20,
         max_model_len=2048,
+        additional_config={"nf4kv": {"prefix_cache_ttl_s": server_ttl_s}},
     )
     try:
         scheduler = llm.llm_engine.engine_core.engine_core.scheduler
         manager = scheduler.kv_cache_manager
-        text = prompt("engine")
+        text = prompt(f"engine-{kv_cache_dtype}")
         plain = SamplingParams(max_tokens=1)
         llm.generate([text], plain, use_tqdm=False)
-        assert type(manager) is KVCacheManager
-        assert not isinstance(manager.block_pool, TTLBlockPoolMixin)
-        assert vllm_pool_class(type(manager.block_pool)) is BlockPool
+        assert llm.generate([text], plain, use_tqdm=False)[0].num_cached_tokens >= 3 * BLOCK_SIZE
+        if server_ttl_s is None:
+            assert type(manager) is KVCacheManager
+            assert not isinstance(manager.block_pool, TTLBlockPoolMixin)
+            assert vllm_pool_class(type(manager.block_pool)) is BlockPool
         zero = SamplingParams(max_tokens=1, extra_args={"nf4kv_prefix_ttl_s": 0})
         assert llm.generate([text], zero, use_tqdm=False)[0].num_cached_tokens >= 3 * BLOCK_SIZE
         assert isinstance(manager, KVCacheManager) and type(manager) is not KVCacheManager
         assert isinstance(manager.block_pool, TTLBlockPoolMixin)
         assert llm.generate([text], plain, use_tqdm=False)[0].num_cached_tokens == 0
+        state = manager.block_pool._nf4kv
+        assert state.expired_by_request >= 3 and state.expired_by_server == 0
         with pytest.raises(VLLMValidationError, match="nf4kv_prefix_ttl_s must be seconds"):  # vLLM's own
             llm.generate([text], SamplingParams(max_tokens=1, extra_args={"nf4kv_prefix_ttl_s": -1}))
     finally:
