@@ -128,7 +128,8 @@ class TTLState:
 
     def track(self, block_id: int, now: float) -> None:
         """A free cached block released at ``now``: it expires after its TTL, if any."""
-        self.untrack(block_id)
+        if block_id in self.released:
+            self.untrack(block_id)
         ttl = self.block_ttl(block_id)
         if ttl is None:
             return
@@ -282,6 +283,8 @@ class TTLBlockPoolMixin(CachedBlockCountMixin):
         return None
 
     def _remove_cached_block_hashes(self, block: Any, *args: Any, **kwargs: Any) -> Any:
+        if block.block_hash is None:  # nothing cached (vLLM asks for every block it hands out)
+            return super()._remove_cached_block_hashes(block, *args, **kwargs)  # type: ignore[misc]
         state = self._nf4kv
         block_id = block.block_id
         if block_id in state.released and state.is_expired(block_id, state.clock()):
@@ -311,9 +314,10 @@ class TTLBlockPoolMixin(CachedBlockCountMixin):
         blocks = list(blocks)
         super().touch(blocks, *args, **kwargs)  # type: ignore[misc]
         state = self._nf4kv
-        untrack, scope_ttl = state.untrack, state.scope_ttl
+        released, scope_ttl = state.released, state.scope_ttl
         for block in blocks:
-            untrack(block.block_id)
+            if block.block_id in released:
+                state.untrack(block.block_id)
         if scope_ttl is not None:
             for block in blocks:
                 if not block.is_null:
