@@ -66,9 +66,8 @@ def workload(num_requests: int, seed: int) -> list[list[int]]:
 
 def pool_module_at(rev: str) -> ModuleType:
     """``vllm_nf4kv/ttl/pool.py`` as it was at git revision ``rev``, as a module of its own."""
-    source = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{rev}:vllm_nf4kv/ttl/pool.py"], check=True, capture_output=True, text=True
-    ).stdout
+    command = ["git", "-C", str(REPO), "show", f"{rev}:vllm_nf4kv/ttl/pool.py"]
+    source = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp()) / f"pool_{rev}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(f"pool_{rev}", path)
@@ -133,9 +132,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--blocks", type=int, default=2_000, help="blocks in the pool")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--variants", nargs="+", default=["vllm", "counted", "server", "request-1", "request-4", "request-1000"]
-    )
+    variants = ["vllm", "counted", "server", "request-1", "request-4", "request-1000"]
+    parser.add_argument("--variants", nargs="+", default=variants)
     parser.add_argument("--against", metavar="REV", help="also time pool.py of this git revision")
     parser.add_argument("--out", type=Path, help="also write the table (markdown) here")
     args = parser.parse_args()
