@@ -53,9 +53,12 @@ class TTLSetting:
         return self.ttl_s is not None
 
 
-CLI_SOURCE = f"--additional-config {CONFIG_NAMESPACE}.{CONFIG_KEY}"
-CLI_EXAMPLE = f'--additional-config \'{{"{CONFIG_NAMESPACE}": {{"{CONFIG_KEY}": 600}}}}\''
-ENV_EXAMPLE = f"{ENV_VAR}=600"
+def cli_example(key: str) -> str:
+    """How to set ``key`` on the command line, for error messages."""
+    return f'--additional-config \'{{"{CONFIG_NAMESPACE}": {{"{key}": 600}}}}\''
+
+
+CLI_EXAMPLE = cli_example(CONFIG_KEY)
 
 
 def parse_ttl(value: Any, source: str, example: str = CLI_EXAMPLE) -> float | None:
@@ -108,8 +111,7 @@ def _setting(
     """One setting in seconds from the config key, else the variable; and its source."""
     cli_source = f"--additional-config {CONFIG_NAMESPACE}.{key}"
     if section.get(key) is not None:
-        example = f'--additional-config \'{{"{CONFIG_NAMESPACE}": {{"{key}": 600}}}}\''
-        return parse_ttl(section[key], cli_source, example), cli_source
+        return parse_ttl(section[key], cli_source, cli_example(key)), cli_source
     raw = environ.get(env_var)
     if raw is not None and raw.strip():
         return parse_ttl(raw, env_var, f"{env_var}=600"), env_var

@@ -112,8 +112,7 @@ class TTLState:
 
     def by_request(self, block_id: int) -> bool:
         """Whether a request TTL, not the server-wide one, sets the block's TTL."""
-        ttl = self.request_ttl.get(block_id)
-        return ttl is not None and (self.ttl_s is None or ttl < self.ttl_s)
+        return self.block_ttl(block_id) != self.ttl_s  # the server's wins a tie
 
     def count_expired(self, by_request: bool) -> None:
         """Count one expiry, by the TTL that set it (the server's when both agree)."""
