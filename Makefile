@@ -34,8 +34,17 @@ assets: $(MODEL)/config.json
 $(MODEL)/config.json: scripts/get_assets.sh scripts/convert_gguf.py | $(VENV)/.installed
 	ASSETS=$(ASSETS) PY=$(PY) bash scripts/get_assets.sh
 
+# KV_MEMORY (bytes) sizes the KV cache. On vLLM CPU, VLLM_CPU_KVCACHE_SPACE (GiB) wins over
+# --kv-cache-memory-bytes when it is set, so it is never set here, and a value from the caller's
+# environment is reported instead of silently replacing KV_MEMORY.
 serve: install assets
-	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VENV)/bin/vllm serve $(MODEL) \
+	@if [ -n "$$VLLM_CPU_KVCACHE_SPACE" ]; then \
+	  echo "vllm-nf4kv: KV cache VLLM_CPU_KVCACHE_SPACE=$$VLLM_CPU_KVCACHE_SPACE GiB (set in the environment;" \
+	    "on vLLM CPU it wins over KV_MEMORY=$(KV_MEMORY): unset it to use KV_MEMORY)"; \
+	else \
+	  echo "vllm-nf4kv: KV cache KV_MEMORY=$(KV_MEMORY) bytes ($$(($(KV_MEMORY) / 1048576)) MiB)"; \
+	fi
+	$(VENV)/bin/vllm serve $(MODEL) \
 	  --served-model-name smollm2 --kv-cache-dtype nf4 --host 127.0.0.1 --port $(PORT) \
 	  --enforce-eager --max-model-len 2048 --kv-cache-memory-bytes $(KV_MEMORY)
 

@@ -158,12 +158,12 @@ def test_engine_request_ttls_any_dtype_with_or_without_a_server_ttl(model_dir, k
         assert llm.generate([text], plain, use_tqdm=False)[0].num_cached_tokens >= 3 * BLOCK_SIZE
         if server_ttl_s is None:
             assert type(manager) is KVCacheManager
-            assert not isinstance(manager.block_pool, TTLBlockPoolMixin)
-            assert vllm_pool_class(type(manager.block_pool)) is BlockPool
+            assert type(manager.block_pool) is BlockPool
         zero = SamplingParams(max_tokens=1, extra_args={"nf4kv_prefix_ttl_s": 0})
         assert llm.generate([text], zero, use_tqdm=False)[0].num_cached_tokens >= 3 * BLOCK_SIZE
         assert isinstance(manager, KVCacheManager) and type(manager) is not KVCacheManager
         assert isinstance(manager.block_pool, TTLBlockPoolMixin)
+        assert vllm_pool_class(type(manager.block_pool)) is BlockPool
         assert llm.generate([text], plain, use_tqdm=False)[0].num_cached_tokens == 0
         state = manager.block_pool._nf4kv
         assert state.expired_by_request >= 3 and state.expired_by_server == 0

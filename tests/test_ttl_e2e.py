@@ -5,10 +5,11 @@
   prompt twice within the TTL counts prefix hits on ``/metrics``; after the TTL
   it is a miss, the expired-block counter rises, and ``vllm-nf4kv stats`` shows it;
 * ``vllm serve`` (auto, TTL off): the same prompt after longer than 2 s still hits;
-* ``vllm serve`` with a negative TTL exits at startup with a clear message;
+* ``vllm serve`` with a negative TTL, or a misspelt ``nf4kv`` key, exits at
+  startup with a clear message;
 * an in-process engine (auto dtype, TTL from the environment variable).
 
-The three servers start together (startup is most of their time) and each test
+The servers start together (startup is most of their time) and each test
 stops its server when done. Block size 32 and ~100-token prompts keep a request
 well under the TTL on CPU.
 
@@ -47,6 +48,13 @@ def servers(model_dir, tmp_path_factory):
             logs / "bad.log",
             "--additional-config",
             json.dumps({"nf4kv": {"prefix_cache_ttl_s": -5}}),
+            env=server_env(),
+        )
+        started["typo"] = launch(
+            model_dir,
+            logs / "typo.log",
+            "--additional-config",
+            json.dumps({"nf4kv": {"prefix_cache_ttl": 5}}),
             env=server_env(),
         )
         started["ttl"] = launch(
@@ -92,6 +100,16 @@ def test_serve_refuses_negative_ttl(servers):
     assert "nf4kv.prefix_cache_ttl_s: prefix-cache TTL must be >= 0 seconds, got -5" in output, output[-3000:]
 
 
+def test_serve_refuses_a_misspelt_key(servers):
+    """A typo must not start a server with the TTL silently off."""
+    server = servers["typo"]
+    returncode = server.process.wait(timeout=STARTUP_TIMEOUT_S)
+    output = server.log.read_text(errors="replace")
+    assert returncode != 0
+    expected = "'prefix_cache_ttl' is not a vllm-nf4kv setting; did you mean 'prefix_cache_ttl_s'?"
+    assert expected in output, output[-3000:]
+
+
 def test_serve_nf4_ttl_expires_prefix_hits(servers, capsys):
     server = wait_ready(servers["ttl"])
     text, hits, released_before = hits_of_a_fast_pair(server, "ttl")
@@ -125,7 +143,8 @@ def test_serve_auto_ttl_off_keeps_lru(servers):
     server.complete(text)
     after = server.stats_after(before.queries, 2 * tokens)
     assert after.hits - before.hits >= 2 * BLOCK_SIZE, "without a TTL the prompt must still hit"
-    assert after.expired_blocks == 0 and after.ttl_s is None
+    # no TTL, not nf4: vLLM's own pool and stats path, so no nf4kv metrics at all
+    assert after.expired_blocks is None and after.cached_blocks is None and after.ttl_s is None
     stop(server.process)
 
 

@@ -326,15 +326,18 @@ def test_register_installs_each_patch_once():
 
     targets = (
         Scheduler.__init__,
-        Scheduler.make_stats,
         Scheduler.add_request,
         StatLoggerManager.__init__,
         EngineArgs.create_engine_config,
         InputProcessor._validate_params,
     )
     assert all(getattr(t, "_nf4kv_ttl_patch", False) for t in targets)
-    assert engine.SCHEDULER_HOOKED and engine.REQUESTS_HOOKED
-    patches.install_block_pool_ttl()  # again: nothing is wrapped twice
+    assert engine.SCHEDULER_HOOKED and engine.REQUESTS_HOOKED and engine.STATS_HOOKED
+    assert not hasattr(Scheduler.make_stats, "_nf4kv_ttl_patch")  # only ever per instance
+    mark = patches.journal_mark()
+    patches.install_ttl()  # again: nothing is wrapped twice
+    patches.validate_engine_config()
+    assert patches.journal_mark() == mark  # nothing changed twice
     for target in targets:
         assert not getattr(target.__wrapped__, "_nf4kv_ttl_patch", False)
 

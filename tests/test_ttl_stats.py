@@ -77,7 +77,11 @@ def test_ttl_off_and_missing_plugin():
     assert "TTL            off" in render(collect(off))
     plain = "\n".join(line for line in METRICS.splitlines() if not line.startswith("nf4kv:"))
     text = render(collect(plain))
-    assert "is the vllm-nf4kv plugin loaded?" in text and "hit rate       40.0%" in text
+    assert "no TTL and no nf4 cache, or no vllm-nf4kv plugin" in text and "hit rate       40.0%" in text
+    policy_only = ("nf4kv:prefix_cache_expired", "nf4kv:prefix_cache_cached")
+    nf4_no_ttl = "\n".join(line for line in off.splitlines() if not line.startswith(policy_only))
+    text = render(collect(nf4_no_ttl))
+    assert "TTL            off" in text and "expirations    none (no TTL)" in text and "saved vs bf16" in text
 
 
 def test_metrics_url():

@@ -33,6 +33,7 @@ import torch
 from vllm_nf4kv.format import DEFAULT_SEARCH_STEPS, CellLayout
 from vllm_nf4kv.reference import check_paged_cache, decode_scale, nf4_levels, nf4_midpoints
 from vllm_nf4kv.rotation import rotation_signs
+from vllm_nf4kv.settings import CPU_KERNELS
 
 logger = logging.getLogger("vllm.nf4kv")
 
@@ -43,7 +44,7 @@ NATIVE = "-march=native"
 # arithmetic is the reference's, operation for operation (the attention loops
 # fuse explicitly, with std::fma / _mm512_fmadd_ps).
 CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17"]
-ENV_SWITCH = "NF4KV_CPU_KERNELS"
+ENV_SWITCH = CPU_KERNELS.env_var
 
 
 def _cpu_flags() -> str:
@@ -95,7 +96,7 @@ def _native() -> Any | None:
 
 def available() -> bool:
     """True when the kernels are enabled and built (building them on the first call)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
         return False
     return _native() is not None
 

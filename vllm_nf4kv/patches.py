@@ -3,13 +3,89 @@
 Each patch is one function with a note: why, what it replaces, which vLLM
 versions need it, and what upstream change would remove it. Each checks for the
 feature it patches (never a version string) and is safe to call many times.
+
+Every change to vLLM goes through :func:`_replace` or :func:`on_undo`, which
+keep a journal, so :func:`undo_to` can put vLLM back exactly as it was: a
+feature that fails half-way through installing (``plugin.register``) leaves
+nothing of itself behind.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 from vllm_nf4kv.format import KV_CACHE_DTYPE
+
+# ----------------------------------------------------------------------------
+# The journal
+# ----------------------------------------------------------------------------
+
+_MISSING = object()
+_UNDO: list[Callable[[], None]] = []
+
+
+def _replace(owner: Any, name: str, value: Any) -> None:
+    """``setattr(owner, name, value)``, remembering what was there.
+
+    For a class, what was there is its own ``__dict__`` entry (the raw
+    ``classmethod`` or function, or nothing when the attribute is inherited),
+    so undoing restores the class exactly.
+    """
+    old = owner.__dict__.get(name, _MISSING) if isinstance(owner, type) else getattr(owner, name, _MISSING)
+    setattr(owner, name, value)
+
+    def undo() -> None:
+        if old is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, old)
+
+    _UNDO.append(undo)
+
+
+def _set_item(mapping: Any, key: Any, value: Any) -> None:
+    """``mapping[key] = value``, remembering what was there."""
+    old = mapping.get(key, _MISSING)
+    mapping[key] = value
+
+    def undo() -> None:
+        if old is _MISSING:
+            mapping.pop(key, None)
+        else:
+            mapping[key] = old
+
+    _UNDO.append(undo)
+
+
+def on_undo(undo: Callable[[], None]) -> None:
+    """Record how to undo a change made through a vLLM API (e.g. its 0.33 dtype hook)."""
+    _UNDO.append(undo)
+
+
+def journal_mark() -> int:
+    """A point in the journal to come back to with :func:`undo_to`."""
+    return len(_UNDO)
+
+
+def undo_to(mark: int = 0) -> None:
+    """Undo, newest first, every change recorded since ``mark``."""
+    while len(_UNDO) > mark:
+        _UNDO.pop()()
+
+
+def _check_signature(function: Any, expected: list[str], target: str) -> None:
+    """Raise ``UnsupportedVLLMError`` unless ``function``'s leading parameters are ``expected``."""
+    got = list(inspect.signature(function).parameters)
+    if got[: len(expected)] != expected:
+        from vllm_nf4kv.registration import UnsupportedVLLMError
+
+        raise UnsupportedVLLMError(
+            f"{target} takes ({', '.join(got)}); vllm-nf4kv wraps ({', '.join(expected)}, ...)"
+        )
+
 
 # ----------------------------------------------------------------------------
 # --kv-cache-dtype nf4 on vLLM without register_kv_cache_dtype (0.32)
@@ -37,16 +113,45 @@ def accept_nf4_cache_dtype_without_hook() -> None:
     from vllm.utils import torch_utils
     from vllm.v1.attention import selector
 
-    torch_utils.STR_DTYPE_TO_TORCH_DTYPE[KV_CACHE_DTYPE] = torch.uint8
     if KV_CACHE_DTYPE in get_args(cache_module.CacheDType):
         return
     extended = Literal[(*get_args(cache_module.CacheDType), KV_CACHE_DTYPE)]  # type: ignore[valid-type]
-    cache_module.CacheDType = extended
-    selector.CacheDType = extended
     config_cls: Any = cache_module.CacheConfig
-    config_cls.__annotations__["cache_dtype"] = extended
-    config_cls.__dataclass_fields__["cache_dtype"].type = extended
+    field = config_cls.__dataclass_fields__["cache_dtype"]
+    # Recorded first, so undone last: the schema is rebuilt once the fields below are restored.
+    on_undo(lambda: pydantic.dataclasses.rebuild_dataclass(config_cls, force=True))
+    _replace(cache_module, "CacheDType", extended)
+    _replace(selector, "CacheDType", extended)
+    _set_item(torch_utils.STR_DTYPE_TO_TORCH_DTYPE, KV_CACHE_DTYPE, torch.uint8)
+    _set_item(config_cls.__annotations__, "cache_dtype", extended)
+    _replace(field, "type", extended)
     pydantic.dataclasses.rebuild_dataclass(config_cls, force=True)
+
+
+def undo_on_failure_kv_cache_dtype_hook() -> None:
+    """Target: what ``vllm.config.cache.register_kv_cache_dtype("nf4")`` writes (vLLM 0.33).
+
+    Why: the hook is vLLM's public way in, but it has no way out; when a later
+    step of ``plugin.register`` fails, "nf4" must not stay accepted without its
+    backend (vLLM's kernels would read NF4 pages as another format).
+    How: records, in the journal, the removal of "nf4" from the three places the
+    0.33.0 hook writes: ``KV_CACHE_DTYPES``, ``STR_DTYPE_TO_TORCH_DTYPE`` and
+    ``_KV_CACHE_DTYPE_HANDLERS``; call it before the hook. Versions: 0.33.
+    Removed by: an unregister call upstream (none yet).
+    """
+    from vllm.config import cache as cache_module
+    from vllm.utils import torch_utils
+
+    def undo() -> None:
+        dtypes = getattr(cache_module, "KV_CACHE_DTYPES", None)
+        if isinstance(dtypes, list) and KV_CACHE_DTYPE in dtypes:
+            dtypes.remove(KV_CACHE_DTYPE)
+        torch_utils.STR_DTYPE_TO_TORCH_DTYPE.pop(KV_CACHE_DTYPE, None)
+        handlers = getattr(cache_module, "_KV_CACHE_DTYPE_HANDLERS", None)
+        if isinstance(handlers, dict):
+            handlers.pop(KV_CACHE_DTYPE, None)
+
+    on_undo(undo)
 
 
 # ----------------------------------------------------------------------------
@@ -76,6 +181,11 @@ def route_nf4_to_plugin_backend() -> None:
     if getattr(platform_cls.get_attn_backend_cls, "_nf4kv_wrapped", False):
         return
     original = platform_cls.get_attn_backend_cls.__func__
+    _check_signature(
+        original,
+        ["cls", "selected_backend", "attn_selector_config"],
+        f"{platform_cls.__qualname__}.get_attn_backend_cls",
+    )
 
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):  # noqa: ANN001
         if attn_selector_config.kv_cache_dtype != KV_CACHE_DTYPE:
@@ -85,19 +195,57 @@ def route_nf4_to_plugin_backend() -> None:
         return select_nf4_backend(current_platform, selected_backend, attn_selector_config)
 
     get_attn_backend_cls._nf4kv_wrapped = True  # type: ignore[attr-defined]
-    platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    _replace(platform_cls, "get_attn_backend_cls", classmethod(get_attn_backend_cls))
+
 
 # ----------------------------------------------------------------------------
-# Prefix-cache TTL (issue 4)
+# Startup validation of the nf4kv settings (every vLLM version)
 # ----------------------------------------------------------------------------
 
 
+def validate_engine_config() -> None:
+    """Target: ``vllm.engine.arg_utils.EngineArgs.create_engine_config``.
+
+    Why: an unknown ``nf4kv`` key or ``NF4KV_*`` variable (a typo), or a bad
+    TTL (negative, NaN, not a number), must stop startup with a clear message
+    at once; vLLM passes ``additional_config`` through unchecked, and the
+    scheduler that applies the TTL is built only after the model is loaded,
+    under ``vllm serve`` in another process.
+    How: wraps the method; the ``VllmConfig`` it returns goes through
+    ``vllm_nf4kv.settings.check_settings`` and ``vllm_nf4kv.ttl.engine.check_config``
+    (both raise ``ValueError``). Versions: 0.32 and 0.33 (same method).
+    Removed by: a vLLM hook that lets a plugin validate its
+    ``additional_config`` section (none yet).
+    """
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = getattr(EngineArgs, "create_engine_config", None)
+    if not callable(original) or _ttl_patched(original):
+        return
+    from vllm_nf4kv.settings import check_settings
+    from vllm_nf4kv.ttl.engine import check_config
+
+    @functools.wraps(original)
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        vllm_config = original(self, *args, **kwargs)
+        check_settings(getattr(vllm_config, "additional_config", None))
+        check_config(vllm_config)
+        return vllm_config
+
+    setattr(create_engine_config, _TTL_PATCH_MARK, True)
+    _replace(EngineArgs, "create_engine_config", create_engine_config)
+
+
+# ----------------------------------------------------------------------------
+# Prefix-cache TTL
+# ----------------------------------------------------------------------------
 #
 # The policy itself is not a patch: ``vllm_nf4kv.ttl.pool.enable_ttl`` switches
 # the class of ONE pool instance (the scheduler's) to a subclass of its own
 # class, and request TTLs switch the class of the scheduler's KV-cache manager
-# instance the same way (``ttl.engine.ttl_manager_class``). These six patches
-# only decide where that happens, validate requests and carry the metrics;
+# instance the same way (``ttl.engine.ttl_manager_class``); both happen only
+# once a TTL is configured or a request sets one. The patches below only
+# decide where that happens, validate requests and carry the metrics;
 # docs/ttl.md has the whole picture.
 
 _TTL_PATCH_MARK = "_nf4kv_ttl_patch"
@@ -113,36 +261,6 @@ def _ttl_logger() -> Any:
     return logging.getLogger("vllm.nf4kv.ttl")
 
 
-def ttl_validate_engine_config() -> None:
-    """Target: ``vllm.engine.arg_utils.EngineArgs.create_engine_config``.
-
-    Why: a bad TTL (negative, NaN, not a number) must stop startup with a clear
-    message at once; the scheduler that applies the TTL is built only after the
-    model is loaded, and under ``vllm serve`` in another process.
-    How: wraps the method; the ``VllmConfig`` it returns goes through
-    ``vllm_nf4kv.ttl.engine.check_config`` (raises ``ValueError``).
-    Versions: 0.32 and 0.33 (same method). Removed by: a vLLM hook that lets a
-    plugin validate its ``additional_config`` section (none yet).
-    """
-    import functools
-
-    from vllm.engine.arg_utils import EngineArgs
-
-    original = getattr(EngineArgs, "create_engine_config", None)
-    if not callable(original) or _ttl_patched(original):
-        return
-    from vllm_nf4kv.ttl.engine import check_config
-
-    @functools.wraps(original)
-    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
-        vllm_config = original(self, *args, **kwargs)
-        check_config(vllm_config)
-        return vllm_config
-
-    setattr(create_engine_config, _TTL_PATCH_MARK, True)
-    EngineArgs.create_engine_config = create_engine_config
-
-
 def ttl_on_scheduler_pool() -> bool:
     """Target: ``vllm.v1.core.sched.scheduler.Scheduler.__init__``.
 
@@ -151,16 +269,12 @@ def ttl_on_scheduler_pool() -> bool:
     manager and coordinator do not; CPU-offload pools are built the same way
     as the scheduler's and must keep vLLM's behaviour).
     How: wraps ``__init__``; afterwards ``ttl.engine.install_on_scheduler``
-    resolves the TTL and calls ``ttl.pool.enable_ttl`` on
-    ``self.kv_cache_manager.block_pool`` (also with the TTL off: it then only
-    counts cached blocks for the metrics). Subclasses (``AsyncScheduler``)
+    resolves the TTL and, only when one is set, calls ``ttl.pool.enable_ttl``
+    on ``self.kv_cache_manager.block_pool``. Subclasses (``AsyncScheduler``)
     inherit it. Versions: 0.32 and 0.33 (``__init__(vllm_config,
     kv_cache_config, ...)``). Removed by: a vLLM block-pool policy hook or a
     prefix-cache TTL upstream (none yet). Returns whether it is in place.
     """
-    import functools
-    import inspect
-
     from vllm.v1.core.sched.scheduler import Scheduler
 
     original = Scheduler.__init__
@@ -178,7 +292,7 @@ def ttl_on_scheduler_pool() -> bool:
         install_on_scheduler(self)
 
     setattr(__init__, _TTL_PATCH_MARK, True)
-    Scheduler.__init__ = __init__
+    _replace(Scheduler, "__init__", __init__)
     return True
 
 
@@ -197,37 +311,37 @@ def _ttl_stats_carrier_ok() -> bool:
     return typing.get_origin(field.type) is dict and typing.get_args(field.type) == (str, int)
 
 
-def ttl_stats_payload() -> None:
-    """Target: ``vllm.v1.core.sched.scheduler.Scheduler.make_stats``.
+def ttl_stats_on_scheduler(scheduler: Any) -> None:
+    """Target: ``make_stats`` of ONE ``vllm.v1.core.sched.scheduler.Scheduler`` instance.
 
     Why: the pool lives in the engine core, ``/metrics`` in the API server, and
     a Prometheus metric set in the engine core never reaches ``/metrics`` under
     a plain ``vllm serve``. ``SchedulerStats`` (a fixed dataclass, msgspec drops
     extra attributes) is what already travels to the front end each step.
-    How: wraps ``make_stats``; adds ``nf4kv:*`` integer keys to the returned
-    stats' ``num_kv_fetch_reqs_by_stage`` (``dict[str, int]``, which vLLM's
-    loggers read by known stage names only); ``ttl_stats_logger`` removes them
-    in the front end before vLLM's loggers run. Installed only together with
-    that one. Versions: 0.32 and 0.33. Removed by: an extension field for
-    plugin stats in ``SchedulerStats`` (none yet).
+    How: an instance attribute ``make_stats`` wrapping the class's method; it
+    adds ``nf4kv:*`` integer keys to the returned stats'
+    ``num_kv_fetch_reqs_by_stage`` (``dict[str, int]``, which vLLM's loggers
+    read by known stage names only); ``ttl_stats_logger`` removes them in the
+    front end before vLLM's loggers run. Called by ``ttl.engine`` only for a
+    scheduler with a TTL (or an nf4 cache, for its memory gauges), so every
+    other engine keeps vLLM's own stats path, and only where
+    ``ttl.engine.STATS_HOOKED`` says the front end takes the keys out.
+    Versions: 0.32 and 0.33. Removed by: an extension field for plugin stats
+    in ``SchedulerStats`` (none yet).
     """
-    import functools
-
-    from vllm.v1.core.sched.scheduler import Scheduler
-
-    original = getattr(Scheduler, "make_stats", None)
-    if not callable(original) or _ttl_patched(original):
+    if "make_stats" in vars(scheduler):
         return
     from vllm_nf4kv.ttl.engine import attach_stats
 
+    original = type(scheduler).make_stats
+
     @functools.wraps(original)
-    def make_stats(self: Any, *args: Any, **kwargs: Any) -> Any:
-        stats = original(self, *args, **kwargs)
-        attach_stats(self, stats)
+    def make_stats(*args: Any, **kwargs: Any) -> Any:
+        stats = original(scheduler, *args, **kwargs)
+        attach_stats(scheduler, stats)
         return stats
 
-    setattr(make_stats, _TTL_PATCH_MARK, True)
-    Scheduler.make_stats = make_stats
+    scheduler.make_stats = make_stats
 
 
 def ttl_stats_logger() -> bool:
@@ -243,8 +357,6 @@ def ttl_stats_logger() -> bool:
     0.33. Removed by: the same ``SchedulerStats`` extension field. Returns
     whether it is in place.
     """
-    import functools
-
     from vllm.v1.metrics import loggers
 
     manager_cls = getattr(loggers, "StatLoggerManager", None)
@@ -253,6 +365,7 @@ def ttl_stats_logger() -> bool:
     original = manager_cls.__init__
     if _ttl_patched(original):
         return True
+    _check_signature(original, ["self", "vllm_config"], "StatLoggerManager.__init__")
     from vllm_nf4kv.ttl.frontend import TTLStatLogger
 
     @functools.wraps(original)
@@ -263,7 +376,7 @@ def ttl_stats_logger() -> bool:
             stat_loggers.insert(0, TTLStatLogger(vllm_config, getattr(self, "engine_indexes", None)))
 
     setattr(__init__, _TTL_PATCH_MARK, True)
-    manager_cls.__init__ = __init__
+    _replace(manager_cls, "__init__", __init__)
     return True
 
 
@@ -279,9 +392,6 @@ def ttl_request_on_scheduler() -> bool:
     Removed by: per-request cache retention upstream (RFC vllm#37003, PR
     vllm#38514, open). Returns whether it is in place.
     """
-    import functools
-    import inspect
-
     from vllm.v1.core.sched.scheduler import Scheduler
 
     original = getattr(Scheduler, "add_request", None)
@@ -300,7 +410,7 @@ def ttl_request_on_scheduler() -> bool:
         on_add_request(self, request)
 
     setattr(add_request, _TTL_PATCH_MARK, True)
-    Scheduler.add_request = add_request
+    _replace(Scheduler, "add_request", add_request)
     return True
 
 
@@ -319,9 +429,6 @@ def ttl_validate_request() -> bool:
     Removed by: a vLLM hook for plugins to validate ``extra_args`` (none yet).
     Returns whether it is in place.
     """
-    import functools
-    import inspect
-
     from vllm.exceptions import VLLMValidationError
     from vllm.v1.engine.input_processor import InputProcessor
 
@@ -352,40 +459,32 @@ def ttl_validate_request() -> bool:
         return result
 
     setattr(_validate_params, _TTL_PATCH_MARK, True)
-    InputProcessor._validate_params = _validate_params
+    _replace(InputProcessor, "_validate_params", _validate_params)
     return True
 
 
-def install_block_pool_ttl() -> None:
+def install_ttl() -> None:
     """Install the prefix-cache TTL patches above (called by ``plugin.register``).
 
-    Never raises for an unsupported vLLM: a missing target is logged and its
-    patch skipped. A TTL set on a vLLM where the scheduler patch is missing is
-    refused at startup by ``ttl.engine.check_config``; a request TTL on a vLLM
-    where either request patch is missing is refused by ``check_config`` too
-    when ``max_request_ttl_s`` is set, and otherwise logged here.
+    A target this vLLM does not have is logged and its patch skipped (the
+    ``ttl.engine.*_HOOKED`` flags record what is in place): a TTL set on a vLLM
+    where the scheduler patch is missing is refused at startup by
+    ``ttl.engine.check_config``, and so is ``max_request_ttl_s`` where either
+    request patch is missing. Anything else that goes wrong raises, and
+    ``plugin.register`` undoes the whole feature.
     """
     from vllm_nf4kv.ttl import engine
 
     log = _ttl_logger()
-    try:
-        ttl_validate_engine_config()
-    except (ImportError, AttributeError) as error:
-        log.warning("vllm-nf4kv: no early prefix-cache TTL validation (%s)", error)
-    try:
-        engine.SCHEDULER_HOOKED = ttl_on_scheduler_pool()
-    except (ImportError, AttributeError) as error:
-        log.warning("vllm-nf4kv: prefix-cache TTL unavailable (%s)", error)
-    requests_hooked = False
-    try:
-        requests_hooked = ttl_request_on_scheduler() and ttl_validate_request()
-    except (ImportError, AttributeError) as error:
-        log.warning("vllm-nf4kv: request prefix-cache TTLs unavailable (%s)", error)
-    engine.REQUESTS_HOOKED = requests_hooked and engine.SCHEDULER_HOOKED
-    try:
-        if _ttl_stats_carrier_ok() and ttl_stats_logger():
-            ttl_stats_payload()
-        else:
-            log.warning("vllm-nf4kv: prefix-cache TTL metrics unavailable on this vLLM")
-    except (ImportError, AttributeError) as error:
-        log.warning("vllm-nf4kv: prefix-cache TTL metrics unavailable (%s)", error)
+    scheduler_hooked = ttl_on_scheduler_pool()
+    requests_hooked = scheduler_hooked and ttl_request_on_scheduler() and ttl_validate_request()
+    stats_hooked = _ttl_stats_carrier_ok() and ttl_stats_logger()
+    if not stats_hooked:
+        log.warning("vllm-nf4kv: prefix-cache TTL metrics unavailable on this vLLM")
+    for flag, value in (
+        ("SCHEDULER_HOOKED", scheduler_hooked),
+        ("REQUESTS_HOOKED", requests_hooked),
+        ("STATS_HOOKED", stats_hooked),
+    ):
+        if getattr(engine, flag) != value:
+            _replace(engine, flag, value)

@@ -71,7 +71,11 @@ def nf4_is_accepted() -> bool:
 
 
 def register_nf4_kv_cache_dtype() -> None:
-    """Accept ``nf4``, route it to the NF4 backend, and verify both took effect."""
+    """Accept ``nf4``, route it to the NF4 backend, and verify both took effect.
+
+    Raises when any of it fails; ``plugin.register`` then undoes what was done
+    (:func:`vllm_nf4kv.patches.undo_to`), so nf4 is never accepted unrouted.
+    """
     from vllm.config import cache as cache_module
 
     from vllm_nf4kv import patches
@@ -80,6 +84,7 @@ def register_nf4_kv_cache_dtype() -> None:
     hook = getattr(cache_module, "register_kv_cache_dtype", None)
     if hook is not None:
         if KV_CACHE_DTYPE not in getattr(cache_module, "KV_CACHE_DTYPES", ()):
+            patches.undo_on_failure_kv_cache_dtype_hook()
             _register_with_hook(hook)
     else:
         patches.accept_nf4_cache_dtype_without_hook()

@@ -143,10 +143,11 @@ def _mib(n: float) -> str:
 
 def render(stats: CacheStats) -> str:
     """The statistics view, as ``vllm-nf4kv stats`` prints it."""
-    plugin = stats.expired_blocks is not None
     hit_rate = "n/a (no queries yet)" if stats.hit_rate is None else f"{100 * stats.hit_rate:.1f}%"
-    if not plugin:
-        ttl = expired = cached = "n/a (no nf4kv metrics: is the vllm-nf4kv plugin loaded?)"
+    if stats.expired_blocks is None and stats.kv_cache_bytes is None:
+        ttl = expired = cached = "n/a (no nf4kv metrics: no TTL and no nf4 cache, or no vllm-nf4kv plugin)"
+    elif stats.expired_blocks is None:  # an nf4 cache without a TTL: vLLM's own block pool
+        ttl, expired, cached = "off", "none (no TTL)", "n/a (counted only with a TTL)"
     else:
         ttl = "off" if stats.ttl_s is None else f"{stats.ttl_s:g} s"
         causes = stats.expired_by_cause

@@ -1,6 +1,7 @@
 """Where the prefix-cache TTLs come from, and what counts as a valid one.
 
-Server settings, each from two sources, the first one set wins:
+Server settings (rows of :data:`vllm_nf4kv.settings.SETTINGS`), each from two
+sources, the first one set wins:
 
 1. ``--additional-config '{"nf4kv": {"prefix_cache_ttl_s": 600, "max_request_ttl_s": 3600}}'``
    (``vllm_config.additional_config["nf4kv"][...]``);
@@ -32,11 +33,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-CONFIG_NAMESPACE = "nf4kv"
-CONFIG_KEY = "prefix_cache_ttl_s"
-ENV_VAR = "NF4KV_PREFIX_CACHE_TTL_S"
-MAX_REQUEST_KEY = "max_request_ttl_s"
-MAX_REQUEST_ENV_VAR = "NF4KV_MAX_REQUEST_TTL_S"
+from vllm_nf4kv.settings import MAX_REQUEST_TTL, NAMESPACE, PREFIX_CACHE_TTL, nf4kv_section
+
+CONFIG_NAMESPACE = NAMESPACE
+CONFIG_KEY = PREFIX_CACHE_TTL.key
+ENV_VAR = PREFIX_CACHE_TTL.env_var
+MAX_REQUEST_KEY = MAX_REQUEST_TTL.key
+MAX_REQUEST_ENV_VAR = MAX_REQUEST_TTL.env_var
 REQUEST_KEY = "nf4kv_prefix_ttl_s"  # in a request's vllm_xargs (SamplingParams.extra_args)
 
 
@@ -94,17 +97,6 @@ def parse_ttl(value: Any, source: str, example: str = CLI_EXAMPLE) -> float | No
     return seconds
 
 
-def _section(additional_config: Any) -> Mapping[str, Any]:
-    """The ``nf4kv`` section of ``additional_config`` (empty when there is none)."""
-    section = additional_config.get(CONFIG_NAMESPACE) if isinstance(additional_config, Mapping) else None
-    if section is not None and not isinstance(section, Mapping):
-        raise ValueError(
-            f"--additional-config: {CONFIG_NAMESPACE!r} must be a JSON object such as "
-            f'{{"{CONFIG_NAMESPACE}": {{"{CONFIG_KEY}": 600}}}}, got {section!r}'
-        )
-    return section or {}
-
-
 def _setting(
     section: Mapping[str, Any], key: str, env_var: str, environ: Mapping[str, str]
 ) -> tuple[float | None, str]:
@@ -121,11 +113,11 @@ def _setting(
 def resolve_ttl(additional_config: Any, environ: Mapping[str, str] | None = None) -> TTLSetting:
     """The TTL settings for one engine: ``additional_config`` first, then the environment.
 
-    ``additional_config`` is ``vllm_config.additional_config`` (a dict, or an
-    object vLLM lets plugins put there: anything but a mapping has no TTL).
+    ``additional_config`` is ``vllm_config.additional_config`` (see
+    :func:`vllm_nf4kv.settings.nf4kv_section`).
     """
     environ = os.environ if environ is None else environ
-    section = _section(additional_config)
+    section = nf4kv_section(additional_config)  # unknown keys refused there
     ttl_s, source = _setting(section, CONFIG_KEY, ENV_VAR, environ)
     max_request_ttl_s, _ = _setting(section, MAX_REQUEST_KEY, MAX_REQUEST_ENV_VAR, environ)
     return TTLSetting(ttl_s, source, max_request_ttl_s)

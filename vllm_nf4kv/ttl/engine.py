@@ -4,10 +4,15 @@
   (a clear ``ValueError`` at startup, before any model is loaded);
 * :func:`install_on_scheduler`: put the policy on the scheduler's block pool,
   the only pool it is meant for (the scheduler is the one engine object that
-  receives ``vllm_config``; CPU-offload and HiSparse pools are left as vLLM's);
+  receives ``vllm_config``; CPU-offload and HiSparse pools are left as vLLM's),
+  and only when a server TTL is set;
 * :func:`on_add_request`: the first request that sets its own TTL turns request
   TTLs on for this engine (until then nothing runs per allocation);
 * :func:`attach_stats`: add the metrics payload to the scheduler's stats.
+
+With no TTL set and no request that sets one, the scheduler keeps vLLM's own
+``BlockPool`` and ``KVCacheManager`` classes and its own ``make_stats``; an
+nf4 engine only adds its memory gauges to the stats (``patches.ttl_stats_on_scheduler``).
 
 Request TTLs reach the pool through the scheduler's KV-cache manager: its
 instance gets a subclass of its own class (:func:`ttl_manager_class`) whose
@@ -20,6 +25,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from vllm_nf4kv.format import KV_CACHE_DTYPE
 from vllm_nf4kv.ttl.config import (
     CONFIG_NAMESPACE,
     MAX_REQUEST_KEY,
@@ -38,13 +44,15 @@ from vllm_nf4kv.ttl.metrics import (
     kv_memory,
     ttl_to_ms,
 )
-from vllm_nf4kv.ttl.pool import enable_ttl, missing_features, request_ttl_scope, ttl_state
+from vllm_nf4kv.ttl.pool import TTLState, enable_ttl, missing_features, request_ttl_scope, ttl_state
 
 logger = logging.getLogger("vllm.nf4kv.ttl")
 
 STATS_SWEEP_BUDGET = 4096  # expired blocks handled before each stats report, at most
-SCHEDULER_HOOKED = False  # set by vllm_nf4kv.patches once Scheduler.__init__ applies the TTL
-REQUESTS_HOOKED = False  # set by vllm_nf4kv.patches once request TTLs are validated and applied
+# Set by vllm_nf4kv.patches.install_ttl: which of its patches are in place on this vLLM.
+SCHEDULER_HOOKED = False  # Scheduler.__init__ applies the TTL
+REQUESTS_HOOKED = False  # request TTLs are validated and applied
+STATS_HOOKED = False  # the front end takes the nf4kv: payload out of SchedulerStats
 
 
 def check_config(vllm_config: Any) -> TTLSetting:
@@ -53,7 +61,7 @@ def check_config(vllm_config: Any) -> TTLSetting:
     if setting.max_request_ttl_s is not None and not REQUESTS_HOOKED:
         raise ValueError(
             f"--additional-config {CONFIG_NAMESPACE}.{MAX_REQUEST_KEY} is set, but vllm-nf4kv could "
-            f"not hook this vLLM's request validation or scheduler (see the warnings above), so "
+            f"not hook this vLLM's request validation or scheduler (see the log above), so "
             f"request TTLs would not apply; unset it or use vLLM 0.32/0.33"
         )
     if not setting.enabled:
@@ -61,7 +69,7 @@ def check_config(vllm_config: Any) -> TTLSetting:
     if not SCHEDULER_HOOKED:
         raise ValueError(
             f"{setting.source}: a prefix-cache TTL is set, but vllm-nf4kv could not hook this "
-            f"vLLM's scheduler (see the warnings above); unset the TTL or use vLLM 0.32/0.33"
+            f"vLLM's scheduler (see the log above); unset the TTL or use vLLM 0.32/0.33"
         )
     scheduler_config = getattr(vllm_config, "scheduler_config", None)
     get_cls = getattr(scheduler_config, "get_scheduler_cls", None)
@@ -79,45 +87,61 @@ def check_config(vllm_config: Any) -> TTLSetting:
 
 
 def install_on_scheduler(scheduler: Any) -> None:
-    """Enable the policy (or, with the TTL off, only its counting) on the scheduler's pool."""
+    """Apply a server TTL to the scheduler's pool; with none, leave vLLM's classes in place."""
     setting = check_config(scheduler.vllm_config)
-    manager = getattr(scheduler, "kv_cache_manager", None)
-    pool = getattr(manager, "block_pool", None)
+    scheduler._nf4kv_setting = setting
+    cache_config = getattr(scheduler.vllm_config, "cache_config", None)
+    if getattr(cache_config, "cache_dtype", None) == KV_CACHE_DTYPE:
+        _report_stats(scheduler)  # the memory gauges of an nf4 cache, with or without a TTL
+    if not setting.enabled:
+        return
+    pool = getattr(scheduler.kv_cache_manager, "block_pool", None)
     missing = ["Scheduler.kv_cache_manager.block_pool"] if pool is None else missing_features(pool)
     if missing:
-        if setting.enabled:
-            raise RuntimeError(
-                f"{setting.source}: the prefix-cache TTL cannot run on this vLLM "
-                f"(missing: {', '.join(missing)}); unset the TTL or use vLLM 0.32/0.33"
-            )
-        logger.debug("vllm-nf4kv: prefix-cache metrics off (missing: %s)", ", ".join(missing))
-        return
-    ttl_s = setting.ttl_s
-    if ttl_s is not None and not pool.enable_caching:
+        raise RuntimeError(
+            f"{setting.source}: the prefix-cache TTL cannot run on this vLLM "
+            f"(missing: {', '.join(missing)}); unset the TTL or use vLLM 0.32/0.33"
+        )
+    if not pool.enable_caching:
         logger.warning(
             "vllm-nf4kv: %s sets a prefix-cache TTL of %s s, but prefix caching is "
             "disabled: the TTL has no effect",
             setting.source,
-            ttl_s,
+            setting.ttl_s,
         )
-        ttl_s = None
-    scheduler._nf4kv_setting = setting
-    state = enable_ttl(pool, ttl_s, request_ttls=ttl_s is not None)
-    if state.request_ttls:
-        manager.__class__ = ttl_manager_class(type(manager))
+        return
+    state = _activate(scheduler, pool)
+    logger.info(
+        "vllm-nf4kv: prefix-cache TTL %s s (from %s) on the scheduler's block pool (%d blocks)",
+        state.ttl_s,
+        setting.source,
+        len(pool.blocks),
+    )
+
+
+def _report_stats(scheduler: Any) -> None:
+    """Carry this scheduler's figures to ``/metrics`` (where the front end takes them out)."""
+    if getattr(scheduler, "_nf4kv_report", None) is not None or not STATS_HOOKED:
+        return
     try:
         memory = kv_memory(scheduler.kv_cache_config)
     except Exception:  # metrics only: never fail startup over them
         logger.debug("vllm-nf4kv: KV memory figures unavailable", exc_info=True)
         memory = (0, 0)
     scheduler._nf4kv_report = {"memory": memory, "expired_reported": (0, 0)}
-    if state.ttl_s is not None:
-        logger.info(
-            "vllm-nf4kv: prefix-cache TTL %s s (from %s) on the scheduler's block pool (%d blocks)",
-            state.ttl_s,
-            setting.source,
-            len(pool.blocks),
-        )
+    from vllm_nf4kv.patches import ttl_stats_on_scheduler
+
+    ttl_stats_on_scheduler(scheduler)
+
+
+def _activate(scheduler: Any, pool: Any) -> TTLState:
+    """The policy on the scheduler's pool (server TTL and request TTLs), and its metrics."""
+    setting: TTLSetting = scheduler._nf4kv_setting
+    state = enable_ttl(pool, setting.ttl_s, request_ttls=True)
+    manager = scheduler.kv_cache_manager
+    manager.__class__ = ttl_manager_class(type(manager))
+    _report_stats(scheduler)
+    return state
 
 
 def request_ttl_of(request: Any) -> float | None:
@@ -172,36 +196,45 @@ def on_add_request(scheduler: Any, request: Any) -> None:
     """Turn request TTLs on for this engine at the first request that sets one."""
     if request_ttl_of(request) is None:
         return
-    manager = getattr(scheduler, "kv_cache_manager", None)
-    pool = getattr(manager, "block_pool", None)
+    pool = getattr(getattr(scheduler, "kv_cache_manager", None), "block_pool", None)
     state = ttl_state(pool)
-    if state is None or state.request_ttls or not pool.enable_caching:
-        return  # already on, no prefix cache, or no policy on this vLLM (logged at startup)
-    setting: TTLSetting = scheduler._nf4kv_setting
-    enable_ttl(pool, setting.ttl_s, request_ttls=True, clock=state.clock, sweep_budget=state.sweep_budget)
-    manager.__class__ = ttl_manager_class(type(manager))
+    if state is not None and state.request_ttls:
+        return  # already on
+    if pool is None or not pool.enable_caching or missing_features(pool):
+        if not getattr(scheduler, "_nf4kv_request_ttls_unavailable", False):
+            scheduler._nf4kv_request_ttls_unavailable = True
+            caching_off = pool is not None and not pool.enable_caching
+            why = "prefix caching is disabled" if caching_off else "this vLLM's pool lacks the policy's hooks"
+            logger.warning("vllm-nf4kv: request prefix-cache TTLs have no effect: %s", why)
+        return
+    _activate(scheduler, pool)
     logger.info("vllm-nf4kv: request prefix-cache TTLs on (first request with %s)", REQUEST_KEY)
 
 
 def attach_stats(scheduler: Any, stats: Any) -> None:
-    """Add the payload (``metrics.P_*`` keys) to ``stats.num_kv_fetch_reqs_by_stage``."""
+    """Add the payload (``metrics.P_*`` keys) to ``stats.num_kv_fetch_reqs_by_stage``.
+
+    Without the policy on the pool (an nf4 engine with no TTL yet) only the
+    memory gauges and "TTL off" travel: vLLM's pool keeps no cached-block count.
+    """
     report = getattr(scheduler, "_nf4kv_report", None)
+    if report is None or stats is None:
+        return
+    kv_bytes, kv_bf16_bytes = report["memory"]
+    payload = {P_KV_BYTES: kv_bytes, P_KV_BF16_BYTES: kv_bf16_bytes, P_TTL_MS: ttl_to_ms(None)}
     pool = getattr(getattr(scheduler, "kv_cache_manager", None), "block_pool", None)
     state = ttl_state(pool)
-    if report is None or state is None or stats is None:
-        return
-    if state.policy:
-        pool.nf4kv_sweep(STATS_SWEEP_BUDGET)
-    kv_bytes, kv_bf16_bytes = report["memory"]
-    reported_server, reported_request = report["expired_reported"]
-    stats.num_kv_fetch_reqs_by_stage.update(
-        {
-            P_EXPIRED: state.expired_by_server - reported_server,
-            P_EXPIRED_REQUEST: state.expired_by_request - reported_request,
-            P_CACHED: state.cached_blocks,
-            P_TTL_MS: ttl_to_ms(state.ttl_s),
-            P_KV_BYTES: kv_bytes,
-            P_KV_BF16_BYTES: kv_bf16_bytes,
-        }
-    )
-    report["expired_reported"] = (state.expired_by_server, state.expired_by_request)
+    if state is not None:
+        if state.policy:
+            pool.nf4kv_sweep(STATS_SWEEP_BUDGET)
+        reported_server, reported_request = report["expired_reported"]
+        payload.update(
+            {
+                P_EXPIRED: state.expired_by_server - reported_server,
+                P_EXPIRED_REQUEST: state.expired_by_request - reported_request,
+                P_CACHED: state.cached_blocks,
+                P_TTL_MS: ttl_to_ms(state.ttl_s),
+            }
+        )
+        report["expired_reported"] = (state.expired_by_server, state.expired_by_request)
+    stats.num_kv_fetch_reqs_by_stage.update(payload)

