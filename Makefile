@@ -63,7 +63,8 @@ test-fast: install assets
 	VENV=.venv-033 bash scripts/setup_vllm033_venv.sh
 
 test-vllm033: .venv-033/.installed assets
-	VLLM_TARGET_DEVICE=cpu .venv-033/bin/python -m pytest -q tests/test_vllm033_registration.py
+	VLLM_TARGET_DEVICE=cpu .venv-033/bin/python -m pytest -q tests/test_vllm033_registration.py \
+	  tests/test_plugin_register.py -k 'vllm033 or clean_registration or injected_failure'
 
 clean:
 	rm -rf $(VENV) $(ASSETS)
