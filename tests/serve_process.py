@@ -94,8 +94,9 @@ def server_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def vllm_command(model_dir: Path, port: int, *extra: str) -> list[str]:
-    return [
+def vllm_command(model_dir: Path, port: int, *extra: str, eager: bool = True) -> list[str]:
+    """``eager=False`` keeps vLLM's torch.compile (slower start; CPU pipeline parallel needs it)."""
+    command = [
         str(Path(sys.executable).with_name("vllm")),
         "serve",
         str(model_dir),
@@ -105,7 +106,6 @@ def vllm_command(model_dir: Path, port: int, *extra: str) -> list[str]:
         "127.0.0.1",
         "--port",
         str(port),
-        "--enforce-eager",
         "--kv-cache-memory-bytes",
         str(KV_BYTES),
         "--max-model-len",
@@ -114,6 +114,7 @@ def vllm_command(model_dir: Path, port: int, *extra: str) -> list[str]:
         str(BLOCK_SIZE),
         *extra,
     ]
+    return command + ["--enforce-eager"] if eager else command
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -130,11 +131,11 @@ def stop(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
-def launch(model_dir: Path, log: Path, *extra: str, env: dict[str, str]) -> Server:
+def launch(model_dir: Path, log: Path, *extra: str, env: dict[str, str], eager: bool = True) -> Server:
     port = free_port()
     with log.open("wb") as log_file:
         process = subprocess.Popen(
-            vllm_command(model_dir, port, *extra),
+            vllm_command(model_dir, port, *extra, eager=eager),
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=env,

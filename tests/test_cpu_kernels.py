@@ -184,6 +184,39 @@ def test_a_query_gets_the_same_bits_however_it_is_batched(build, request):
     assert torch.equal(batched[1:91], whole[60:])
 
 
+@pytest.mark.parametrize("build", ["native", "portable"])
+def test_kv_heads_split_over_ranks_give_the_same_bits(build, request):
+    """Tensor parallel: a rank holds the pages of its own KV heads and the queries that read them.
+
+    Storing 4 KV heads in one cache, or 2 and 2 in two (what ranks 0 and 1 of
+    ``--tensor-parallel-size 2`` hold), writes the same bytes per head, and
+    attention over each half of the query heads (3 per KV head) gives the same
+    bits as over all of them: no statistic of the format spans heads.
+    """
+    ops = request.getfixturevalue(build)
+    layout = CellLayout.for_head_dim(64)
+    key, value = _kv(70, 4, 64, seed=11)
+    query = torch.randn(70, 12, 64, generator=torch.Generator().manual_seed(12))
+    slots = torch.arange(70)
+    starts, seq_lens, table = torch.tensor([0, 70]), torch.tensor([70]), torch.arange(5)[None]
+
+    def cache_of(heads: slice) -> torch.Tensor:
+        cache = torch.zeros(5, heads.stop - heads.start, 16, layout.cell_bytes, dtype=torch.uint8)
+        _store(cache, key[:, heads].contiguous(), value[:, heads].contiguous(), slots, layout, ops)
+        return cache
+
+    whole = cache_of(slice(0, 4))
+    ranks = [cache_of(slice(0, 2)), cache_of(slice(2, 4))]
+    assert torch.equal(torch.cat(ranks, dim=1), whole)
+    full = cpu_kernels.attention(query, whole, layout, starts, seq_lens, table, 0.125, ops=ops)
+    for rank, cache in enumerate(ranks):
+        rows = slice(6 * rank, 6 * rank + 6)
+        part = cpu_kernels.attention(
+            query[:, rows].contiguous(), cache, layout, starts, seq_lens, table, 0.125, ops=ops
+        )
+        assert torch.equal(part, full[:, rows]), rank
+
+
 def test_native_and_portable_builds_agree_bit_for_bit(native, portable):
     for head_dim, heads, window in [(64, (9, 3), None), (128, (8, 2), 50), (80, (4, 4), None)]:
         cache, table, layout, starts, seq_lens, query = _mixed_batch(head_dim, *heads, 16, seed=head_dim)

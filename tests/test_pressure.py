@@ -39,7 +39,8 @@ CHUNKS_BEFORE_ABORT = 3
 @pytest.fixture(scope="module")
 def servers(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("pressure-logs")
-    common = ("--kv-cache-dtype", "nf4", "--max-model-len", "512")
+    # fp32: see test_vllm_cpu_engine.EXACT_DTYPE (bf16 matmuls are not batch-invariant on every CPU)
+    common = ("--kv-cache-dtype", "nf4", "--max-model-len", "512", "--dtype", "float32")
     started: dict[str, Server] = {}
     try:
         started["tight"] = launch(
