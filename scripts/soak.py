@@ -229,8 +229,9 @@ def make_prefixes(text: str, count: int, rng: random.Random) -> list[Prefix]:
     return prefixes
 
 
-def effective_ttl(server_ttl: float | None, request_ttl: float | None) -> float | None:
-    ttls = [ttl for ttl in (server_ttl, request_ttl) if ttl is not None]
+def tightest_ttl(*ttls: float | None) -> float | None:
+    """The smallest of the TTLs that are set (None: no TTL)."""
+    ttls = [ttl for ttl in ttls if ttl is not None]
     return min(ttls) if ttls else None
 
 
@@ -272,7 +273,7 @@ class Soak:
             extra["vllm_xargs"] = {"nf4kv_prefix_ttl_s": request_ttl}
             report.with_request_ttl += 1
         abort = rng.random() < args.abort_share
-        ttl = effective_ttl(self.check_ttl, request_ttl)
+        ttl = tightest_ttl(self.check_ttl, request_ttl)
 
         sent = time.monotonic()
         idle = None if prefix.in_flight or prefix.idle_since is None else sent - prefix.idle_since
@@ -309,13 +310,8 @@ class Soak:
                         f"TTL violation: {cached} cached tokens after {idle:.1f} s idle "
                         f"(TTL {bound_at_send} s + slack {args.slack_s} s)"
                     )
-        # The TTL of the prefix's current content (see the module docstring).
-        if cached is None or cached == 0:
-            prefix.ttl_bound = ttl
-        elif prefix.ttl_bound is not None and ttl is not None:
-            prefix.ttl_bound = min(prefix.ttl_bound, ttl)
-        else:
-            prefix.ttl_bound = prefix.ttl_bound if ttl is None else ttl
+        # The TTL of the prefix's current content: a miss (or an unknown) starts it anew, a hit tightens it.
+        prefix.ttl_bound = tightest_ttl(prefix.ttl_bound, ttl) if cached else ttl
 
     def account(self, answer, max_tokens: int) -> int:
         report = self.report
@@ -357,7 +353,6 @@ class Soak:
         await self.warm_up()
         self.report.record_rss(0, group_rss_mib(pgid))
         deadline = time.monotonic() + self.args.duration_s
-
         halfway = deadline - self.args.duration_s / 2
 
         async def sample_rss() -> None:

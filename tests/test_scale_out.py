@@ -38,14 +38,13 @@ import json
 import math
 import os
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import ASSETS, REPO
 from serve_process import BLOCK_SIZE, MODEL_NAME, Server, launch, prompt, server_env, stop, wait_ready
 
-from vllm_nf4kv.tools.stats import parse_metrics
+from vllm_nf4kv.tools.stats import fetch, parse_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -79,9 +78,12 @@ def passages(moby_dick) -> list[str]:
     return [moby_dick[20_000 * (i + 1) : 20_000 * (i + 1) + PASSAGE_CHARS] for i in range(PASSAGES)]
 
 
+def _samples(server: Server) -> list[tuple[str, dict[str, str], float]]:
+    return list(parse_metrics(fetch(f"{server.url}/metrics", 30)))
+
+
 def _metric(server: Server, name: str, label: str | None = None) -> float | str:
-    text = urllib.request.urlopen(f"{server.url}/metrics", timeout=30).read().decode()
-    for sample, labels, value in parse_metrics(text):
+    for sample, labels, value in _samples(server):
         if sample == name:
             return labels[label] if label else value
     raise AssertionError(f"{name} not on /metrics")
@@ -155,10 +157,11 @@ def test_tensor_parallel_2_splits_kv_heads_and_keeps_nf4_quality(padded_model, p
     }  # fmt: skip
     nf4 = compare(runs["nf4", 1], runs["nf4", 2])
     auto = compare(runs["auto", 1], runs["auto", 2])
-    cost = {tp: compare(runs["auto", tp], runs["nf4", tp])["mean_nll"] for tp in (1, 2)}
-    cost = {tp: nll_nf4 - nll_auto for tp, (nll_auto, nll_nf4) in cost.items()}
+    against_auto = {tp: compare(runs["auto", tp], runs["nf4", tp]) for tp in (1, 2)}
+    cost = {tp: found["mean_nll"][1] - found["mean_nll"][0] for tp, found in against_auto.items()}
     print(f"\nnf4, tensor parallel 2 vs 1: {nf4}\nauto, tensor parallel 2 vs 1: {auto}"
           f"\nnf4's cost against auto (nats/token): TP=1 {cost[1]:.4f}, TP=2 {cost[2]:.4f}"
+          f"; top-1 agreement with auto: TP=1 {against_auto[1]['top1_agreement']:.3f}"
           f"\nKV blocks per rank: " + ", ".join(f"{k}: {v['blocks']}" for k, v in runs.items()))  # fmt: skip
     for dtype in ("auto", "nf4"):  # pages per KV head: half the heads per rank, twice the blocks
         one, two = runs[dtype, 1]["blocks"], runs[dtype, 2]["blocks"]
@@ -183,11 +186,10 @@ def test_pipeline_parallel_2_equals_one_stage_bit_for_bit(padded_model, passages
 
 
 def _nf4kv_scrape(server: Server) -> dict[tuple, float]:
-    text = urllib.request.urlopen(f"{server.url}/metrics", timeout=30).read().decode()
     keep = ("nf4kv:", "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total")
     samples = [
         (name, tuple(sorted(labels.items())), value)
-        for name, labels, value in parse_metrics(text)
+        for name, labels, value in _samples(server)
         if name.startswith(keep)
     ]
     keys = [(name, labels) for name, labels, _ in samples]

@@ -26,9 +26,9 @@ pytestmark = pytest.mark.slow
 KV_BYTES = 64 * 2**20
 # Chunked prefill, mixed batches and preemption run the model in fp32. In bf16 vLLM CPU's own linear
 # layers are batch-invariant on some CPUs and not on others: with AMX / AVX512-BF16 (oneDNN), `auto`
-# itself gives a chunked prefill another first logprob than a whole one (measured -0.553 vs -0.598 on a
-# Zen 4), and nf4 turns such last-bit differences into flipped codes. In fp32 both kinds of machine
-# measured were batch-invariant, so these tests see only what nf4 adds.
+# itself gives a chunked prefill another first logprob than a whole one (a one-off probe: -0.553 vs
+# -0.598 on a Zen 4), and nf4 turns such last-bit differences into flipped codes. In fp32 both kinds of
+# machine measured were batch-invariant, so these tests see only what nf4 adds.
 EXACT_DTYPE = "float32"
 
 
