@@ -9,8 +9,10 @@ same process, back to back (timings on shared CPUs are noisy, ratios less so).
     python scripts/bench_cpu_kernels.py --against 0c79e6f --threads 2   # kernels of a commit vs these
 
 ``--against REV`` times the kernels as they were at git revision REV instead of
-the PyTorch path (built beside the current ones, same flags), and says whether
-the two give the same bits.
+the PyTorch path (REV's ``vllm_nf4kv/csrc``, whatever files it held, built beside the
+current ones with the same flags), and says whether the two write the same cache bytes
+and give the same attention bits (``scripts/compare_kernels.py`` checks that on many
+more inputs).
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from vllm_nf4kv import cpu_kernels
-from vllm_nf4kv.format import CellLayout
+from vllm_nf4kv.format import SCALE_CODE_MAX, CellLayout, format_for
 from vllm_nf4kv.paged_attention import ACCUMULATE, paged_attention
-from vllm_nf4kv.reference import write_paged
-from vllm_nf4kv.rotation import rotate, unrotate
+from vllm_nf4kv.reference import decode_scale, nf4_levels, nf4_midpoints, write_paged
+from vllm_nf4kv.rotation import rotate, rotation_signs, unrotate
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -42,17 +45,41 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
     return min(times) * 1e3
 
 
-def kernels_at(rev: str) -> object:
-    """torch.ops namespace of the C++ kernels as committed at `rev`."""
+def kernels_at(rev: str) -> Any:
+    """torch.ops namespace of the C++ kernels as committed at `rev` (its whole csrc/ directory)."""
     repo = Path(__file__).resolve().parents[1]
 
-    def git(*argv: str) -> str:
-        return subprocess.run(["git", *argv], cwd=repo, check=True, capture_output=True, text=True).stdout
+    def git(*argv: str) -> bytes:
+        return subprocess.run(["git", *argv], cwd=repo, check=True, capture_output=True).stdout
 
-    namespace = "nf4kv_at_" + git("rev-parse", "--short", rev).strip()
-    source = Path(tempfile.mkdtemp()) / f"{namespace}.cpp"
-    source.write_text(git("show", f"{rev}:vllm_nf4kv/csrc/nf4_cpu.cpp"))
-    return cpu_kernels.build(namespace, source=source)
+    namespace = "nf4kv_at_" + git("rev-parse", "--short", rev).decode().strip()
+    root = Path(tempfile.mkdtemp())
+    subprocess.run(["tar", "-x", "-C", str(root)], input=git("archive", rev, "vllm_nf4kv/csrc"), check=True)
+    return cpu_kernels.build(namespace, source=root / "vllm_nf4kv" / "csrc")
+
+
+def store_of(ops: Any) -> Callable[..., None]:
+    """``store(cache, key, value, slots, layout)`` through `ops`, whichever op signature its revision has.
+
+    Revisions before per-row search steps take one ``search_steps`` for K and V.
+    """
+    arguments = [argument.name for argument in ops.store.default._schema.arguments]
+    if "search_steps" not in arguments:
+        return partial(cpu_kernels.store, ops=ops)
+
+    tables = nf4_levels(), nf4_midpoints(), decode_scale(torch.arange(SCALE_CODE_MAX + 1)).contiguous()
+
+    def store(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
+              layout: CellLayout) -> None:
+        if layout.key.search_steps != layout.value.search_steps:
+            raise ValueError("this revision's store takes one search_steps for K and V")
+        ops.store(
+            key.float().contiguous(), value.float().contiguous(), cache, slots.long().contiguous(),
+            rotation_signs(layout.head_dim), *tables, layout.key.group_size, layout.value.group_size,
+            layout.key.search_steps,
+        )
+
+    return store
 
 
 def main() -> None:
@@ -69,7 +96,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not cpu_kernels.available():
         raise SystemExit("the C++ kernels are not available here (see the log)")
-    layout = CellLayout.for_head_dim(args.head_dim)
+    layout = format_for("nf4", args.head_dim)
     gen = torch.Generator().manual_seed(0)
     num_blocks = 8192 // args.block_size * 16
     cache = torch.zeros(num_blocks, args.kv_heads, args.block_size, layout.cell_bytes, dtype=torch.uint8)
@@ -77,7 +104,7 @@ def main() -> None:
     kv = torch.randn(tokens, args.kv_heads, args.head_dim, generator=gen, dtype=torch.float32).bfloat16()
     cpu_kernels.store(cache, kv, kv, torch.arange(tokens), layout)  # realistic codes and scales
     before = kernels_at(args.against) if args.against else None
-    same_bits = []
+    same_bits, same_bytes = [], []
 
     def attention_pair(num_reqs: int, seq_len: int, q_len: int) -> tuple[float, float]:
         per_req = -(-seq_len // args.block_size)
@@ -106,11 +133,16 @@ def main() -> None:
         rows.append((f"decode, {num_reqs} x {seq_len} tokens", *attention_pair(num_reqs, seq_len, 1)))
     for seq_len in (512, 2048):
         rows.append((f"prefill, 1 x {seq_len} tokens", *attention_pair(1, seq_len, seq_len)))
+    slow_store = write_paged if before is None else store_of(before)
     for n in (1, 8, 2048):
         key = torch.randn(n, args.kv_heads, args.head_dim, generator=gen).bfloat16()
         slots = torch.randperm(tokens, generator=gen)[:n]
+        if before is not None:
+            mine, theirs = cache.clone(), cache.clone()
+            cpu_kernels.store(mine, key, key, slots, layout)
+            slow_store(theirs, key, key, slots, layout)
+            same_bytes.append(torch.equal(mine, theirs))
         fast = best_of(lambda: cpu_kernels.store(cache, key, key, slots, layout), args.repeats)  # noqa: B023
-        slow_store = write_paged if before is None else partial(cpu_kernels.store, ops=before)
         slow = best_of(lambda: slow_store(cache, key, key, slots, layout), args.repeats)  # noqa: B023
         rows.append((f"store (quantize-on-write), {n} tokens", fast, slow))
 
@@ -128,6 +160,8 @@ def main() -> None:
     if before is not None:
         same = "yes" if all(same_bits) else "NO"
         lines += ["", f"Attention outputs bit-identical to {args.against}'s: {same}"]
+        same = "yes" if all(same_bytes) else "NO"
+        lines += [f"Stored cache bytes identical to {args.against}'s: {same}"]
     text = "\n".join(lines)
     print(text)
     if args.out:

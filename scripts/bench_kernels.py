@@ -38,7 +38,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ATTENTION_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2)}
 
 
 def _need_cuda() -> None:
@@ -202,10 +201,10 @@ def run_checks(device: str = "cuda", quick: bool = False) -> bool:
     interpreter (bf16 dots there run as fp16: the interpreter's bf16 ``tl.dot`` is broken).
     """
     from vllm_nf4kv import reference
-    from vllm_nf4kv.format import CellLayout
-    from vllm_nf4kv.kernels.attention_reference import paged_attention_reference
+    from vllm_nf4kv.format import format_for
     from vllm_nf4kv.kernels.triton_attention import nf4_paged_attention
     from vllm_nf4kv.kernels.triton_store import load_kv_nf4, store_kv_nf4
+    from vllm_nf4kv.reference_attention import ATTENTION_TOLERANCE, paged_attention_reference
     from vllm_nf4kv.rotation import rotate
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -222,7 +221,7 @@ def run_checks(device: str = "cuda", quick: bool = False) -> bool:
     # store: bit-exact against the CPU reference codec (the stated ground truth)
     for head_dim in (64, 128, 256, 96)[: 2 if quick else 4]:
         for dtype in (torch.bfloat16, torch.float16, torch.float32)[: 1 if quick else 3]:
-            layout = CellLayout.for_head_dim(head_dim)
+            layout = format_for("nf4", head_dim)
             tokens, heads, block_size = (24, 2, 16) if quick else (2048, 8, 16)
             x = torch.randn(2, tokens, heads, head_dim, generator=gen)
             x = x * torch.exp2(torch.randint(-8, 9, (2, tokens, heads, 1), generator=gen).float())
@@ -234,9 +233,8 @@ def run_checks(device: str = "cuda", quick: bool = False) -> bool:
                                 device=device)
             store_kv_nf4(cache, key_rot.to(device), value_rot.to(device), slots.to(device), layout)
             valid = slots >= 0
-            kc, ks = reference.quantize_groups(key_rot[valid], layout.key.group_size)
-            vc, vs = reference.quantize_groups(value_rot[valid], layout.value.group_size)
-            cells = torch.cat([reference.pack_nibbles(kc), ks, reference.pack_nibbles(vc), vs], -1)
+            key_rows = reference.quantize_rows(key_rot[valid], layout.key)
+            cells = torch.cat([key_rows, reference.quantize_rows(value_rot[valid], layout.value)], -1)
             expected = torch.zeros(cache.shape, dtype=torch.uint8)
             s = slots[valid]
             expected[s // block_size, :, s % block_size] = cells
@@ -247,7 +245,7 @@ def run_checks(device: str = "cuda", quick: bool = False) -> bool:
                    f"{bad_cells} of {int(valid.sum()) * heads} cells differ ({groups} groups)")
     # load: exact in fp32, rounded to nearest even in bf16
     for head_dim, block_size in ((128, 16), (64, 128), (256, 32)):
-        layout = CellLayout.for_head_dim(head_dim)
+        layout = format_for("nf4", head_dim)
         seq_lens = [1, 100, 33, block_size] if quick else [1, 1000, 4097, block_size]
         cache, table = _paged_nf4(gen, layout, 4, block_size, seq_lens, device)
         lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
@@ -274,7 +272,7 @@ def run_checks(device: str = "cuda", quick: bool = False) -> bool:
         if quick:  # same shapes of batch, 10x shorter
             seq_lens, q_lens = [max(1, n // 10) for n in seq_lens], [max(1, n // 10) for n in q_lens]
             kv_heads = 1
-        layout = CellLayout.for_head_dim(head_dim)
+        layout = format_for("nf4", head_dim)
         cache, table = _paged_nf4(gen, layout, kv_heads, block_size, seq_lens, device)
         qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
         lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
@@ -282,9 +280,9 @@ def run_checks(device: str = "cuda", quick: bool = False) -> bool:
         scale = head_dim**-0.5
         out = nf4_paged_attention(query, cache, table, qsl, lens, layout, scale, max_query_len=max(q_lens),
                                   max_seq_len=max(seq_lens), num_splits=splits)
-        expected = paged_attention_reference(query, cache, table, qsl, lens, layout, scale)
+        expected = paged_attention_reference(query, cache, table, qsl, lens, layout, scale).float()
         err = (out.float() - expected).abs().max().item()
-        atol, rtol = ATTENTION_TOL[dtype]
+        atol, rtol = ATTENTION_TOLERANCE[dtype]
         passed = bool(torch.isclose(out.float(), expected, atol=atol, rtol=rtol).all())
         name = f"attention d{head_dim} gqa{gqa} bs{block_size} {str(dtype)[6:]} q{max(q_lens)} splits{splits}"
         report(name, passed, f"max abs err {err:.2e} (atol {atol}, rtol {rtol})")
@@ -331,10 +329,10 @@ def copy_bandwidth() -> float:
 
 
 def bench_decode(args, peak_gbs: float) -> list[str]:
-    from vllm_nf4kv.format import CellLayout
+    from vllm_nf4kv.format import format_for
     from vllm_nf4kv.kernels.triton_attention import choose_num_splits, nf4_paged_attention
 
-    layout = CellLayout.for_head_dim(args.head_dim)
+    layout = format_for("nf4", args.head_dim)
     h_kv, h_q, d, bs = args.num_kv_heads, args.num_q_heads, args.head_dim, args.block_size
     lines = [
         f"Decode attention, head_dim {d}, {h_q} query / {h_kv} KV heads, block_size {bs}, "
@@ -405,15 +403,16 @@ def _scatter_pair(cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, v
 
 
 def bench_store(args, peak_gbs: float) -> list[str]:
-    from vllm_nf4kv.format import CellLayout
+    from vllm_nf4kv.format import format_for
     from vllm_nf4kv.kernels.triton_store import store_kv_nf4
     from vllm_nf4kv.rotation import rotate
 
-    layout = CellLayout.for_head_dim(args.head_dim)
+    layout = format_for("nf4", args.head_dim)
     h_kv, d, bs = args.num_kv_heads, args.head_dim, args.block_size
     dtype = DTYPES[args.dtype]
     lines = [
-        f"Store (quantize-on-write, {args.dtype} rotated K/V in, search_steps 4), head_dim {d}, "
+        f"Store (quantize-on-write, {args.dtype} rotated K/V in, search_steps {layout.key.search_steps}), "
+        f"head_dim {d}, "
         f"{h_kv} KV heads; bytes = K/V read + cells written. Rotation (two fp32 matmuls in torch) "
         "timed apart.",
         "",

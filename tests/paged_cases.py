@@ -1,6 +1,6 @@
-"""Paged NF4 caches filled through the reference codec, and dense fp64 attention over them.
+"""Paged NF4 caches filled through the reference codec (attention over them: ``reference_attention``).
 
-Shared by the PyTorch path's tests and the C++ kernels' tests.
+Shared by the PyTorch path's tests, the C++ kernels' tests and the conformance test.
 """
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ from __future__ import annotations
 import torch
 
 from vllm_nf4kv import reference
-from vllm_nf4kv.format import CellLayout
+from vllm_nf4kv.format import format_for
 
 
 def fill_cache(seq_lens, num_kv_heads, head_dim, block_size, seed=0, layout=None):
     """Random K/V written through the reference codec into shuffled blocks."""
     gen = torch.Generator().manual_seed(seed)
-    layout = layout or CellLayout.for_head_dim(head_dim)
+    layout = layout or format_for("nf4", head_dim)
     blocks_per_seq = [-(-n // block_size) for n in seq_lens]
     num_blocks = sum(blocks_per_seq) + 3
     cache = torch.zeros(num_blocks, num_kv_heads, block_size, layout.cell_bytes, dtype=torch.uint8)
@@ -29,20 +29,3 @@ def fill_cache(seq_lens, num_kv_heads, head_dim, block_size, seed=0, layout=None
         value = torch.randn(n, num_kv_heads, head_dim, generator=gen)
         reference.write_paged(cache, key, value, slots, layout)
     return cache, table, layout
-
-
-def dense_attention(query, cache, table, layout, starts, seq_lens, scale, window=None):
-    out = torch.zeros(query.shape, dtype=torch.float64)
-    group = query.shape[1] // cache.shape[1]
-    for r, n in enumerate(seq_lens):
-        key, value = reference.read_paged(cache, table[r], n, layout)
-        q_len = starts[r + 1] - starts[r]
-        for j in range(q_len):
-            pos = n - q_len + j
-            first = 0 if window is None else max(0, pos - window + 1)
-            for h in range(query.shape[1]):
-                k = key[first : pos + 1, h // group].double()
-                v = value[first : pos + 1, h // group].double()
-                p = torch.softmax(k @ query[starts[r] + j, h].double() * scale, dim=0)
-                out[starts[r] + j, h] = p @ v
-    return out

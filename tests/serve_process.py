@@ -2,6 +2,9 @@
 
 Each server runs in its own process group (the API server and its engine core),
 logs to a file, and is stopped with the whole group whatever the test does.
+A server started with :meth:`ControlledClock.env` in its environment runs its
+TTL pool on that clock (``tests/clock_control/sitecustomize.py``): time stands
+still for the TTL until the test advances it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,44 @@ TEXT = (
     "in my purse, and nothing particular to interest me on shore, I thought I would sail about "
     "a little and see the watery part of the world. "
 )
+CLOCK_DIR = Path(__file__).resolve().with_name("clock_control")  # holds the test-only sitecustomize.py
+CLOCK_FILE_VAR = "TEST_NF4KV_CLOCK_FILE"  # read there
+CLOCK_TICK_S = 1e-6  # what each reading adds, as there
+
+
+class ControlledClock:
+    """A TTL clock that stands still until :meth:`advance`: "the TTL has passed" is the test's call.
+
+    Use it in-process as the pool's ``TTLState.clock``, or give a server ``env()``:
+    the server's engine core then reads the time from ``path``. Like the real
+    clock it never returns the same value twice (each reading adds a microsecond).
+    """
+
+    def __init__(self, path: Path | None = None, start: float = 1000.0) -> None:
+        self.path, self.now, self.last = path, start, float("-inf")
+        self._write()
+
+    def __call__(self) -> float:
+        self.last = max(self.last + CLOCK_TICK_S, self.now)
+        return self.last
+
+    def advance(self, seconds: float) -> None:
+        assert seconds > 0, seconds
+        self.now += seconds
+        self._write()
+
+    def _write(self) -> None:
+        if self.path is not None:  # atomically: the server may read at any moment
+            partial = self.path.with_name(self.path.name + ".partial")
+            partial.write_text(repr(self.now))
+            os.replace(partial, self.path)
+
+    def env(self, pythonpath: str | None = None) -> dict[str, str]:
+        """What a server's environment needs for its TTL pool to read this clock (``PYTHONPATH`` kept)."""
+        assert self.path is not None, "an in-process clock has no file"
+        path = [str(CLOCK_DIR), *filter(None, [pythonpath])]
+        return {CLOCK_FILE_VAR: str(self.path), "PYTHONPATH": os.pathsep.join(path)}
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -44,8 +85,14 @@ def prompt(tag: str) -> str:
 
 
 class Server:
-    def __init__(self, url: str, process: subprocess.Popen, log: Path) -> None:
-        self.url, self.process, self.log = url, process, log
+    def __init__(
+        self, url: str, process: subprocess.Popen, log: Path, clock: ControlledClock | None = None
+    ) -> None:
+        self.url, self.process, self.log, self.clock = url, process, log, clock
+
+    def clock_installed(self) -> bool:
+        """Whether the test clock reached a process of this server (sitecustomize logs it)."""
+        return "nf4kv test clock:" in self.log.read_text(errors="replace")
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -131,8 +178,18 @@ def stop(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
-def launch(model_dir: Path, log: Path, *extra: str, env: dict[str, str], eager: bool = True) -> Server:
+def launch(
+    model_dir: Path,
+    log: Path,
+    *extra: str,
+    env: dict[str, str],
+    eager: bool = True,
+    clock: ControlledClock | None = None,
+) -> Server:
+    """Start ``vllm serve``; with ``clock`` its TTL pool runs on that clock (``Server.clock``)."""
     port = free_port()
+    if clock is not None:
+        env = {**env, **clock.env(env.get("PYTHONPATH"))}
     with log.open("wb") as log_file:
         process = subprocess.Popen(
             vllm_command(model_dir, port, *extra, eager=eager),
@@ -141,7 +198,7 @@ def launch(model_dir: Path, log: Path, *extra: str, env: dict[str, str], eager: 
             env=env,
             start_new_session=True,
         )
-    return Server(f"http://127.0.0.1:{port}", process, log)
+    return Server(f"http://127.0.0.1:{port}", process, log, clock)
 
 
 def wait_ready(server: Server) -> Server:

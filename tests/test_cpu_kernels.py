@@ -1,19 +1,37 @@
-"""The C++ CPU kernels against the reference: store byte for byte, attention against dense fp64.
+"""The C++ CPU kernels against the references: the store byte for byte against
+:mod:`vllm_nf4kv.reference`, attention against
+:func:`vllm_nf4kv.reference_attention.paged_attention_reference` on the same dequantized cache.
 
-Two builds are checked: the native one (AVX-512 on this project's machines)
-and a ``-march=x86-64-v3`` one that takes the portable loops; they must agree
-bit for bit, since they do the same fp32 operations in the same order.
+Two builds are checked: the native one (AVX-512 on this project's machines) and a
+``-march=x86-64-v3`` one that takes the portable loops; they must agree bit for bit, since they
+do the same fp32 operations in the same order. Tests that compare the two skip where the native
+build has no AVX-512 (both builds would then be the portable one).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-from paged_cases import dense_attention, fill_cache
+from paged_cases import fill_cache
 
 from vllm_nf4kv import cpu_kernels, reference
-from vllm_nf4kv.format import SCALE_MAX, CellLayout, RowFormat
+from vllm_nf4kv import format as fmt
+from vllm_nf4kv.format import SCALE_CODE_MAX, CellLayout, RowFormat, format_for
+from vllm_nf4kv.kernel_limits import CPU_LIMITS
+from vllm_nf4kv.reference_attention import ATTENTION_TOLERANCE, paged_attention_reference
 from vllm_nf4kv.rotation import rotate, unrotate
+
+STORE_HEAD_DIMS = [16, 64, 80, 96, 128, 256]
+ATTENTION_HEAD_DIMS = [64, 80, 128, 256]
+GQA = [(4, 4), (8, 2), (9, 3), (8, 1)]  # (query heads, KV heads)
+BLOCK_SIZES = [16, 128]
+BUILDS = ["native", "portable"]
+# (head_dim, key group, value group) beside the defaults: a scale per dimension pair, 16 scale
+# codes a row, value groups that do not fill a register
+OTHER_GROUPS = [(64, 4, 8), (64, 8, 32), (96, 12, 48), (128, 8, 16)]
+ATOL, RTOL = ATTENTION_TOLERANCE[torch.float32]
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +46,47 @@ def portable():
     return cpu_kernels.build("nf4kv_cpu_portable", "-march=x86-64-v3")
 
 
-def test_the_two_builds_take_different_paths(native, portable):
+@pytest.fixture(scope="module")
+def avx512(native):
+    """The native build, for tests that compare its AVX-512 path with the portable one."""
+    if not native.has_avx512():
+        pytest.skip("this CPU has no AVX-512 (F, BW, VL): the native build takes the portable loops too")
+    return native
+
+
+def test_native_build_takes_avx512_exactly_where_the_cpu_has_it(native, portable):
     assert not portable.has_avx512()
-    # this project's CI machines have AVX-512 (F, BW and VL); elsewhere both builds are portable
     flags = cpu_kernels._cpu_flags().split()
     assert native.has_avx512() == all(f in flags for f in ("avx512f", "avx512bw", "avx512vl"))
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_the_built_constants_are_format_pys(build, request):
+    """What the C++ compiled (nf4kv_format.h as the build saw it), not what Python says."""
+    built = request.getfixturevalue(build).format_constants()
+    assert built == {name: float(value) for name, value in cpu_kernels.header_constants().items()}
+    assert built["SCALE_MAX"] == fmt.SCALE_MAX and built["NUM_LEVELS"] == len(fmt.NF4_LEVELS)
+    assert built["CPU_MAX_HEAD_DIM"] == CPU_LIMITS.max_head_dim
+    assert built["CPU_MAX_QUERY_HEADS_PER_KV_HEAD"] == CPU_LIMITS.max_query_heads_per_kv_head
+    assert built["CPU_MAX_SCALE_GROUPS"] == CPU_LIMITS.max_scale_groups
+
+
+def test_the_kernels_row_geometry_is_row_formats(native):
+    for head_dim in (16, 64, 80, 128, 256, 512):
+        for group in range(2, head_dim + 1, 2):
+            if head_dim % group:
+                continue
+            row = RowFormat(head_dim, group)
+            assert row.code_offset == 0  # the decoders read a row's codes from its first byte
+            got = native.row_geometry(head_dim, group)
+            want = [row.code_bytes, row.scale_offset, row.scale_bytes, row.row_bytes]
+            assert got == want, (head_dim, group)
+
+
+def test_the_format_header_renders_scale_max_exactly():
+    header = cpu_kernels.format_header()
+    assert f"constexpr float SCALE_MAX = {fmt.SCALE_MAX.hex()}f;" in header
+    assert float.fromhex(fmt.SCALE_MAX.hex()) == fmt.SCALE_MAX
 
 
 def _kv(num_tokens, heads, head_dim, seed, dtype=torch.bfloat16):
@@ -43,15 +97,11 @@ def _kv(num_tokens, heads, head_dim, seed, dtype=torch.bfloat16):
     return key, value
 
 
-def _store(kv_cache, key, value, slots, layout, ops):
-    cpu_kernels.store(kv_cache, key, value, slots, layout, ops=ops)
-
-
-@pytest.mark.parametrize("head_dim", [16, 64, 80, 96, 128, 256])
-@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("head_dim", STORE_HEAD_DIMS)
+@pytest.mark.parametrize("build", BUILDS)
 def test_store_writes_the_reference_bytes(head_dim, build, request):
     ops = request.getfixturevalue(build)
-    layout = CellLayout.for_head_dim(head_dim)
+    layout = format_for("nf4", head_dim)
     key, value = _kv(300, 3, head_dim, seed=head_dim)
     key[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
     key[2, 1] = 0  # all-zero groups
@@ -62,24 +112,49 @@ def test_store_writes_the_reference_bytes(head_dim, build, request):
     want = torch.zeros(40, 3, 16, layout.cell_bytes, dtype=torch.uint8)
     got = want.clone()
     reference.write_paged(want, key, value, slots, layout)
-    _store(got, key, value, slots, layout, ops)
+    cpu_kernels.store(got, key, value, slots, layout, ops=ops)
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("steps", [1, 2, 8])
-def test_store_honours_the_search_steps(native, steps):
-    layout = CellLayout.for_head_dim(64)
-    key, value = _kv(50, 2, 64, seed=steps, dtype=torch.float32)
+@pytest.mark.parametrize("build", BUILDS)
+def test_extremes_store_what_the_reference_stores(build, request):
+    """The C++ SCALE_MAX at work: +inf is sanitized to it and 1e30 scales clamp to its code.
+
+    A lone +inf spreads over the vector as +-SCALE_MAX / sqrt(d) by the rotation, so its scale
+    codes are only right if the C++ sanitizes to exactly format.SCALE_MAX; a vector of 1e30
+    needs the largest code, SCALE_CODE_MAX, where its rotated magnitude is largest.
+    """
+    ops = request.getfixturevalue(build)
+    layout = format_for("nf4", 64)
+    key = torch.zeros(4, 1, 64)
+    key[0, 0, 0] = float("inf")
+    key[1, 0, 9] = -float("inf")
+    key[2] = 1e30
+    key[3] = -1e30
+    value = key.flip(0).contiguous()
+    want = torch.zeros(1, 1, 16, layout.cell_bytes, dtype=torch.uint8)
+    got = want.clone()
+    reference.write_paged(want, key, value, torch.arange(4), layout)
+    cpu_kernels.store(got, key, value, torch.arange(4), layout, ops=ops)
+    assert torch.equal(got, want)
+    scale_codes = got[0, 0, :, layout.key.scale_offset : layout.key.row_bytes]
+    assert bool((scale_codes[2:4] == SCALE_CODE_MAX).any(-1).all())  # 1e30 rows reach the largest code
+
+
+@pytest.mark.parametrize("steps", [(1, 1), (2, 8), (8, 2), (4, 1)])
+def test_store_honours_each_rows_search_steps(native, steps):
+    layout = CellLayout(RowFormat(64, 16, search_steps=steps[0]), RowFormat(64, 16, search_steps=steps[1]))
+    key, value = _kv(50, 2, 64, seed=sum(steps), dtype=torch.float32)
     slots = torch.arange(50)
     want = torch.zeros(4, 2, 16, layout.cell_bytes, dtype=torch.uint8)
     got = want.clone()
-    reference.write_paged(want, key, value, slots, layout, search_steps=steps)
-    cpu_kernels.store(got, key, value, slots, layout, search_steps=steps, ops=native)
+    reference.write_paged(want, key, value, slots, layout)
+    cpu_kernels.store(got, key, value, slots, layout, ops=native)
     assert torch.equal(got, want)
 
 
 def test_store_refuses_bad_input(native):
-    layout = CellLayout.for_head_dim(64)
+    layout = format_for("nf4", 64)
     cache = torch.zeros(2, 1, 16, layout.cell_bytes, dtype=torch.uint8)
     key = torch.zeros(1, 1, 64)
     with pytest.raises(RuntimeError, match="outside the cache"):
@@ -90,18 +165,50 @@ def test_store_refuses_bad_input(native):
     with pytest.raises(ValueError, match="nf4 cache must be uint8"):
         cpu_kernels.store(cache.float(), key, key, torch.tensor([0]), layout, ops=native)
     assert int(cache.sum()) == 0
-    assert float(SCALE_MAX) == 61440.0  # the constant csrc/nf4_cpu.cpp hard-codes as kScaleMax
 
 
-def dense_in_model_space(query, *args, **kwargs):
-    """The kernel rotates queries in and outputs back; the dense reference works in the rotated space."""
-    rotated = dense_attention(rotate(query, torch.float64), *args, **kwargs)
+def test_layouts_beyond_the_cpu_limits_are_refused_before_any_kernel(native, monkeypatch):
+    def refused(layout, num_heads=1, match=""):
+        cache = torch.zeros(1, 1, 16, layout.cell_bytes, dtype=torch.uint8)
+        x = torch.zeros(1, 1, layout.head_dim)
+        with pytest.raises(ValueError, match=match):
+            cpu_kernels.store(cache, x, x, torch.tensor([0]), layout, ops=native)
+        query = torch.zeros(1, num_heads, layout.head_dim)
+        with pytest.raises(ValueError, match=match):
+            cpu_kernels.attention(
+                query, cache, layout, torch.tensor([0, 1]), torch.tensor([1]), torch.zeros(1, 1), 1.0,
+                ops=native
+            )
+
+    refused(CellLayout(RowFormat(64, 2), RowFormat(64, 16)), match="at most 16 scale groups")
+    big = CPU_LIMITS.max_head_dim + 16
+    big_row = RowFormat(big, big // 4)
+    refused(CellLayout(big_row, big_row), match=f"head_dim up to {big - 16}")
+    monkeypatch.setattr(cpu_kernels, "CPU_LIMITS", dataclasses.replace(CPU_LIMITS, scale_schemes=()))
+    refused(format_for("nf4", 64), match="scale schemes")
+    monkeypatch.undo()
+    layout = format_for("nf4", 64)
+    cache = torch.zeros(1, 1, 16, layout.cell_bytes, dtype=torch.uint8)
+    too_many = CPU_LIMITS.max_query_heads_per_kv_head + 1
+    with pytest.raises(ValueError, match="query heads per KV head"):
+        cpu_kernels.attention(
+            torch.zeros(1, too_many, 64), cache, layout, torch.tensor([0, 1]), torch.tensor([1]),
+            torch.zeros(1, 1), 1.0, ops=native,
+        )
+
+
+def reference_in_model_space(query, cache, table, layout, starts, seq_lens, scale, causal=True, window=None):
+    """The kernel rotates queries in and outputs back; the reference works in the rotated space."""
+    rotated = paged_attention_reference(
+        rotate(query, torch.float64), cache, table, starts, seq_lens, layout, scale, causal, window
+    )
     return unrotate(rotated, torch.float64)
 
 
 def _mixed_batch(head_dim, num_heads, num_kv_heads, block_size, seed=0, layout=None):
     seq_lens = [1, 37, 130, 20, 9, 200]  # decodes, a chunk of 7 after 123, a prefill, a 70-query chunk
     query_lens = [1, 1, 7, 1, 9, 70]
+    layout = layout or format_for("nf4", head_dim)
     cache, table, layout = fill_cache(seq_lens, num_kv_heads, head_dim, block_size, seed=seed, layout=layout)
     starts = [0]
     for q in query_lens:
@@ -110,30 +217,37 @@ def _mixed_batch(head_dim, num_heads, num_kv_heads, block_size, seed=0, layout=N
     return cache, table, layout, starts, seq_lens, query
 
 
-@pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
-@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (9, 3), (8, 1)])
-@pytest.mark.parametrize("block_size", [16, 128])
-def test_attention_matches_dense(native, head_dim, heads, block_size):
+@pytest.mark.parametrize("head_dim", ATTENTION_HEAD_DIMS)
+@pytest.mark.parametrize("heads", GQA)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_attention_matches_the_reference(native, head_dim, heads, block_size):
     cache, table, layout, starts, seq_lens, query = _mixed_batch(head_dim, *heads, block_size)
     scale = head_dim**-0.5
     got = cpu_kernels.attention(
         query, cache, layout, torch.tensor(starts), torch.tensor(seq_lens), table, scale, ops=native
     )
-    want = dense_in_model_space(query, cache, table, layout, starts, seq_lens, scale)
+    want = reference_in_model_space(query, cache, table, layout, starts, seq_lens, scale)
     assert got.dtype == torch.float32
-    # fp32 fma chains over up to 256 dims / 200 keys vs fp64: errors of a few 1e-6 at most
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.double(), want, atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("window", [1, 8, 100])
-def test_sliding_window_matches_dense(native, window):
+def test_sliding_window_matches_the_reference(native, window):
     cache, table, layout, starts, seq_lens, query = _mixed_batch(64, 4, 2, 16, seed=3)
     got = cpu_kernels.attention(
         query, cache, layout, torch.tensor(starts), torch.tensor(seq_lens), table, 0.125,
         sliding_window=window, ops=native,
     )
-    want = dense_in_model_space(query, cache, table, layout, starts, seq_lens, 0.125, window=window)
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    want = reference_in_model_space(query, cache, table, layout, starts, seq_lens, 0.125, window=window)
+    torch.testing.assert_close(got.double(), want, atol=ATOL, rtol=RTOL)
+
+
+def test_bidirectional_attention_matches_the_reference(native):
+    cache, table, layout, starts, seq_lens, query = _mixed_batch(64, 9, 3, 16, seed=4)
+    args = (query, cache, layout, torch.tensor(starts), torch.tensor(seq_lens), table, 0.125)
+    got = cpu_kernels.attention(*args, causal=False, ops=native)
+    want = reference_in_model_space(query, cache, table, layout, starts, seq_lens, 0.125, causal=False)
+    torch.testing.assert_close(got.double(), want, atol=ATOL, rtol=RTOL)
 
 
 def test_padding_rows_are_zero_and_bad_metadata_is_refused(native):
@@ -149,11 +263,13 @@ def test_padding_rows_are_zero_and_bad_metadata_is_refused(native):
         attend(query, [0, 5], [3])
     with pytest.raises(RuntimeError, match="block table too short"):
         attend(query, [0, 1], [10_000])
+    with pytest.raises(RuntimeError, match="needs query_start_loc"):
+        attend(query, [0], [1])
     with pytest.raises(ValueError, match="query must be"):
         attend(query[..., :32], starts, seq_lens)
 
 
-@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("build", BUILDS)
 def test_a_query_gets_the_same_bits_however_it_is_batched(build, request):
     """Batch invariance, exact: what makes prefix-cache hits and chunked prefill reproduce a cold run.
 
@@ -163,7 +279,7 @@ def test_a_query_gets_the_same_bits_however_it_is_batched(build, request):
     requests; every row must be bit-identical.
     """
     ops = request.getfixturevalue(build)
-    cache, table, layout = fill_cache([150, 300, 40], 3, 64, 16, seed=5)
+    cache, table, layout = fill_cache([150, 300, 40], 3, 64, 16, seed=5, layout=format_for("nf4", 64))
     query = torch.randn(150, 9, 64, generator=torch.Generator().manual_seed(6))
 
     def run(q, starts, lens, rows):
@@ -184,7 +300,7 @@ def test_a_query_gets_the_same_bits_however_it_is_batched(build, request):
     assert torch.equal(batched[1:91], whole[60:])
 
 
-@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("build", BUILDS)
 def test_kv_heads_split_over_ranks_give_the_same_bits(build, request):
     """Tensor parallel: a rank holds the pages of its own KV heads and the queries that read them.
 
@@ -194,7 +310,7 @@ def test_kv_heads_split_over_ranks_give_the_same_bits(build, request):
     bits as over all of them: no statistic of the format spans heads.
     """
     ops = request.getfixturevalue(build)
-    layout = CellLayout.for_head_dim(64)
+    layout = format_for("nf4", 64)
     key, value = _kv(70, 4, 64, seed=11)
     query = torch.randn(70, 12, 64, generator=torch.Generator().manual_seed(12))
     slots = torch.arange(70)
@@ -202,7 +318,8 @@ def test_kv_heads_split_over_ranks_give_the_same_bits(build, request):
 
     def cache_of(heads: slice) -> torch.Tensor:
         cache = torch.zeros(5, heads.stop - heads.start, 16, layout.cell_bytes, dtype=torch.uint8)
-        _store(cache, key[:, heads].contiguous(), value[:, heads].contiguous(), slots, layout, ops)
+        k, v = key[:, heads].contiguous(), value[:, heads].contiguous()
+        cpu_kernels.store(cache, k, v, slots, layout, ops=ops)
         return cache
 
     whole = cache_of(slice(0, 4))
@@ -217,28 +334,65 @@ def test_kv_heads_split_over_ranks_give_the_same_bits(build, request):
         assert torch.equal(part, full[:, rows]), rank
 
 
-def test_native_and_portable_builds_agree_bit_for_bit(native, portable):
-    for head_dim, heads, window in [(64, (9, 3), None), (128, (8, 2), 50), (80, (4, 4), None)]:
-        cache, table, layout, starts, seq_lens, query = _mixed_batch(head_dim, *heads, 16, seed=head_dim)
-        args = (query, cache, layout, torch.tensor(starts), torch.tensor(seq_lens), table, head_dim**-0.5)
-        a = cpu_kernels.attention(*args, sliding_window=window, ops=native)
-        b = cpu_kernels.attention(*args, sliding_window=window, ops=portable)
-        assert torch.equal(a, b), (head_dim, (a - b).abs().max())
-
-
-@pytest.mark.parametrize("groups", [(64, 4, 8), (64, 8, 32), (96, 12, 48), (128, 8, 16)])
-def test_other_group_sizes_match_dense_and_both_builds(native, portable, groups):
-    """Group sizes other than the default take the decoders' other branches (a scale per
-    dimension pair, up to 16 scale codes a row, value groups that do not fill a register)."""
+@pytest.mark.parametrize("groups", OTHER_GROUPS)
+def test_other_group_sizes_match_the_reference(native, groups):
+    """Group sizes other than the default take the decoders' other branches."""
     head_dim, key_group, value_group = groups
     layout = CellLayout(RowFormat(head_dim, key_group), RowFormat(head_dim, value_group))
     batch = _mixed_batch(head_dim, 8, 2, 16, seed=key_group, layout=layout)
     cache, table, layout, starts, seq_lens, query = batch
     args = (query, cache, layout, torch.tensor(starts), torch.tensor(seq_lens), table, head_dim**-0.5)
     got = cpu_kernels.attention(*args, ops=native)
-    want = dense_in_model_space(query, cache, table, layout, starts, seq_lens, head_dim**-0.5)
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
-    assert torch.equal(got, cpu_kernels.attention(*args, ops=portable))
+    want = reference_in_model_space(query, cache, table, layout, starts, seq_lens, head_dim**-0.5)
+    torch.testing.assert_close(got.double(), want, atol=ATOL, rtol=RTOL)
+
+
+def test_native_and_portable_builds_agree_bit_for_bit(avx512, portable):
+    cases = [(64, (9, 3), None, None), (128, (8, 2), 50, None), (80, (4, 4), None, None)]
+    cases += [(d, (8, 2), None, (kg, vg)) for d, kg, vg in OTHER_GROUPS]
+    for head_dim, heads, window, groups in cases:
+        rows = (RowFormat(head_dim, groups[0]), RowFormat(head_dim, groups[1])) if groups else None
+        layout = CellLayout(*rows) if rows else None
+        batch = _mixed_batch(head_dim, *heads, 16, seed=head_dim, layout=layout)
+        cache, table, layout, starts, seq_lens, query = batch
+        args = (query, cache, layout, torch.tensor(starts), torch.tensor(seq_lens), table, head_dim**-0.5)
+        a = cpu_kernels.attention(*args, sliding_window=window, ops=avx512)
+        b = cpu_kernels.attention(*args, sliding_window=window, ops=portable)
+        assert torch.equal(a, b), (head_dim, groups, (a - b).abs().max())
+
+
+def test_cells_past_byte_2_to_the_31_are_stored_and_read_like_any_other(native, portable):
+    """Index overflow: a cache of more than 2^31 bytes, read and written past that byte.
+
+    Four blocks (one below 2^31, one across it, two beyond) hold one request; the C++ store
+    writes the reference's bytes there, and attention over them gives the bits of attention
+    over a small cache holding the same cells.
+    """
+    layout = format_for("nf4", 64)
+    block_size, block_bytes = 16, 16 * layout.cell_bytes
+    num_blocks = 2**31 // block_bytes + 4
+    big = torch.empty(num_blocks, 1, block_size, layout.cell_bytes, dtype=torch.uint8)  # ~2.1 GB, untouched
+    across = 2**31 // block_bytes  # starts below byte 2^31, ends above it
+    blocks = torch.tensor([num_blocks - 1, 3, across, num_blocks - 2], dtype=torch.int32)
+    assert int(blocks[0]) * block_bytes > 2**31
+    assert (across + 1) * block_bytes > 2**31 > across * block_bytes
+    seq_len = block_size * len(blocks)
+    key, value = _kv(seq_len, 1, 64, seed=31, dtype=torch.float32)
+    positions = torch.arange(seq_len)
+    big_slots = blocks.long()[positions // block_size] * block_size + positions % block_size
+    small = torch.zeros(len(blocks), 1, block_size, layout.cell_bytes, dtype=torch.uint8)
+    reference.write_paged(small, key, value, positions, layout)
+    query = torch.randn(seq_len + 1, 4, 64, generator=torch.Generator().manual_seed(32))
+    # a prefill, then a decode
+    starts, lens = torch.tensor([0, seq_len, seq_len + 1]), torch.tensor([seq_len, seq_len])
+    for ops in (native, portable):
+        cpu_kernels.store(big, key, value, big_slots, layout, ops=ops)
+        assert torch.equal(big[blocks.long()], small)
+        big_table = blocks[None].repeat(2, 1)
+        got = cpu_kernels.attention(query, big, layout, starts, lens, big_table, 0.125, ops=ops)
+        small_table = torch.arange(len(blocks), dtype=torch.int32)[None].repeat(2, 1)
+        want = cpu_kernels.attention(query, small, layout, starts, lens, small_table, 0.125, ops=ops)
+        assert torch.equal(got, want)
 
 
 def test_switch_forces_the_pytorch_path(monkeypatch):

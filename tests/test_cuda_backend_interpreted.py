@@ -17,6 +17,8 @@ import textwrap
 
 import pytest
 
+from vllm_nf4kv.format import format_for
+
 pytestmark = pytest.mark.triton
 
 SCRIPT = textwrap.dedent(
@@ -24,13 +26,13 @@ SCRIPT = textwrap.dedent(
     import types, torch
     from vllm_nf4kv import reference
     from vllm_nf4kv.backends.triton_attn import NF4TritonAttentionBackend, NF4TritonAttentionImpl
-    from vllm_nf4kv.format import CellLayout
+    from vllm_nf4kv.format import format_for
     from vllm_nf4kv.paged_attention import paged_attention
     from vllm_nf4kv.rotation import rotate, unrotate
 
     torch.manual_seed(0)
     heads, kv_heads, dim, block, num_blocks = 8, 2, 64, 16, 24
-    layout = CellLayout.for_head_dim(dim)
+    layout = format_for("nf4", dim)
     impl = NF4TritonAttentionImpl(heads, dim, dim ** -0.5, kv_heads, None, None, "nf4")
     seq_lens = torch.tensor([37, 20, 9], dtype=torch.int32)
     query_lens = [1, 7, 9]  # decode, chunked prefill (13 cached), whole prefill
@@ -81,7 +83,9 @@ def test_cuda_backend_declares_nf4_pages_and_refuses_what_it_cannot_serve():
     from vllm_nf4kv.backends.triton_attn import NF4TritonAttentionBackend, NF4TritonAttentionImpl
 
     spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=128, dtype=torch.uint8)
-    assert NF4TritonAttentionBackend.customize_spec(spec).page_size_bytes == 16 * 2 * 136
+    nf4 = NF4TritonAttentionBackend.customize_spec(spec)
+    # one cell (K and V rows) per token and KV head, where the uint8 spec asks for 2 * 128 bytes
+    assert nf4.page_size_bytes == 16 * 2 * format_for("nf4", 128).cell_bytes < spec.page_size_bytes
     assert NF4TritonAttentionBackend.supports_kv_cache_dtype("nf4")
     assert not NF4TritonAttentionBackend.supports_kv_cache_dtype("auto")
     assert not NF4TritonAttentionBackend.supports_head_size(72)

@@ -9,7 +9,7 @@ write/read reference (negative slots included).
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import pytest
 import torch
@@ -88,17 +88,30 @@ def test_midpoints_are_between_levels():
 
 def test_default_layout_numbers():
     assert fmt.default_group_size(64) == 16 and fmt.default_group_size(128) == 32
-    assert fmt.cell_bytes(64) == 72 and fmt.cell_bytes(128) == 136
-    layout = fmt.CellLayout.for_head_dim(64)
-    assert (layout.key_offset, layout.value_offset, layout.cell_bytes) == (0, 36, 72)
+    layout = fmt.format_for("nf4", 64)
+    offsets = (layout.key.code_offset, layout.key.scale_offset, layout.value_offset, layout.cell_bytes)
+    assert offsets == (0, 32, 36, 72)
+    assert (layout.key.search_steps, layout.value.search_steps) == (4, 4)
     assert layout.bits_per_value == 4.5
-    assert fmt.CellLayout.for_head_dim(128).bits_per_value == 4.25
+    assert fmt.format_for("nf4", 128).cell_bytes == 136 and fmt.format_for("nf4", 128).bits_per_value == 4.25
+    assert fmt.format_for("nf4", 256).cell_bytes == 264  # int4_per_token_head's bytes at every size
+
+
+def test_registry_names_what_each_dtype_stores():
+    with pytest.raises(ValueError, match="no nf4kv cell format for kv_cache_dtype 'fp8'"):
+        fmt.format_for("fp8", 64)
+    with pytest.raises(ValueError, match="search_steps must be >= 1"):
+        fmt.RowFormat(64, 16, search_steps=0)
+    with pytest.raises(ValueError, match="head_dim"):
+        fmt.CellLayout(fmt.RowFormat(64, 16), fmt.RowFormat(128, 32))
+    split = fmt.CellLayout(fmt.RowFormat(128, 16, search_steps=8), fmt.RowFormat(128, 32, search_steps=1))
+    assert (split.value_offset, split.cell_bytes) == (64 + 8, 64 + 8 + 64 + 4)
 
 
 @pytest.mark.parametrize("head_dim", range(16, 513, 16))
 def test_never_more_bytes_than_int4_per_token_head(head_dim):
-    int4_bytes = 2 * (head_dim // 2 + 4)  # K and V: codes + one fp32 scale each
-    assert fmt.cell_bytes(head_dim) <= int4_bytes
+    assert fmt.int4_per_token_head_bytes(64) == 36  # codes + one fp32 scale (vLLM 0.33's kernel)
+    assert fmt.format_for("nf4", head_dim).cell_bytes <= 2 * fmt.int4_per_token_head_bytes(head_dim)
 
 
 # ---------------------------------------------------------------- ue5m3 scale codes
@@ -208,8 +221,8 @@ def test_all_zero_group():
 # ---------------------------------------------------------------- rows
 
 
-def _round_trip(x: torch.Tensor, row: fmt.RowFormat, steps: int = fmt.DEFAULT_SEARCH_STEPS) -> torch.Tensor:
-    return unrotate(ref.decode_rows_rotated(ref.encode_rows(x, row, steps), row))
+def _round_trip(x: torch.Tensor, row: fmt.RowFormat) -> torch.Tensor:
+    return unrotate(ref.decode_rows_rotated(ref.encode_rows(x, row), row))
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
@@ -221,7 +234,7 @@ def test_rotation_is_orthogonal(head_dim):
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_row_round_trip_quality(head_dim):
-    row = fmt.CellLayout.for_head_dim(head_dim).key
+    row = fmt.format_for("nf4", head_dim).key
     x = torch.randn(4096, head_dim, generator=torch.Generator().manual_seed(3))
     x[:, :3] *= 20  # outlier channels: the rotation must spread them
     rows = ref.encode_rows(x, row)
@@ -251,7 +264,7 @@ def _row_error_bound(x: torch.Tensor, row: fmt.RowFormat) -> torch.Tensor:
     seed=st.integers(0, 2**16),
 )
 def test_row_properties(lead, head_dim, dtype, log_scale, seed):
-    row = fmt.CellLayout.for_head_dim(head_dim).key
+    row = fmt.format_for("nf4", head_dim).key
     generator = torch.Generator().manual_seed(seed)
     x = (torch.randn(*lead, head_dim, generator=generator) * 10.0**log_scale).to(dtype)
     rows = ref.encode_rows(x, row)
@@ -262,7 +275,7 @@ def test_row_properties(lead, head_dim, dtype, log_scale, seed):
     y = ref.decode_rows_rotated(rows, row)
     assert y.dtype == torch.float32 and bool(torch.isfinite(y).all())
     # s1 obeys the per-value bound; the search only lowers each group's error
-    err1 = (_round_trip(x, row, 1) - x.float()).norm(dim=-1)
+    err1 = (_round_trip(x, dataclasses.replace(row, search_steps=1)) - x.float()).norm(dim=-1)
     err = (unrotate(y) - x.float()).norm(dim=-1)
     bound = _row_error_bound(x, row) * (1 + 1e-4) + 1e-6 * x.float().abs().amax() * head_dim
     assert bool((err1 <= bound).all())
@@ -311,9 +324,7 @@ def test_head_dim_must_be_multiple_of_16(head_dim):
     with pytest.raises(ValueError, match="multiple of 16"):
         fmt.check_head_dim(head_dim)
     with pytest.raises(ValueError, match="auto or fp8"):
-        fmt.CellLayout.for_head_dim(head_dim)
-    with pytest.raises(ValueError):
-        fmt.cell_bytes(head_dim)
+        fmt.format_for("nf4", head_dim)
 
 
 def test_bad_row_formats():
@@ -353,7 +364,7 @@ def _empty_cache(layout: fmt.CellLayout, num_blocks: int, block_size: int) -> to
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("block_size", [16, 128])
 def test_paged_write_read(head_dim, block_size):
-    layout = fmt.CellLayout.for_head_dim(head_dim)
+    layout = fmt.format_for("nf4", head_dim)
     generator = torch.Generator().manual_seed(4)
     seq_len, num_blocks = 3 * block_size - 5, 9
     key = torch.randn(seq_len, NUM_KV_HEADS, head_dim, generator=generator).to(torch.bfloat16)
@@ -377,14 +388,15 @@ def test_paged_write_read(head_dim, block_size):
 
 
 def test_paged_negative_slots_are_skipped():
-    layout = fmt.CellLayout.for_head_dim(64)
+    layout = fmt.format_for("nf4", 64)
     cache = _empty_cache(layout, 4, 16)
     key = torch.randn(6, NUM_KV_HEADS, 64)
     slots = torch.tensor([0, -1, 17, -1, 63, -5])
     ref.write_paged(cache, key, -key, slots, layout)
     written = {0: 0, 17: 2, 63: 4}
     for slot, token in written.items():
-        assert torch.equal(cache[slot // 16, :, slot % 16, :36], ref.encode_rows(key[token], layout.key))
+        key_row = cache[slot // 16, :, slot % 16, : layout.value_offset]
+        assert torch.equal(key_row, ref.encode_rows(key[token], layout.key))
     untouched = torch.ones(4, 16, dtype=torch.bool)
     for slot in written:
         untouched[slot // 16, slot % 16] = False
@@ -395,7 +407,7 @@ def test_paged_negative_slots_are_skipped():
 
 
 def test_paged_large_block_index():
-    layout = fmt.CellLayout.for_head_dim(64)
+    layout = fmt.format_for("nf4", 64)
     num_blocks, block_size = 20000, 16
     cache = torch.zeros(num_blocks, 1, block_size, layout.cell_bytes, dtype=torch.uint8)
     key = torch.randn(2, 1, 64)
@@ -406,7 +418,7 @@ def test_paged_large_block_index():
 
 
 def test_paged_bad_input():
-    layout = fmt.CellLayout.for_head_dim(64)
+    layout = fmt.format_for("nf4", 64)
     cache = _empty_cache(layout, 2, 16)
     key = torch.randn(2, NUM_KV_HEADS, 64)
     with pytest.raises(ValueError, match="uint8"):
@@ -419,7 +431,3 @@ def test_paged_bad_input():
         ref.write_paged(cache, key[:, :2], key[:, :2], torch.tensor([0, 1]), layout)
 
 
-def test_bits_and_compression():
-    for head_dim in (64, 128):
-        layout = fmt.CellLayout.for_head_dim(head_dim)
-        assert math.isclose(layout.bits_per_value, 8 * layout.cell_bytes / (2 * head_dim))

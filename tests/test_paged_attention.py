@@ -1,14 +1,15 @@
-"""The CPU backend's attention over NF4 pages against dense attention on the same values."""
+"""The PyTorch fallback path's attention over NF4 pages against the attention reference, same cache."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from paged_cases import dense_attention, fill_cache
+from paged_cases import fill_cache
 
 from vllm_nf4kv import reference
 from vllm_nf4kv.format import RowFormat
 from vllm_nf4kv.paged_attention import paged_attention
+from vllm_nf4kv.reference_attention import paged_attention_reference
 
 HEAD_DIMS = [64, 128]
 GQA = [(4, 4), (8, 2), (9, 3)]
@@ -18,7 +19,7 @@ BLOCK_SIZES = [16, 128]
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("heads", GQA)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
-def test_mixed_batch_matches_dense(head_dim, heads, block_size):
+def test_mixed_batch_matches_the_reference(head_dim, heads, block_size):
     num_heads, num_kv_heads = heads
     seq_lens = [1, 37, 130, 20, 9]  # decode at 1, decode, chunk of 7 after 123, decode, whole prefill
     query_lens = [1, 1, 7, 1, 9]
@@ -31,11 +32,11 @@ def test_mixed_batch_matches_dense(head_dim, heads, block_size):
     got = paged_attention(
         query, cache, layout, torch.tensor(starts), torch.tensor(seq_lens), table, scale
     )
-    want = dense_attention(query, cache, table, layout, starts, seq_lens, scale)
+    want = paged_attention_reference(query, cache, table, starts, seq_lens, layout, scale)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
-def test_sliding_window_matches_dense():
+def test_sliding_window_matches_the_reference():
     seq_lens = [50, 40]  # a decode and a 6-token chunk
     cache, table, layout = fill_cache(seq_lens, 2, 64, 16, seed=3)
     starts = [0, 1, 7]
@@ -43,7 +44,7 @@ def test_sliding_window_matches_dense():
     got = paged_attention(
         query, cache, layout, torch.tensor(starts), torch.tensor(seq_lens), table, 0.125, sliding_window=8
     )
-    want = dense_attention(query, cache, table, layout, starts, seq_lens, 0.125, window=8)
+    want = paged_attention_reference(query, cache, table, starts, seq_lens, layout, 0.125, sliding_window=8)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
@@ -72,5 +73,5 @@ def test_table_decode_equals_the_math():
     fmt = RowFormat(64, 16)
     rows = torch.randint(0, 256, (500, fmt.row_bytes), dtype=torch.uint8, generator=gen)
     codes = reference.unpack_nibbles(rows[:, : fmt.code_bytes])
-    want = reference.dequantize_groups(codes, rows[:, fmt.code_bytes :], fmt.group_size)
+    want = reference.dequantize_groups(codes, rows[:, fmt.scale_offset :], fmt.group_size)
     assert torch.equal(reference.decode_rows_rotated(rows, fmt), want)

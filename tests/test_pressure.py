@@ -164,7 +164,11 @@ def test_tight_pool_serves_what_a_roomy_one_serves(outcome):
     roomy, tight = outcome
     assert [r["text"] for r in tight] == [r["text"] for r in roomy]
     for got, expected in zip(tight, roomy, strict=True):
-        assert got["logprobs"] == expected["logprobs"]  # measured: bit for bit
+        # Bit for bit when run alone (measured on AMD Zen 4 and Intel Sapphire Rapids); once in a
+        # full suite on the loaded 2-core Intel machine one logprob differed by 1.5e-6
+        # (-0.3509627 vs -0.3509612): vLLM's fp32 linear layers with AMX took another path for
+        # another batch. The nf4 kernels' own exactness is asserted bit for bit elsewhere.
+        assert got["logprobs"] == pytest.approx(expected["logprobs"], abs=1e-5, rel=0)
 
 
 def test_preemption_happened_and_the_pool_empties(servers, outcome, prompts):

@@ -3,9 +3,10 @@
 A request sets its own prefix-cache TTL in ``vllm_xargs``; the server allows at
 most ``max_request_ttl_s`` (3600 s here). Hits are read per request from
 ``usage.prompt_tokens_details.cached_tokens`` (``--enable-prompt-tokens-details``).
-Only TTLs of 0 and 60 s or more are used, so no assertion depends on how fast
-this machine is: a TTL-0 block is expired the moment its request releases it,
-and every pair of requests here finishes well within 60 s.
+The server's TTL pool runs on a :class:`serve_process.ControlledClock` (a
+test-only ``sitecustomize``): time stands still for the TTLs until a test
+advances it, so no assertion depends on how fast this machine is and none waits
+for a TTL. A TTL-0 block is expired the moment its request releases it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import time
 
 import pytest
-from serve_process import BLOCK_SIZE, launch, prompt, server_env, stop, wait_ready
+from serve_process import BLOCK_SIZE, ControlledClock, launch, prompt, server_env, stop, wait_ready
 
 from vllm_nf4kv import cli
 
@@ -29,7 +30,8 @@ def ttl(value) -> dict:
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("vllm-serve-logs") / "request-ttl.log"
+    logs = tmp_path_factory.mktemp("vllm-serve-logs")
+    log = logs / "request-ttl.log"
     config = {"nf4kv": {"max_request_ttl_s": MAX_REQUEST_TTL_S}}
     started = launch(
         model_dir,
@@ -40,6 +42,7 @@ def server(model_dir, tmp_path_factory):
         "--additional-config",
         json.dumps(config),
         env=server_env(),
+        clock=ControlledClock(logs / "request-ttl.clock"),
     )
     try:
         yield wait_ready(started)
@@ -61,6 +64,22 @@ def test_ttl_within_its_bound_is_a_hit(server):
     text = prompt("sixty")
     assert cached_tokens(server.completion(text, **ttl(60))) == 0
     assert cached_tokens(server.completion(text, **ttl("1m"))) >= 3 * BLOCK_SIZE
+    assert cached_tokens(server.completion(text)) >= 3 * BLOCK_SIZE
+
+
+def test_request_ttl_expires_after_its_ttl_and_the_tightest_wins(server):
+    """A 60 s request TTL holds 60 s from the last use; a longer TTL or none never loosens it."""
+    assert server.clock_installed(), f"the test clock did not reach the server:\n{server.log_tail()}"
+    text = prompt("expiring")
+    assert cached_tokens(server.completion(text, **ttl(60))) == 0
+    server.clock.advance(59)
+    assert cached_tokens(server.completion(text, **ttl(3600))) >= 3 * BLOCK_SIZE
+    server.clock.advance(59)  # 118 s since the first use, 59 since the last: still within 60
+    assert cached_tokens(server.completion(text)) >= 3 * BLOCK_SIZE
+    server.clock.advance(61)
+    assert cached_tokens(server.completion(text)) == 0, "unused for longer than its 60 s TTL: a miss"
+    # its new blocks were written by a request without a TTL: they start with none
+    server.clock.advance(24 * 3600.0)
     assert cached_tokens(server.completion(text)) >= 3 * BLOCK_SIZE
 
 

@@ -1,29 +1,21 @@
 """Triton NF4 kernels against the pure-torch reference (``vllm_nf4kv.reference``).
 
-Interpreter switch, conftest-free: on a machine without CUDA, and unless
-``TRITON_INTERPRET`` is already set, this module sets ``TRITON_INTERPRET=1``
-*before* it imports Triton (``@triton.jit`` reads it when a kernel is defined, and
-Triton reads it again at run time), then restores the environment as soon as its
-imports are done, so modules collected later see the session's own setting; a
-module-scoped fixture sets it again only while this module's tests run. If another
-module imported the kernels earlier in the other mode, they are re-imported in
-this one. Caveat: Triton's own ``triton.language`` helpers keep the mode of the
-first ``import triton`` in the process. On a CUDA machine the same tests run
-compiled on the GPU (force the interpreter there with ``TRITON_INTERPRET=1``).
+The kernels are imported through ``tests/triton_interpreted.py``: under the Triton
+interpreter on a machine without CUDA, compiled on the GPU on a CUDA machine (force the
+interpreter there with ``TRITON_INTERPRET=1``).
 
 What is compared:
 * store: cache bytes equal, bit for bit, to the reference codec's on the same
   rotated input (codes and scale codes);
 * load: equal to ``reference.read_paged`` (exact in fp32; fp16/bf16 are the
   reference's fp32 values rounded to nearest even);
-* attention: against ``attention_reference`` over the *same dequantized cache*, so
-  quantization error is excluded; tolerances in ``ATTENTION_TOL`` (fp32 dots and
+* attention: against ``reference_attention`` over the *same dequantized cache*, so
+  quantization error is excluded; tolerances in ``ATTENTION_TOLERANCE`` (fp32 dots and
   fp32 output: 1e-5; fp16 dots/output: 3e-3; bf16: 2e-2, i.e. about two bf16 ulps).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -31,50 +23,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreted import DEVICE, INTERPRET, interpreter_env, triton, triton_attention, triton_store
 
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-_SET_HERE = _PREVIOUS_INTERPRET is None and not torch.cuda.is_available()
-if _SET_HERE:
-    os.environ["TRITON_INTERPRET"] = "1"
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-try:
-    triton = pytest.importorskip("triton")
-    _MODULES = [importlib.import_module(f"vllm_nf4kv.kernels.{name}")
-                for name in ("triton_codec", "triton_store", "triton_attention")]
-    if any(not isinstance(kernel, triton.runtime.jit.JITFunction) != INTERPRET
-           for kernel in (_MODULES[1]._store_kv_nf4_kernel, _MODULES[2]._nf4_attention_kernel)):
-        _MODULES = [importlib.reload(module) for module in _MODULES]  # imported earlier in the other mode
-finally:
-    if _SET_HERE:
-        os.environ.pop("TRITON_INTERPRET", None)
+from vllm_nf4kv import reference
+from vllm_nf4kv.format import CellLayout, RowFormat, format_for
+from vllm_nf4kv.reference_attention import ATTENTION_TOLERANCE, paged_attention_reference
+from vllm_nf4kv.rotation import rotate
 
-from vllm_nf4kv import reference  # noqa: E402
-from vllm_nf4kv.format import CellLayout, RowFormat  # noqa: E402
-from vllm_nf4kv.kernels.attention_reference import paged_attention_reference  # noqa: E402
-from vllm_nf4kv.rotation import rotate  # noqa: E402
-
-_, triton_store, triton_attention = _MODULES
 store_kv_nf4 = triton_store.store_kv_nf4
 load_kv_nf4 = triton_store.load_kv_nf4
 nf4_paged_attention = triton_attention.nf4_paged_attention
 
-DEVICE = "cpu" if INTERPRET else "cuda"
 pytestmark = [
     pytest.mark.triton,
     pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
                        reason="compiled Triton needs CUDA; set TRITON_INTERPRET=1"),
 ]
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter_env():
-    """TRITON_INTERPRET=1 while this module's tests run (only where the module set it)."""
-    if _SET_HERE:
-        os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if _SET_HERE:
-        os.environ.pop("TRITON_INTERPRET", None)
+_interpreter_env = pytest.fixture(scope="module", autouse=True)(interpreter_env)
 
 
 # Shapes kept small: the interpreter runs every program in Python (~2-50 ms each).
@@ -90,13 +56,6 @@ def _dtype_id(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-ATTENTION_TOL = {  # (atol, rtol) of the kernel vs attention_reference on the same cache
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (3e-3, 3e-3),
-    torch.bfloat16: (2e-2, 2e-2),
-}
-
-
 # ---------------------------------------------------------------- helpers
 
 
@@ -110,13 +69,10 @@ def _reference_cells(
     key_rot: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim] rotated
     value_rot: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim] rotated
     layout: CellLayout,
-    search_steps: int,
 ) -> torch.Tensor:  # [num_tokens, num_kv_heads, cell_bytes] uint8
-    """The reference codec's lower-level functions applied to the same rotated input."""
-    k_codes, k_scales = reference.quantize_groups(key_rot.cpu(), layout.key.group_size, search_steps)
-    v_codes, v_scales = reference.quantize_groups(value_rot.cpu(), layout.value.group_size, search_steps)
-    cells = [reference.pack_nibbles(k_codes), k_scales, reference.pack_nibbles(v_codes), v_scales]
-    return torch.cat(cells, -1)
+    """The reference codec applied to the same rotated input."""
+    key_rows = reference.quantize_rows(key_rot.cpu(), layout.key)
+    return torch.cat([key_rows, reference.quantize_rows(value_rot.cpu(), layout.value)], -1)
 
 
 def _expected_cache(
@@ -125,14 +81,12 @@ def _expected_cache(
     value_rot: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim] rotated
     slots: torch.Tensor,  # [num_tokens], < 0 skipped
     layout: CellLayout,
-    search_steps: int,
 ) -> torch.Tensor:  # CPU copy of cache with the reference's cells at the slots
     expected = cache.cpu().clone()
     valid = (slots >= 0).cpu()
     s = slots.cpu()[valid].long()
     block_size = cache.shape[2]
-    expected[s // block_size, :, s % block_size] = _reference_cells(key_rot[valid], value_rot[valid], layout,
-                                                                   search_steps)
+    expected[s // block_size, :, s % block_size] = _reference_cells(key_rot[valid], value_rot[valid], layout)
     return expected
 
 
@@ -171,7 +125,7 @@ def _run_attention(
     causal: bool = True,
     padding_tokens: int = 0,
 ) -> None:
-    layout = CellLayout.for_head_dim(head_dim)
+    layout = format_for("nf4", head_dim)
     cache, table = _paged_batch(gen, layout, num_kv_heads, block_size, seq_lens)
     starts = [0, *torch.tensor(q_lens).cumsum(0).tolist()]
     query_start_loc = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
@@ -185,9 +139,9 @@ def _run_attention(
     assert out.dtype == dtype and out.shape == query.shape
     expected = paged_attention_reference(query.cpu(), cache.cpu(), table.cpu(), query_start_loc.cpu(),
                                          seq_lens_t.cpu(), layout, scale, causal=causal)
-    atol, rtol = ATTENTION_TOL[dtype]
+    atol, rtol = ATTENTION_TOLERANCE[dtype]
     valid = sum(q_lens)
-    torch.testing.assert_close(out[:valid].float().cpu(), expected[:valid], atol=atol, rtol=rtol)
+    torch.testing.assert_close(out[:valid].float().cpu(), expected[:valid].float(), atol=atol, rtol=rtol)
 
 
 # ---------------------------------------------------------------- store
@@ -197,14 +151,14 @@ def _run_attention(
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 def test_store_matches_reference_exactly(head_dim: int, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(head_dim)
-    layout = CellLayout.for_head_dim(head_dim)
+    layout = format_for("nf4", head_dim)
     num_tokens, num_kv_heads, block_size, num_blocks = 12, 2, 16, 3
     key_rot = rotate(_rand_rows(gen, num_tokens, num_kv_heads, head_dim)).to(dtype)
     value_rot = rotate(_rand_rows(gen, num_tokens, num_kv_heads, head_dim)).to(dtype)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
     cache = torch.randint(0, 256, (num_blocks, num_kv_heads, block_size, layout.cell_bytes), generator=gen,
                           dtype=torch.uint8)
-    expected = _expected_cache(cache, key_rot, value_rot, slots, layout, 4)
+    expected = _expected_cache(cache, key_rot, value_rot, slots, layout)
     cache = cache.to(DEVICE)
     store_kv_nf4(cache, key_rot.to(DEVICE), value_rot.to(DEVICE), slots.to(DEVICE), layout)
     assert torch.equal(cache.cpu(), expected)
@@ -214,7 +168,7 @@ def test_store_matches_reference_exactly(head_dim: int, dtype: torch.dtype) -> N
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # 3e38 - level * scale, squared
 def test_store_special_values_and_split_group_sizes(search_steps: int) -> None:
     """Zero groups, NaN, +-inf, huge and tiny values; K and V with different group sizes."""
-    layout = CellLayout(RowFormat(64, 16), RowFormat(64, 32))
+    layout = CellLayout(RowFormat(64, 16, search_steps), RowFormat(64, 32, search_steps))
     rows = torch.randn(6, 1, 64, generator=torch.Generator().manual_seed(7))
     rows[0] = 0.0
     rows[1, 0, 3], rows[1, 0, 40] = float("nan"), float("inf")
@@ -224,9 +178,9 @@ def test_store_special_values_and_split_group_sizes(search_steps: int) -> None:
     rows[5, 0, :16] = 0.0  # one all-zero group beside normal ones
     slots = torch.arange(6)
     cache = torch.zeros(1, 1, 16, layout.cell_bytes, dtype=torch.uint8)
-    expected = _expected_cache(cache, rows, rows.flip(0), slots, layout, search_steps)
+    expected = _expected_cache(cache, rows, rows.flip(0), slots, layout)
     cache = cache.to(DEVICE)
-    store_kv_nf4(cache, rows.to(DEVICE), rows.flip(0).to(DEVICE), slots.to(DEVICE), layout, search_steps)
+    store_kv_nf4(cache, rows.to(DEVICE), rows.flip(0).to(DEVICE), slots.to(DEVICE), layout)
     assert torch.equal(cache.cpu(), expected)
 
 
@@ -234,7 +188,7 @@ def test_store_matches_write_paged_end_to_end() -> None:
     """rotate() then the kernel == reference.write_paged (which rotates internally); the kernel
     reads strided views, as vLLM's key/value are slices of one qkv tensor."""
     gen = torch.Generator().manual_seed(3)
-    layout = CellLayout.for_head_dim(128)
+    layout = format_for("nf4", 128)
     key = _rand_rows(gen, 10, 2, 128).to(torch.bfloat16)
     value = _rand_rows(gen, 10, 2, 128).to(torch.bfloat16)
     slots = torch.randperm(32, generator=gen)[:10]
@@ -267,17 +221,17 @@ def test_store_near_tie_follows_pairwise_order() -> None:
     _, ref_scale = reference.quantize_groups(row, 16)
     assert ref_scale.item() == 133  # reference.pairwise_sum: the same fixed order
     assert torch.equal(cache.cpu(), _expected_cache(torch.zeros_like(cache.cpu()), row, row,
-                                                    torch.tensor([0]), layout, 4))
+                                                    torch.tensor([0]), layout))
 
 
 def test_store_skips_negative_slots_and_padding_tokens() -> None:
     gen = torch.Generator().manual_seed(5)
-    layout = CellLayout.for_head_dim(64)
+    layout = format_for("nf4", 64)
     key_rot = rotate(torch.randn(9, 2, 64, generator=gen))  # 9 tokens, only 7 slots: 2 padding tokens
     value_rot = rotate(torch.randn(9, 2, 64, generator=gen))
     slots = torch.tensor([5, -1, 0, 31, -1, 17, 2])
     cache = torch.full((2, 2, 16, layout.cell_bytes), 0xAB, dtype=torch.uint8)
-    expected = _expected_cache(cache, key_rot[:7], value_rot[:7], slots, layout, 4)
+    expected = _expected_cache(cache, key_rot[:7], value_rot[:7], slots, layout)
     cache = cache.to(DEVICE)
     store_kv_nf4(cache, key_rot.to(DEVICE), value_rot.to(DEVICE), slots.to(DEVICE), layout)
     assert torch.equal(cache.cpu(), expected)
@@ -297,7 +251,7 @@ def _huge_cache(layout: CellLayout, block_size: int) -> torch.Tensor:
 def test_large_cache_offsets_are_int64() -> None:
     """Store, load and attention on blocks past 2**31 bytes with int32 slots and block table."""
     gen = torch.Generator().manual_seed(11)
-    layout, block_size = CellLayout.for_head_dim(64), 16
+    layout, block_size = format_for("nf4", 64), 16
     cache = _huge_cache(layout, block_size)
     num_blocks = cache.shape[0]
     assert (num_blocks - 3) * cache.stride(0) > 2**31
@@ -308,7 +262,7 @@ def test_large_cache_offsets_are_int64() -> None:
     key_rot = rotate(torch.randn(seq_len, 1, 64, generator=gen))
     value_rot = rotate(torch.randn(seq_len, 1, 64, generator=gen))
     store_kv_nf4(cache, key_rot.to(DEVICE), value_rot.to(DEVICE), slots.to(DEVICE), layout)
-    cells = _reference_cells(key_rot, value_rot, layout, 4)  # [seq_len, 1, cell_bytes]
+    cells = _reference_cells(key_rot, value_rot, layout)  # [seq_len, 1, cell_bytes]
     s = slots.long().to(DEVICE)
     assert torch.equal(cache[s // block_size, :, s % block_size].cpu(), cells)
     expected = torch.zeros(3, 1, block_size, layout.cell_bytes, dtype=torch.uint8)  # same cells, blocks 0..2
@@ -324,7 +278,7 @@ def test_large_cache_offsets_are_int64() -> None:
     out = nf4_paged_attention(query, cache, table.to(DEVICE), query_start_loc, seq_lens, layout, 0.125)
     ref_out = paged_attention_reference(query.cpu(), expected, torch.arange(3)[None], query_start_loc.cpu(),
                                         seq_lens.cpu(), layout, 0.125)
-    torch.testing.assert_close(out.cpu(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.cpu(), ref_out.float(), atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- load
@@ -335,7 +289,7 @@ def test_large_cache_offsets_are_int64() -> None:
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=_dtype_id)
 def test_load_matches_read_paged(head_dim: int, block_size: int, out_dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(head_dim + block_size)
-    layout = CellLayout.for_head_dim(head_dim)
+    layout = format_for("nf4", head_dim)
     seq_lens = [1, block_size, block_size + 3]
     cache, table = _paged_batch(gen, layout, 2, block_size, seq_lens)
     key, value = load_kv_nf4(cache, table, torch.tensor(seq_lens, device=DEVICE), layout, out_dtype=out_dtype)
@@ -410,7 +364,7 @@ def no_launch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _inputs(head_dim: int = 64) -> dict:
-    layout = CellLayout.for_head_dim(head_dim)
+    layout = format_for("nf4", head_dim)
     return {
         "layout": layout,
         "cache": torch.zeros(2, 2, 16, layout.cell_bytes, dtype=torch.uint8, device=DEVICE),

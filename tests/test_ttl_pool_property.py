@@ -28,12 +28,9 @@ from __future__ import annotations
 
 import math
 
-import pytest
-
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from hypothesis.stateful import (  # noqa: E402
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,

@@ -1,8 +1,9 @@
 """``vllm-nf4kv stats``: parsing ``/metrics`` and the statistics view.
 
 Served here by a local HTTP server with the text a real ``vllm serve`` gave
-(two engines, to check the sums); the end-to-end run against a real server is
-in ``test_ttl_e2e.py``.
+(two engines, to check the sums), its KV-cache sizes those of the current nf4
+format (:func:`vllm_nf4kv.format.format_for`); the end-to-end run against a
+real server is in ``test_ttl_e2e.py``.
 """
 
 from __future__ import annotations
@@ -15,29 +16,36 @@ import threading
 import pytest
 
 from vllm_nf4kv import cli
+from vllm_nf4kv.format import KV_CACHE_DTYPE, format_for
 from vllm_nf4kv.tools.stats import collect, metrics_url, parse_metrics, render
 
-METRICS = """\
+HEAD_DIM = 64  # SmolLM2-135M, the model of the server the text comes from
+# one engine's KV cache in bf16: 921,600 (token, layer, KV head) cells of 256 B; written below in
+# exponent notation, as Prometheus clients may write it
+BF16_BYTES = 235_929_600
+NF4_BYTES = BF16_BYTES // (2 * HEAD_DIM * 2) * format_for(KV_CACHE_DTYPE, HEAD_DIM).cell_bytes
+
+METRICS = f"""\
 # HELP vllm:prefix_cache_queries Prefix cache queries, in terms of number of queried tokens.
 # TYPE vllm:prefix_cache_queries counter
-vllm:prefix_cache_queries_total{engine="0",model_name="smollm2"} 720.0
-vllm:prefix_cache_queries_total{engine="1",model_name="smollm2"} 280.0
-vllm:prefix_cache_queries_created{engine="0",model_name="smollm2"} 1.79e+09
-vllm:prefix_cache_hits_total{engine="0",model_name="smollm2"} 256.0
-vllm:prefix_cache_hits_total{engine="1",model_name="smollm2"} 144.0
-vllm:cache_config_info{block_size="128",cache_dtype="nf4",note="a \\"quoted\\", value"} 1.0
-nf4kv:prefix_cache_expired_blocks_total{cause="server_ttl",engine="0",model_name="smollm2"} 2.0
-nf4kv:prefix_cache_expired_blocks_total{cause="request_ttl",engine="0",model_name="smollm2"} 0.0
-nf4kv:prefix_cache_expired_blocks_total{cause="server_ttl",engine="1",model_name="smollm2"} 0.0
-nf4kv:prefix_cache_expired_blocks_total{cause="request_ttl",engine="1",model_name="smollm2"} 1.0
-nf4kv:prefix_cache_cached_blocks{engine="0",model_name="smollm2"} 5.0
-nf4kv:prefix_cache_cached_blocks{engine="1",model_name="smollm2"} 1.0
-nf4kv:prefix_cache_ttl_seconds{engine="0",model_name="smollm2"} 600.0
-nf4kv:prefix_cache_ttl_seconds{engine="1",model_name="smollm2"} 600.0
-nf4kv:kv_cache_bytes{engine="0",model_name="smollm2"} 6.6355200e+07
-nf4kv:kv_cache_bytes{engine="1",model_name="smollm2"} 6.6355200e+07
-nf4kv:kv_cache_bf16_bytes{engine="0",model_name="smollm2"} 2.359296e+08
-nf4kv:kv_cache_bf16_bytes{engine="1",model_name="smollm2"} 2.359296e+08
+vllm:prefix_cache_queries_total{{engine="0",model_name="smollm2"}} 720.0
+vllm:prefix_cache_queries_total{{engine="1",model_name="smollm2"}} 280.0
+vllm:prefix_cache_queries_created{{engine="0",model_name="smollm2"}} 1.79e+09
+vllm:prefix_cache_hits_total{{engine="0",model_name="smollm2"}} 256.0
+vllm:prefix_cache_hits_total{{engine="1",model_name="smollm2"}} 144.0
+vllm:cache_config_info{{block_size="128",cache_dtype="nf4",note="a \\"quoted\\", value"}} 1.0
+nf4kv:prefix_cache_expired_blocks_total{{cause="server_ttl",engine="0",model_name="smollm2"}} 2.0
+nf4kv:prefix_cache_expired_blocks_total{{cause="request_ttl",engine="0",model_name="smollm2"}} 0.0
+nf4kv:prefix_cache_expired_blocks_total{{cause="server_ttl",engine="1",model_name="smollm2"}} 0.0
+nf4kv:prefix_cache_expired_blocks_total{{cause="request_ttl",engine="1",model_name="smollm2"}} 1.0
+nf4kv:prefix_cache_cached_blocks{{engine="0",model_name="smollm2"}} 5.0
+nf4kv:prefix_cache_cached_blocks{{engine="1",model_name="smollm2"}} 1.0
+nf4kv:prefix_cache_ttl_seconds{{engine="0",model_name="smollm2"}} 600.0
+nf4kv:prefix_cache_ttl_seconds{{engine="1",model_name="smollm2"}} 600.0
+nf4kv:kv_cache_bytes{{engine="0",model_name="smollm2"}} {NF4_BYTES}
+nf4kv:kv_cache_bytes{{engine="1",model_name="smollm2"}} {NF4_BYTES}
+nf4kv:kv_cache_bf16_bytes{{engine="0",model_name="smollm2"}} {BF16_BYTES:.6e}
+nf4kv:kv_cache_bf16_bytes{{engine="1",model_name="smollm2"}} {BF16_BYTES:.6e}
 """
 
 
@@ -54,12 +62,15 @@ def test_collect_sums_engines():
     assert stats.hit_rate == pytest.approx(0.4)
     assert (stats.expired_blocks, stats.cached_blocks, stats.ttl_s) == (3, 6, 600)
     assert stats.expired_by_cause == {"server_ttl": 2, "request_ttl": 1}
-    assert stats.kv_saved_bytes == 2 * (235929600 - 66355200)
+    assert (stats.kv_cache_bytes, stats.kv_cache_bf16_bytes) == (2 * NF4_BYTES, 2 * BF16_BYTES)
+    assert stats.kv_saved_bytes == 2 * (BF16_BYTES - NF4_BYTES)
     assert stats.cache_dtype == "nf4"
 
 
 def test_render_view():
     text = render(collect(METRICS, "http://h/metrics"))
+    saved = 2 * (BF16_BYTES - NF4_BYTES)  # in MiB, one decimal; the fraction of the bf16 bytes
+    saved_line = f"saved vs bf16  {saved / 2**20:,.1f} MiB ({100 * saved / (2 * BF16_BYTES):.1f}%)"
     for line in (
         "hits           400 tokens",
         "misses         600 tokens",
@@ -67,7 +78,7 @@ def test_render_view():
         "TTL            600 s",
         "expirations    3 blocks (server TTL 2, request TTLs 1)",
         "cached blocks  6",
-        "saved vs bf16  323.4 MiB (71.9%)",
+        saved_line,
     ):
         assert line in text, text
 

@@ -20,6 +20,7 @@ from vllm_nf4kv.engine_eval import (
     perplexity,
     token_windows,
 )
+from vllm_nf4kv.format import KV_CACHE_DTYPE, format_for, int4_per_token_head_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +31,26 @@ KV_BYTES = 64 * 2**20
 # -0.598 on a Zen 4), and nf4 turns such last-bit differences into flipped codes. In fp32 both kinds of
 # machine measured were batch-invariant, so these tests see only what nf4 adds.
 EXACT_DTYPE = "float32"
+CPU_BLOCK_SIZE = 128  # vLLM CPU's default block size
+
+
+def cell_bytes(kv_cache_dtype: str, head_dim: int) -> int:
+    """KV bytes per token, layer and KV head (K and V): bf16 and fp8 by hand, nf4 from its format."""
+    if kv_cache_dtype == KV_CACHE_DTYPE:
+        return format_for(KV_CACHE_DTYPE, head_dim).cell_bytes
+    if kv_cache_dtype == "int4_per_token_head":  # vLLM's: the budget nf4 must not exceed
+        return 2 * int4_per_token_head_bytes(head_dim)
+    return 2 * head_dim * {"auto": 2, "fp8": 1}[kv_cache_dtype]  # SmolLM2 is bf16
+
+
+def block_bytes(shape: dict[str, int], kv_cache_dtype: str, block_size: int = CPU_BLOCK_SIZE) -> int:
+    """One KV block over every layer, as vLLM sizes it."""
+    return block_size * shape["layers"] * shape["kv_heads"] * cell_bytes(kv_cache_dtype, shape["head_dim"])
+
+
+def capacity(shape: dict[str, int], kv_cache_dtype: str, kv_bytes: int = KV_BYTES) -> int:
+    """The tokens vLLM fits in ``kv_bytes``: whole blocks of every layer."""
+    return kv_bytes // block_bytes(shape, kv_cache_dtype) * CPU_BLOCK_SIZE
 
 
 def make_llm(model_dir, kv_cache_dtype: str, **kwargs):
@@ -67,17 +88,19 @@ def engines(model_dir):
     gc.collect()
 
 
-def test_capacity_reflects_four_bit_pages(engines):
+def test_capacity_reflects_four_bit_pages(engines, model_shape):
+    """The engine's real capacity is what the nf4 cells of the format give, and beats int4's."""
     auto, nf4 = (kv_capacity_tokens(engines(d)) for d in ("auto", "nf4"))
-    # 72 B per token and KV head (4.5 bits/value) vs 256 (bf16); the rest is
-    # block rounding at this small budget.
-    assert nf4 / auto >= 3.5, (auto, nf4)
+    assert auto == capacity(model_shape, "auto")
+    assert nf4 == capacity(model_shape, "nf4"), (nf4, format_for(KV_CACHE_DTYPE, model_shape["head_dim"]))
+    assert nf4 >= capacity(model_shape, "int4_per_token_head") > 3 * auto
 
 
 @requires_cpu_fp8
-def test_capacity_against_fp8(engines):
+def test_capacity_against_fp8(engines, model_shape):
     fp8, nf4 = (kv_capacity_tokens(engines(d)) for d in ("fp8", "nf4"))
-    assert nf4 / fp8 >= 1.75, (fp8, nf4)  # 72 B per token and KV head vs 128
+    assert fp8 == capacity(model_shape, "fp8")
+    assert nf4 == capacity(model_shape, "nf4") > 1.5 * fp8
 
 
 def test_perplexity_close_to_bf16(engines, moby_dick):
@@ -187,7 +210,7 @@ def test_chunked_prefill_is_bitwise_equal_for_one_request(engines, moby_dick):
     assert _logprobs_of(chunked) == _logprobs_of(whole)
 
 
-def test_preemption_and_recompute(model_dir, moby_dick):
+def test_preemption_and_recompute(model_dir, moby_dick, model_shape):
     """A KV budget of a few blocks forces preemption; recomputed sequences finish the same."""
     from vllm import SamplingParams
 
@@ -201,10 +224,10 @@ def test_preemption_and_recompute(model_dir, moby_dick):
     gc.collect()
     tight = make_llm(
         model_dir, "nf4", dtype=EXACT_DTYPE, enable_prefix_caching=False,
-        kv_cache_memory_bytes=8 * 128 * 30 * 3 * 72, max_model_len=512, disable_log_stats=False,
+        kv_cache_memory_bytes=8 * block_bytes(model_shape, "nf4"), max_model_len=512, disable_log_stats=False,
     )
     got = [o.outputs[0].token_ids for o in tight.generate(prompts, params, use_tqdm=False)]
-    assert tight.llm_engine.vllm_config.cache_config.num_gpu_blocks <= 8
+    assert tight.llm_engine.vllm_config.cache_config.num_gpu_blocks == 8
     preemptions = sum(m.value for m in tight.get_metrics() if m.name == "vllm:num_preemptions")
     assert preemptions > 0
     assert got == expected

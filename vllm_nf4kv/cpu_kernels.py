@@ -1,21 +1,26 @@
 """The C++ NF4 kernels for vLLM's CPU platform, built on first use.
 
-Why C++: the PyTorch path (:mod:`vllm_nf4kv.paged_attention`) dequantizes
-every page a step reads into fp32 tensors and runs attention in fp64, 53-75x
-slower per decode step than ``csrc/nf4_cpu.cpp``, which dequantizes small
-tiles inside the attention loops instead and writes cells with the reference
-codec's exact arithmetic (``scripts/bench_cpu_kernels.py``).
+Why C++: the PyTorch path (:mod:`vllm_nf4kv.paged_attention`) dequantizes every page a step
+reads into fp32 tensors and runs attention in fp64, several times slower
+(``scripts/bench_cpu_kernels.py``) than ``csrc/``, which dequantizes small tiles inside the
+attention loops instead and writes cells with the reference codec's exact arithmetic.
 
-Why built on first use (``torch.utils.cpp_extension``): the package stays pure
-Python, and the kernels are compiled for the machine that runs them
-(``-march=native``: AVX-512 where there is one, portable loops elsewhere).
-``make install`` builds them once; the build is cached under
-``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), keyed by the
-source, the flags and this CPU's feature flags.
+Why built on first use (``torch.utils.cpp_extension``): the package stays pure Python, and
+the kernels are compiled for the machine that runs them (``-march=native``: AVX-512 where
+there is one, portable loops elsewhere). ``make install`` builds them once; the build is
+cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), keyed by the
+sources, the generated format header, the flags, torch's version and this CPU's feature flags.
 
-If they cannot be built (no C++ compiler), the backend logs why and uses the
-PyTorch path: the same cache bytes, several times slower.
-``NF4KV_CPU_KERNELS=0`` forces that path, e.g. to compare the two.
+``csrc/`` by job: ``common.h`` (ISA switch, row and cell geometry, table checks),
+``rotation.h``, ``codec.h`` and ``store.cpp`` (quantize-on-write), ``decoders.h`` (pages back
+to fp32), ``attention_math.h`` (exp, scores, softmax, accumulate), ``attention.cpp`` (checks,
+tasks, scheduler), ``ops.cpp`` (registration). The format's numbers reach them through
+``nf4kv_format.h``, which :func:`format_header` renders from :mod:`vllm_nf4kv.format` and
+:data:`~vllm_nf4kv.kernel_limits.CPU_LIMITS` into the build directory: no C++ file retypes one.
+
+If they cannot be built (no C++ compiler), the backend logs why and uses the PyTorch path: the
+same cache bytes, several times slower. ``NF4KV_CPU_KERNELS=0`` forces that path, e.g. to
+compare the two.
 """
 
 from __future__ import annotations
@@ -24,20 +29,24 @@ import hashlib
 import logging
 import os
 import platform
+import struct
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vllm_nf4kv.format import DEFAULT_SEARCH_STEPS, CellLayout
+from vllm_nf4kv import format as fmt
+from vllm_nf4kv.format import CellLayout
+from vllm_nf4kv.kernel_limits import CPU_LIMITS
 from vllm_nf4kv.reference import check_paged_cache, decode_scale, nf4_levels, nf4_midpoints
 from vllm_nf4kv.rotation import rotation_signs
 from vllm_nf4kv.settings import CPU_KERNELS
 
 logger = logging.getLogger("vllm.nf4kv")
 
-SOURCE = Path(__file__).with_name("csrc") / "nf4_cpu.cpp"
+SOURCE = Path(__file__).with_name("csrc")  # every *.cpp in it is compiled, every file hashed
+HEADER = "nf4kv_format.h"  # generated into the build directory, see format_header()
 NAMESPACE = "nf4kv_cpu"
 NATIVE = "-march=native"
 # -ffp-contract=off: no a*b+c is fused implicitly, so the store kernel's
@@ -45,6 +54,71 @@ NATIVE = "-march=native"
 # fuse explicitly, with std::fma / _mm512_fmadd_ps).
 CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17"]
 ENV_SWITCH = CPU_KERNELS.env_var
+
+# The constants nf4kv_format.h defines, C++ name = Python name (format.py), then the CPU
+# kernels' limits (kernel_limits.CPU_LIMITS) as CPU_<FIELD>.
+FORMAT_CONSTANTS = (
+    "NUM_LEVELS",
+    "NUM_MIDPOINTS",
+    "CODE_BITS",
+    "CODE_MASK",
+    "SCALE_MANTISSA_BITS",
+    "SCALE_MANTISSA_MASK",
+    "SCALE_EXP_BIAS",
+    "SCALE_CODE_MIN",
+    "SCALE_CODE_MAX",
+    "SCALE_MAX",
+    "FP32_MANTISSA_BITS",
+    "FP32_EXP_BIAS",
+    "SCALE_DROPPED_BITS",
+)
+LIMIT_CONSTANTS = ("max_head_dim", "max_query_heads_per_kv_head", "max_scale_groups")
+
+
+def header_constants() -> dict[str, int | float]:
+    """Name -> value of every constant :func:`format_header` renders."""
+    values: dict[str, int | float] = {name: getattr(fmt, name) for name in FORMAT_CONSTANTS}
+    for field in LIMIT_CONSTANTS:
+        limit = getattr(CPU_LIMITS, field)
+        if limit is None:
+            raise ValueError(f"CPU_LIMITS.{field} must be a number: the C++ kernels size arrays by it")
+        values[f"CPU_{field.upper()}"] = limit
+    return values
+
+
+def _cpp_literal(name: str, value: int | float) -> tuple[str, str]:
+    if isinstance(value, float):
+        if struct.unpack("f", struct.pack("f", value))[0] != value:
+            raise ValueError(f"{name} = {value!r} is not exactly representable in fp32")
+        return "float", f"{value.hex()}f"  # hex: exact, no decimal rounding on the way
+    return "int", str(value)
+
+
+def format_header() -> str:
+    """``nf4kv_format.h``: the format's constants as ``constexpr``, for the C++ kernels."""
+    lines = [
+        f"// {HEADER}: generated by vllm_nf4kv.cpu_kernels.format_header() from",
+        "// vllm_nf4kv/format.py and vllm_nf4kv/kernel_limits.py (CPU_LIMITS). Do not edit: change",
+        "// those modules (the build cache is keyed by this text).",
+        "#pragma once",
+        "",
+        "namespace nf4kv {",
+        "",
+    ]
+    constants = header_constants()
+    for name, value in constants.items():
+        kind, literal = _cpp_literal(name, value)
+        origin = f"CPU_LIMITS.{name[4:].lower()}" if name.startswith("CPU_") else f"format.{name}"
+        lines.append(f"constexpr {kind} {name} = {literal};  // {origin} = {value!r}")
+    lines += [
+        "",
+        "}  // namespace nf4kv",
+        "",
+        "// X(name) for every constant above (ops.cpp's format_constants op lists them).",
+        "#define NF4KV_FORMAT_CONSTANTS(X) " + " ".join(f"X({name})" for name in constants),
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _cpu_flags() -> str:
@@ -57,23 +131,48 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def build(namespace: str = NAMESPACE, arch: str = NATIVE, source: Path = SOURCE) -> Any:
-    """Compile (or reuse the cached build) and return ``torch.ops.<namespace>``.
+def _build_root() -> Path:
+    from torch.utils.cpp_extension import get_default_build_root
 
-    ``arch`` is the ``-march`` flag; the tests build ``-march=x86-64-v3`` (no
-    AVX-512) beside the native build to check the portable loops.
-    ``source`` lets a benchmark build another version of the kernels beside
-    these (under its own namespace).
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def build(namespace: str = NAMESPACE, arch: str = NATIVE, source: Path = SOURCE) -> Any:
+    """Compile every ``*.cpp`` of ``source`` (or reuse the cached build); return ``torch.ops.<namespace>``.
+
+    ``arch`` is the ``-march`` flag; the tests build ``-march=x86-64-v3`` (no AVX-512) beside
+    the native build to check the portable loops. ``source`` lets a benchmark build another
+    version of the kernels (a revision's ``csrc/``) beside these, under its own namespace.
     """
     from torch.utils.cpp_extension import load
 
+    source = Path(source)
+    sources = sorted(source.glob("*.cpp"))
+    if not sources:
+        raise FileNotFoundError(f"no *.cpp in {source}")
+    header = format_header()
     flags = [*CFLAGS, arch, f"-DNF4KV_OPS={namespace}"]
-    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + _cpu_flags().encode())
+    digest = hashlib.sha256()
+    for path in sorted(p for p in source.iterdir() if p.is_file()):  # headers decide bits too
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for part in (header, " ".join(flags), _cpu_flags(), torch.__version__):
+        digest.update(part.encode() + b"\0")
+    name = f"{namespace}_{digest.hexdigest()[:12]}"
+    build_dir = _build_root() / name
+    include_dir = build_dir / "include"
+    include_dir.mkdir(parents=True, exist_ok=True)
+    header_path = include_dir / HEADER
+    if not header_path.exists() or header_path.read_text() != header:
+        partial = include_dir / f"{HEADER}.{os.getpid()}"
+        partial.write_text(header)
+        partial.replace(header_path)  # atomic: a concurrent build never reads half a header
     load(
-        name=f"{namespace}_{digest.hexdigest()[:12]}",
-        sources=[str(source)],
+        name=name,
+        sources=[str(p) for p in sources],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
+        extra_include_paths=[str(include_dir)],
+        build_directory=str(build_dir),
         is_python_module=False,
         verbose=False,
     )
@@ -117,27 +216,55 @@ def _ops(ops: Any | None) -> Any:
     return native
 
 
+def check_layout(layout: CellLayout) -> None:
+    """Refuse a layout these kernels do not implement (``ValueError`` naming the limit)."""
+    if layout.head_dim > CPU_LIMITS.max_head_dim:
+        raise ValueError(
+            f"the nf4 CPU kernels take head_dim up to {CPU_LIMITS.max_head_dim}, got {layout.head_dim}; "
+            f"use --kv-cache-dtype auto for this model"
+        )
+    for name, row in (("K", layout.key), ("V", layout.value)):
+        if row.scale_scheme not in CPU_LIMITS.scale_schemes:
+            supported = ", ".join(scheme.value for scheme in CPU_LIMITS.scale_schemes)
+            raise ValueError(
+                f"the nf4 CPU kernels implement the scale schemes [{supported}]; the {name} rows use "
+                f"{row.scale_scheme.value!r}: add it to csrc/codec.h and decoders.h and to "
+                f"kernel_limits.CPU_LIMITS, or store this layout with another implementation"
+            )
+        if row.num_groups > CPU_LIMITS.max_scale_groups:
+            smallest = -(-row.head_dim // CPU_LIMITS.max_scale_groups)
+            raise ValueError(
+                f"the nf4 CPU kernels take at most {CPU_LIMITS.max_scale_groups} scale groups per row; "
+                f"the {name} rows have {row.num_groups} (group size {row.group_size} at head_dim "
+                f"{row.head_dim}): use a group size of at least {smallest}"
+            )
+
+
 @cache
 def _tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return nf4_levels(), nf4_midpoints(), decode_scale(torch.arange(256)).contiguous()
+    return nf4_levels(), nf4_midpoints(), decode_scale(torch.arange(fmt.SCALE_CODE_MAX + 1)).contiguous()
 
 
 def store(
     kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes] uint8
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], as the model made it
-    value: torch.Tensor,
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens], < 0 skipped
     layout: CellLayout,
-    search_steps: int = DEFAULT_SEARCH_STEPS,
     ops: Any | None = None,
 ) -> None:
-    """Rotate and quantize K/V into their slots: the same bytes as :func:`reference.write_paged`."""
+    """Rotate and quantize K/V into their slots: the same bytes as :func:`reference.write_paged`.
+
+    Each row's search steps come from the layout (``layout.key.search_steps``,
+    ``layout.value.search_steps``): they decide the bytes, so they belong to the format.
+    """
+    check_layout(layout)
     check_paged_cache(kv_cache, layout)
     levels, midpoints, scales = _tables()
     _ops(ops).store(
         key.float().contiguous(), value.float().contiguous(), kv_cache, slot_mapping.long().contiguous(),
         rotation_signs(layout.head_dim), levels, midpoints, scales, layout.key.group_size,
-        layout.value.group_size, search_steps,
+        layout.value.group_size, layout.key.search_steps, layout.value.search_steps,
     )
 
 
@@ -157,10 +284,17 @@ def attention(
 
     Rows past ``query_start_loc[-1]`` (vLLM's padding) are zero.
     """
+    check_layout(layout)
     check_paged_cache(kv_cache, layout)
     if query.dim() != 3 or query.shape[-1] != layout.head_dim:
         raise ValueError(
             f"query must be [num_tokens, num_heads, {layout.head_dim}], got {tuple(query.shape)}"
+        )
+    group = query.shape[1] // max(1, kv_cache.shape[1])
+    if group > CPU_LIMITS.max_query_heads_per_kv_head:
+        raise ValueError(
+            f"the nf4 CPU kernels take at most {CPU_LIMITS.max_query_heads_per_kv_head} query heads per "
+            f"KV head, got {query.shape[1]} / {kv_cache.shape[1]}"
         )
     query = query.float().contiguous()
     out = torch.zeros_like(query)

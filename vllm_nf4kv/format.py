@@ -13,6 +13,12 @@ One cache *cell* holds one token of one KV head, K and V together::
 * scale codes: one byte per group of ``group_size`` consecutive (rotated)
   values, an unsigned 8-bit float ``ue5m3`` (see :func:`scale_code_value`).
 
+A :class:`RowFormat` carries everything that decides a row's bytes (group size,
+scale scheme, search steps) and every offset; a :class:`CellLayout` pairs the K
+and V rows; :func:`format_for` says which layout a ``--kv-cache-dtype`` stores.
+The C++ kernels compile against a header generated from this module
+(:mod:`vllm_nf4kv.cpu_kernels`), Triton takes these values as constexprs.
+
 The values are quantized after a seeded, randomized Hadamard rotation of each
 head vector (see :mod:`vllm_nf4kv.rotation`); attention runs in the rotated
 space, which is exact because the rotation is orthogonal.
@@ -20,6 +26,8 @@ space, which is exact because the rotation is orthogonal.
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 KV_CACHE_DTYPE = "nf4"  # the --kv-cache-dtype value this plugin adds
@@ -54,13 +62,25 @@ NF4_ZERO_CODE = 7  # index of 0.0 in NF4_LEVELS: what an all-zero group stores
 # The range 1.125 * 2**-16 .. 61440 covers every finite
 # fp16/bf16 activation scale that matters without a second-level constant, so
 # a paged block can be filled one token at a time.
-SCALE_EXP_BITS = 5
 SCALE_MANTISSA_BITS = 3
+SCALE_MANTISSA_MASK = (1 << SCALE_MANTISSA_BITS) - 1
 SCALE_EXP_BIAS = 16
 SCALE_CODE_MIN = 1
 SCALE_CODE_MAX = 255
 SCALE_MIN = (1 + 1 / 8) * 2.0**-SCALE_EXP_BIAS  # code 1
-SCALE_MAX = (1 + 7 / 8) * 2.0 ** (31 - SCALE_EXP_BIAS)
+SCALE_MAX = (1 + SCALE_MANTISSA_MASK / 8) * 2.0 ** ((SCALE_CODE_MAX >> SCALE_MANTISSA_BITS) - SCALE_EXP_BIAS)
+
+# The fp32 facts the scale codec computes with (codes are built from and into
+# fp32 bit patterns, never with log2 / exp2, so every implementation agrees).
+FP32_MANTISSA_BITS = 23
+FP32_EXP_BIAS = 127
+SCALE_DROPPED_BITS = FP32_MANTISSA_BITS - SCALE_MANTISSA_BITS  # fp32 mantissa bits a code drops
+
+# NF4 codes: two a byte, the even element in the high nibble.
+CODE_BITS = 4
+CODE_MASK = (1 << CODE_BITS) - 1
+NUM_LEVELS = len(NF4_LEVELS)
+NUM_MIDPOINTS = NUM_LEVELS - 1
 
 # Shipped default, chosen by ``vllm-nf4kv ablate`` (docs/format.md): four scale
 # bytes per head vector, i.e. exactly the bytes int4_per_token_head spends.
@@ -73,11 +93,128 @@ MIN_GROUP_SIZE = 16
 def scale_code_value(code: int) -> float:
     """Value of one ue5m3 scale code (the ground truth the codecs are tested against)."""
     if not 0 <= code <= SCALE_CODE_MAX:
-        raise ValueError(f"scale code must be in [0, 255], got {code}")
+        raise ValueError(f"scale code must be in [0, {SCALE_CODE_MAX}], got {code}")
     if code == 0:
         return 0.0
-    exponent, mantissa = code >> SCALE_MANTISSA_BITS, code & 7
+    exponent, mantissa = code >> SCALE_MANTISSA_BITS, code & SCALE_MANTISSA_MASK
     return (1 + mantissa / 8) * 2.0 ** (exponent - SCALE_EXP_BIAS)
+
+
+def int4_per_token_head_bytes(head_dim: int) -> int:
+    """Bytes vLLM's ``int4_per_token_head`` spends per token, KV head and K or V row.
+
+    ``head_dim / 2`` bytes of 4-bit codes and one fp32 scale (its zero point hidden in the
+    scale's low mantissa bits): the budget no nf4 row may exceed.
+    """
+    return head_dim // 2 + 4
+
+
+def check_head_dim(head_dim: int) -> None:
+    """Refuse head sizes the format cannot hold, with the rule in the message."""
+    if head_dim <= 0 or head_dim % MIN_GROUP_SIZE != 0:
+        raise ValueError(
+            f"nf4 KV cache needs head_dim to be a positive multiple of "
+            f"{MIN_GROUP_SIZE}, got {head_dim}; use --kv-cache-dtype auto or fp8 "
+            f"for this model"
+        )
+
+
+class ScaleScheme(enum.Enum):
+    """How a row stores its group scales; every kernel says which schemes it implements.
+
+    ``UE5M3_PER_GROUP``: one ue5m3 byte per group, groups in order after the codes (the
+    shipped scheme). A two-level scheme (one ue5m3 per vector plus a B-bit code per group)
+    is the next one to add: it adds a member here, its byte count in
+    :attr:`RowFormat.scale_bytes`, and a case to each codec (tests/test_conformance.py
+    runs every registered format through every implementation).
+    """
+
+    UE5M3_PER_GROUP = "ue5m3"
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """How one K or V head vector is stored: codes, then scale codes.
+
+    ``search_steps`` belongs to the format because it decides the bytes written: the store
+    tries the ceil scale code and ``search_steps - 1`` codes below it and keeps the one
+    with the least squared error, so two implementations agree only with the same value.
+    """
+
+    head_dim: int
+    group_size: int
+    search_steps: int = DEFAULT_SEARCH_STEPS
+    scale_scheme: ScaleScheme = ScaleScheme.UE5M3_PER_GROUP
+
+    def __post_init__(self) -> None:
+        check_head_dim(self.head_dim)
+        if self.group_size < 2 or self.head_dim % self.group_size != 0:
+            raise ValueError(
+                f"group_size must divide head_dim={self.head_dim}, got {self.group_size}"
+            )
+        if self.group_size % 2 != 0:
+            raise ValueError(f"group_size must be even (two codes a byte), got {self.group_size}")
+        if self.search_steps < 1:
+            raise ValueError(f"search_steps must be >= 1, got {self.search_steps}")
+
+    @property
+    def num_groups(self) -> int:
+        return self.head_dim // self.group_size
+
+    @property
+    def code_offset(self) -> int:
+        """Where the packed codes start within the row."""
+        return 0
+
+    @property
+    def code_bytes(self) -> int:
+        return self.head_dim * CODE_BITS // 8
+
+    @property
+    def scale_offset(self) -> int:
+        """Where the scale codes start within the row (right after the codes)."""
+        return self.code_offset + self.code_bytes
+
+    @property
+    def scale_bytes(self) -> int:
+        return self.num_groups  # UE5M3_PER_GROUP: one byte a group
+
+    @property
+    def row_bytes(self) -> int:
+        return self.code_bytes + self.scale_bytes
+
+    @property
+    def bits_per_value(self) -> float:
+        return 8 * self.row_bytes / self.head_dim
+
+
+@dataclass(frozen=True)
+class CellLayout:
+    """Byte offsets of one (token, KV head) cell of a paged NF4 block: K row, then V row."""
+
+    key: RowFormat
+    value: RowFormat
+
+    def __post_init__(self) -> None:
+        if self.key.head_dim != self.value.head_dim:
+            raise ValueError(f"K and V rows differ in head_dim: {self.key.head_dim} vs {self.value.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.key.head_dim
+
+    @property
+    def value_offset(self) -> int:
+        """Where the V row starts within the cell (the K row starts at 0)."""
+        return self.key.row_bytes
+
+    @property
+    def cell_bytes(self) -> int:
+        return self.key.row_bytes + self.value.row_bytes
+
+    @property
+    def bits_per_value(self) -> float:
+        return 8 * self.cell_bytes / (2 * self.head_dim)
 
 
 def default_group_size(head_dim: int) -> int:
@@ -91,82 +228,19 @@ def default_group_size(head_dim: int) -> int:
     return max(MIN_GROUP_SIZE, head_dim // SCALE_BYTES_PER_ROW)
 
 
-def check_head_dim(head_dim: int) -> None:
-    """Refuse head sizes the format cannot hold, with the rule in the message."""
-    if head_dim <= 0 or head_dim % MIN_GROUP_SIZE != 0:
+def _nf4_layout(head_dim: int) -> CellLayout:
+    row = RowFormat(head_dim, default_group_size(head_dim))
+    return CellLayout(row, row)
+
+
+# What each --kv-cache-dtype of this plugin stores, by head size: the one place that says it.
+_REGISTRY: dict[str, Callable[[int], CellLayout]] = {KV_CACHE_DTYPE: _nf4_layout}
+
+
+def format_for(kv_cache_dtype: str, head_dim: int) -> CellLayout:
+    """The cell layout ``--kv-cache-dtype kv_cache_dtype`` stores at ``head_dim``."""
+    if kv_cache_dtype not in _REGISTRY:
         raise ValueError(
-            f"nf4 KV cache needs head_dim to be a positive multiple of "
-            f"{MIN_GROUP_SIZE}, got {head_dim}; use --kv-cache-dtype auto or fp8 "
-            f"for this model"
+            f"no nf4kv cell format for kv_cache_dtype {kv_cache_dtype!r}; known: {', '.join(_REGISTRY)}"
         )
-
-
-@dataclass(frozen=True)
-class RowFormat:
-    """How one K or V head vector is stored: codes then scale codes."""
-
-    head_dim: int
-    group_size: int
-
-    def __post_init__(self) -> None:
-        check_head_dim(self.head_dim)
-        if self.group_size < 2 or self.head_dim % self.group_size != 0:
-            raise ValueError(
-                f"group_size must divide head_dim={self.head_dim}, got {self.group_size}"
-            )
-        if self.group_size % 2 != 0:
-            raise ValueError(f"group_size must be even (two codes a byte), got {self.group_size}")
-
-    @property
-    def num_groups(self) -> int:
-        return self.head_dim // self.group_size
-
-    @property
-    def code_bytes(self) -> int:
-        return self.head_dim // 2
-
-    @property
-    def row_bytes(self) -> int:
-        return self.code_bytes + self.num_groups
-
-    @property
-    def bits_per_value(self) -> float:
-        return 8 * self.row_bytes / self.head_dim
-
-
-@dataclass(frozen=True)
-class CellLayout:
-    """Byte offsets of one (token, KV head) cell of a paged NF4 block."""
-
-    key: RowFormat
-    value: RowFormat
-
-    @classmethod
-    def for_head_dim(cls, head_dim: int) -> CellLayout:
-        group = default_group_size(head_dim)
-        return cls(RowFormat(head_dim, group), RowFormat(head_dim, group))
-
-    @property
-    def head_dim(self) -> int:
-        return self.key.head_dim
-
-    @property
-    def key_offset(self) -> int:
-        return 0
-
-    @property
-    def value_offset(self) -> int:
-        return self.key.row_bytes
-
-    @property
-    def cell_bytes(self) -> int:
-        return self.key.row_bytes + self.value.row_bytes
-
-    @property
-    def bits_per_value(self) -> float:
-        return 8 * self.cell_bytes / (2 * self.head_dim)
-
-
-def cell_bytes(head_dim: int) -> int:
-    """Bytes per token and KV head (K and V) of the default layout."""
-    return CellLayout.for_head_dim(head_dim).cell_bytes
+    return _REGISTRY[kv_cache_dtype](head_dim)

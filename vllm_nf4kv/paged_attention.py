@@ -1,9 +1,11 @@
-"""Attention over paged NF4 caches in plain PyTorch.
+"""Attention over paged NF4 caches in plain PyTorch: the CPU backend's fallback path.
 
-This is what the CPU backend runs and what the Triton attention kernels are
-tested against. It dequantizes exactly the blocks a batch reads (the reference
-codec, bit for bit) and calls ``scaled_dot_product_attention`` in the rotated
-space: queries are rotated before and outputs rotated back after, by the caller.
+The CPU backend runs this where the C++ kernels cannot be built. It is batched for
+speed and is *not* the ground truth: like every kernel it is tested against
+:mod:`vllm_nf4kv.reference_attention`. It dequantizes exactly the blocks a batch
+reads (the reference codec, bit for bit) and calls ``scaled_dot_product_attention``
+in the rotated space: queries are rotated before and outputs rotated back after, by
+the caller.
 
 Attention is computed in fp64 (``ACCUMULATE``). Why: fp32 SDPA results depend
 on the batch shape, and a 135M bf16 model amplifies one-ulp differences into
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_nf4kv.format import CellLayout
-from vllm_nf4kv.reference import check_paged_cache, decode_rows_rotated
+from vllm_nf4kv.reference import check_paged_cache, decode_cells_rotated
 
 ACCUMULATE = torch.float64
 
@@ -44,9 +46,7 @@ def gather_kv(
     num_blocks = -(-num_tokens // block_size)
     cells = kv_cache[block_table[:, :num_blocks].long()]  # [R, n, H, bs, C]
     cells = cells.permute(0, 2, 1, 3, 4).flatten(2, 3)[:, :, :num_tokens]  # [R, H, L, C]
-    key = decode_rows_rotated(cells[..., : layout.key.row_bytes], layout.key)
-    value = decode_rows_rotated(cells[..., layout.value_offset :], layout.value)
-    return key, value
+    return decode_cells_rotated(cells, layout)
 
 
 def _attend(

@@ -17,21 +17,24 @@ import torch
 import torch.nn.functional as F
 
 from vllm_nf4kv.format import (
+    CODE_BITS,
+    CODE_MASK,
     DEFAULT_SEARCH_STEPS,
+    FP32_EXP_BIAS,
+    FP32_MANTISSA_BITS,
     NF4_LEVELS,
     SCALE_CODE_MAX,
     SCALE_CODE_MIN,
+    SCALE_DROPPED_BITS,
     SCALE_EXP_BIAS,
     SCALE_MANTISSA_BITS,
+    SCALE_MANTISSA_MASK,
     SCALE_MAX,
     CellLayout,
     RowFormat,
+    ScaleScheme,
 )
 from vllm_nf4kv.rotation import rotate, unrotate
-
-_FP32_MANTISSA_BITS = 23
-_DROPPED_BITS = _FP32_MANTISSA_BITS - SCALE_MANTISSA_BITS  # 20
-_FP32_EXP_BIAS = 127
 
 
 def nf4_levels(device: torch.device | str = "cpu") -> torch.Tensor:
@@ -57,8 +60,9 @@ def encode_scale_ceil(scale: torch.Tensor) -> torch.Tensor:
     """
     scale = scale.float().clamp(0.0, SCALE_MAX)
     bits = scale.contiguous().view(torch.int32)
-    exponent = (bits >> _FP32_MANTISSA_BITS) - _FP32_EXP_BIAS + SCALE_EXP_BIAS
-    mantissa = ((bits & ((1 << _FP32_MANTISSA_BITS) - 1)) + ((1 << _DROPPED_BITS) - 1)) >> _DROPPED_BITS
+    exponent = (bits >> FP32_MANTISSA_BITS) - FP32_EXP_BIAS + SCALE_EXP_BIAS
+    round_up = (1 << SCALE_DROPPED_BITS) - 1  # ceil on the dropped mantissa bits
+    mantissa = ((bits & ((1 << FP32_MANTISSA_BITS) - 1)) + round_up) >> SCALE_DROPPED_BITS
     code = (exponent << SCALE_MANTISSA_BITS) + mantissa  # a mantissa carry bumps the exponent
     code = code.clamp(SCALE_CODE_MIN, SCALE_CODE_MAX)
     return torch.where(scale > 0, code, torch.zeros_like(code))
@@ -67,8 +71,8 @@ def encode_scale_ceil(scale: torch.Tensor) -> torch.Tensor:
 def decode_scale(code: torch.Tensor) -> torch.Tensor:
     """fp32 value of ue5m3 codes, built from bits (exact; code 0 is 0.0)."""
     code = code.to(torch.int32)
-    exponent = (code >> SCALE_MANTISSA_BITS) - SCALE_EXP_BIAS + _FP32_EXP_BIAS
-    bits = (exponent << _FP32_MANTISSA_BITS) | ((code & 7) << _DROPPED_BITS)
+    exponent = (code >> SCALE_MANTISSA_BITS) - SCALE_EXP_BIAS + FP32_EXP_BIAS
+    bits = (exponent << FP32_MANTISSA_BITS) | ((code & SCALE_MANTISSA_MASK) << SCALE_DROPPED_BITS)
     value = bits.view(torch.float32)
     return torch.where(code > 0, value, torch.zeros_like(value))
 
@@ -88,18 +92,33 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     if codes.shape[-1] % 2:
         raise ValueError(f"need an even number of codes, got {codes.shape[-1]}")
     codes = codes.to(torch.uint8)
-    return (codes[..., 0::2] << 4) | codes[..., 1::2]
+    return (codes[..., 0::2] << CODE_BITS) | codes[..., 1::2]
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_nibbles`."""
-    high, low = packed >> 4, packed & 0x0F
+    high, low = packed >> CODE_BITS, packed & CODE_MASK
     return torch.stack([high, low], dim=-1).flatten(-2)
 
 
 def sanitize(x: torch.Tensor) -> torch.Tensor:
-    """fp32 copy with NaN -> 0 and +-inf -> +-SCALE_MAX (callers rotate after this)."""
+    """fp32 copy with NaN -> 0 and +-inf -> +-SCALE_MAX.
+
+    Applied twice on every store path (docs/format.md, "Who sanitizes and rotates"): by
+    :func:`prepare_rows` before the rotation, so a NaN cannot spread over a whole vector,
+    and by :func:`quantize_groups` after it, since an fp64 rotation of huge finite values
+    can round to +-inf in fp32.
+    """
     return torch.nan_to_num(x.float(), nan=0.0, posinf=SCALE_MAX, neginf=-SCALE_MAX)
+
+
+def prepare_rows(x: torch.Tensor) -> torch.Tensor:
+    """Model-space head vectors ``[..., D]`` -> the fp32 rotated vectors the codec quantizes.
+
+    The one definition of the store's first step (sanitize, then rotate); the C++ kernels
+    do the same inside their store op, the CUDA backend calls this before the Triton store.
+    """
+    return rotate(sanitize(x))
 
 
 def pairwise_sum(x: torch.Tensor) -> torch.Tensor:
@@ -163,13 +182,23 @@ def _check_rows(x: torch.Tensor, fmt: RowFormat, name: str) -> None:
         raise ValueError(f"{name} must end in head_dim={fmt.head_dim}, got shape {tuple(x.shape)}")
 
 
-def encode_rows(
-    x: torch.Tensor, fmt: RowFormat, search_steps: int = DEFAULT_SEARCH_STEPS
-) -> torch.Tensor:
-    """Rotate and quantize head vectors ``[..., D]`` into stored rows ``[..., row_bytes]``."""
+def _check_scheme(fmt: RowFormat) -> None:
+    if fmt.scale_scheme is not ScaleScheme.UE5M3_PER_GROUP:
+        raise NotImplementedError(f"the reference codec has no {fmt.scale_scheme} rows yet")
+
+
+def quantize_rows(x: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
+    """Quantize already *rotated* head vectors ``[..., D]`` into stored rows ``[..., row_bytes]``."""
     _check_rows(x, fmt, "x")
-    codes, scale_codes = quantize_groups(rotate(sanitize(x)), fmt.group_size, search_steps)
+    _check_scheme(fmt)
+    codes, scale_codes = quantize_groups(x, fmt.group_size, fmt.search_steps)
     return torch.cat([pack_nibbles(codes), scale_codes], dim=-1)
+
+
+def encode_rows(x: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
+    """Sanitize, rotate and quantize model-space head vectors ``[..., D]`` into stored rows."""
+    _check_rows(x, fmt, "x")
+    return quantize_rows(prepare_rows(x), fmt)
 
 
 def decode_rows_rotated(rows: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
@@ -178,12 +207,15 @@ def decode_rows_rotated(rows: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
         raise ValueError(
             f"rows must be uint8 [..., {fmt.row_bytes}], got {rows.dtype} {tuple(rows.shape)}"
         )
+    _check_scheme(fmt)
     byte_levels, scale_values = _decode_tables(rows.device)
     # One table lookup per byte (two levels) and per scale code: the same fp32
     # level * scale products as dequantize_groups, about 3x faster on CPU.
-    levels = F.embedding(rows[..., : fmt.code_bytes].long(), byte_levels)  # [..., D/2, 2]
+    codes = rows[..., fmt.code_offset : fmt.code_offset + fmt.code_bytes]
+    levels = F.embedding(codes.long(), byte_levels)  # [..., D/2, 2]
     levels = levels.flatten(-2).unflatten(-1, (-1, fmt.group_size))  # [..., G, g]
-    scales = F.embedding(rows[..., fmt.code_bytes :].long(), scale_values)  # [..., G, 1]
+    scale_codes = rows[..., fmt.scale_offset : fmt.scale_offset + fmt.scale_bytes]
+    scales = F.embedding(scale_codes.long(), scale_values)  # [..., G, 1]
     return (levels * scales).flatten(-2)
 
 
@@ -196,16 +228,14 @@ def _decode_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     if tables is None:
         codes = unpack_nibbles(torch.arange(256, dtype=torch.uint8, device=device))
         byte_levels = nf4_levels(device)[codes.long()].view(256, 2)
-        scale_values = decode_scale(torch.arange(256, device=device)).view(256, 1)
+        scale_values = decode_scale(torch.arange(SCALE_CODE_MAX + 1, device=device)).view(-1, 1)
         tables = _DECODE_TABLES[str(device)] = (byte_levels, scale_values)
     return tables
 
 
-def fake_quantize_rows(
-    x: torch.Tensor, fmt: RowFormat, search_steps: int = DEFAULT_SEARCH_STEPS
-) -> torch.Tensor:
+def fake_quantize_rows(x: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
     """Round trip in the original space, in ``x``'s dtype (for ablations and reports)."""
-    return unrotate(decode_rows_rotated(encode_rows(x, fmt, search_steps), fmt)).to(x.dtype)
+    return unrotate(decode_rows_rotated(encode_rows(x, fmt), fmt)).to(x.dtype)
 
 
 # ---------------------------------------------------------------- paged cache
@@ -217,9 +247,8 @@ def write_paged(
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int, slot = block * block_size + offset; < 0 skipped
     layout: CellLayout,
-    search_steps: int = DEFAULT_SEARCH_STEPS,
 ) -> None:
-    """Quantize K/V and store each token's cells at its slot (the reference of the store kernel)."""
+    """Quantize K/V and store each token's cells at its slot (the reference of the store kernels)."""
     check_paged_cache(kv_cache, layout)
     if key.shape != value.shape or key.dim() != 3 or key.shape[1] != kv_cache.shape[1]:
         raise ValueError(
@@ -232,8 +261,8 @@ def write_paged(
     if not bool(valid.any()):
         return
     slots = slot_mapping[valid].long()
-    key_rows = encode_rows(key[valid], layout.key, search_steps)
-    value_rows = encode_rows(value[valid], layout.value, search_steps)
+    key_rows = encode_rows(key[valid], layout.key)
+    value_rows = encode_rows(value[valid], layout.value)
     cells = torch.cat([key_rows, value_rows], dim=-1)  # [n, H, cell]
     block_size = kv_cache.shape[2]
     blocks, offsets = slots // block_size, slots % block_size
@@ -252,8 +281,13 @@ def read_paged(
     needed = -(-seq_len // block_size)
     cells = kv_cache[block_table[:needed].long()]  # [n, H, bs, C]
     cells = cells.transpose(1, 2).flatten(0, 1)[:seq_len]  # [seq_len, H, C]
+    return decode_cells_rotated(cells, layout)
+
+
+def decode_cells_rotated(cells: torch.Tensor, layout: CellLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cells ``[..., cell_bytes]`` -> rotated fp32 K and V ``[..., D]`` (the K row starts the cell)."""
     key = decode_rows_rotated(cells[..., : layout.key.row_bytes], layout.key)
-    value = decode_rows_rotated(cells[..., layout.value_offset :], layout.value)
+    value = decode_rows_rotated(cells[..., layout.value_offset : layout.cell_bytes], layout.value)
     return key, value
 
 

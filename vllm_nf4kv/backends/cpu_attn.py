@@ -25,8 +25,9 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from vllm_nf4kv import cpu_kernels
-from vllm_nf4kv.backends.common import NF4BackendMixin, refuse_unsupported
-from vllm_nf4kv.format import CellLayout
+from vllm_nf4kv.backends.common import NF4BackendMixin, holds_head_size
+from vllm_nf4kv.backends.selection import check_layer
+from vllm_nf4kv.kernel_limits import CPU_LIMITS
 from vllm_nf4kv.paged_attention import ACCUMULATE, paged_attention
 from vllm_nf4kv.reference import write_paged
 from vllm_nf4kv.rotation import rotate, unrotate
@@ -37,7 +38,7 @@ logger = init_logger("vllm.nf4kv")
 class NF4CPUAttentionBackend(NF4BackendMixin, CPUAttentionBackend):
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
-        return [h for h in super().get_supported_head_sizes() if h % 16 == 0]
+        return [h for h in super().get_supported_head_sizes() if holds_head_size(h, CPU_LIMITS.max_head_dim)]
 
     @staticmethod
     def get_impl_cls() -> type[NF4CPUAttentionImpl]:
@@ -86,16 +87,15 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
         kv_sharing_target_layer_name: str | None = None,
         sinks: torch.Tensor | None = None,
     ) -> None:
-        refuse_unsupported(
-            "CPU", kv_cache_dtype, attn_type,
-            **{"ALiBi slopes": alibi_slopes, "logits soft-capping": logits_soft_cap or None,
-               "attention sinks": sinks},
+        self.layout = check_layer(
+            "cpu", kv_cache_dtype=kv_cache_dtype, attn_type=attn_type, num_heads=num_heads,
+            num_kv_heads=num_kv_heads, head_size=head_size, sliding_window=sliding_window,
+            alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap, sinks=sinks,
         )
         super().__init__(
             num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
             kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks,
         )
-        self.layout = CellLayout.for_head_dim(head_size)
         self.use_kernels = cpu_kernels.available()
         logger.info_once("nf4 KV cache on CPU: %s", cpu_kernels.describe())
 

@@ -1,22 +1,36 @@
-"""Which backend serves ``--kv-cache-dtype nf4``, and what it refuses.
+"""Which backend serves ``--kv-cache-dtype nf4``, and every refusal, in one place.
 
-Called from the platform routing patch (:mod:`vllm_nf4kv.patches`) once per
-attention layer while the model is built, so a refusal stops the engine at
-startup with a message that names the flag to change.
+Two moments, both before the first forward pass, so an unsupported model stops the
+engine at startup with a message that names the flag to change:
+
+* :func:`select_nf4_backend`, called from the platform routing patch
+  (:mod:`vllm_nf4kv.patches`) once per attention layer while the model is built, with
+  what vLLM's selector knows (head size, MLA, sinks, sliding window, a forced backend);
+* :func:`check_layer`, called by the backends' ``AttentionImpl.__init__`` (also while the
+  model is built) with what only the layer knows (query and KV head counts, ALiBi,
+  soft-capping).
+
+Both check the chosen implementation's :mod:`vllm_nf4kv.kernel_limits` against the
+layout :func:`vllm_nf4kv.format.format_for` gives, so a kernel never sees a shape it
+cannot run. The C++ kernels' limits apply to the CPU platform whether or not they are
+built: a model that runs on a machine with a compiler runs on one without.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from vllm_nf4kv.format import check_head_dim
+from vllm_nf4kv.format import KV_CACHE_DTYPE, CellLayout, check_head_dim, format_for
+from vllm_nf4kv.kernel_limits import CPU_LIMITS, CUDA_LIMITS, KernelLimits
 
 CPU_BACKEND = "vllm_nf4kv.backends.cpu_attn.NF4CPUAttentionBackend"
 CUDA_BACKEND = "vllm_nf4kv.backends.triton_attn.NF4TritonAttentionBackend"
+LIMITS = {"cpu": CPU_LIMITS, "cuda": CUDA_LIMITS}
 
 # Backends a user may force with --attention-backend together with nf4: the
 # platform's default (which nf4 replaces) and CUSTOM.
 _COMPATIBLE_FORCED = {"cpu": ("CPU_ATTN", "CUSTOM"), "cuda": ("TRITON_ATTN", "CUSTOM")}
+_USE_ANOTHER = "; use --kv-cache-dtype auto or fp8 for this model"
 
 
 def select_nf4_backend(platform: Any, selected_backend: Any, config: Any) -> str:
@@ -26,7 +40,7 @@ def select_nf4_backend(platform: Any, selected_backend: Any, config: Any) -> str
     if config.use_mla or config.use_sparse:
         raise ValueError(
             "--kv-cache-dtype nf4 stores K and V per KV head and cannot hold MLA "
-            "(latent) caches; use --kv-cache-dtype auto or fp8 for this model"
+            "(latent) caches" + _USE_ANOTHER
         )
     if config.attn_type != AttentionType.DECODER:
         raise ValueError(
@@ -34,10 +48,7 @@ def select_nf4_backend(platform: Any, selected_backend: Any, config: Any) -> str
             f"attention type {config.attn_type!r}; use --kv-cache-dtype auto"
         )
     if config.has_sink:
-        raise ValueError(
-            "--kv-cache-dtype nf4 does not support attention sinks yet; "
-            "use --kv-cache-dtype auto or fp8 for this model"
-        )
+        raise ValueError("--kv-cache-dtype nf4 does not support attention sinks yet" + _USE_ANOTHER)
     check_head_dim(config.head_size)
     kind = "cpu" if platform.is_cpu() else "cuda" if platform.is_cuda() else None
     if kind is None:
@@ -51,4 +62,73 @@ def select_nf4_backend(platform: Any, selected_backend: Any, config: Any) -> str
             f"drop --attention-backend (nf4 selects its own backend) or use one of "
             f"{', '.join(_COMPATIBLE_FORCED[kind])}"
         )
+    limits = LIMITS[kind]
+    refused = _beyond_limits(limits, format_for(KV_CACHE_DTYPE, config.head_size))
+    if getattr(config, "has_sliding_window", False) and not limits.sliding_window:
+        refused.append("sliding-window attention")
+    _raise_if(limits, refused)
     return CPU_BACKEND if kind == "cpu" else CUDA_BACKEND
+
+
+def check_layer(
+    kind: str,
+    *,
+    kv_cache_dtype: str,
+    attn_type: str,
+    num_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    sliding_window: int | None,
+    alibi_slopes: Any,
+    logits_soft_cap: float | None,
+    sinks: Any,
+) -> CellLayout:
+    """Refuse what one attention layer asks for and ``kind``'s kernels cannot do; return its layout.
+
+    Raises one ``ValueError`` naming every refused feature at once.
+    """
+    from vllm.v1.attention.backend import AttentionType
+
+    limits = LIMITS[kind]
+    refused: list[str] = []
+    if kv_cache_dtype != KV_CACHE_DTYPE:
+        refused.append(f"kv_cache_dtype {kv_cache_dtype!r} (this backend stores only nf4)")
+    if attn_type != AttentionType.DECODER:
+        refused.append(f"attention type {attn_type!r}")
+    if alibi_slopes is not None:
+        refused.append("ALiBi slopes")
+    if logits_soft_cap:
+        refused.append("logits soft-capping")
+    if sinks is not None:
+        refused.append("attention sinks")
+    if sliding_window and sliding_window > 0 and not limits.sliding_window:
+        refused.append("sliding windows")
+    most = limits.max_query_heads_per_kv_head
+    if num_kv_heads <= 0 or num_heads % num_kv_heads:
+        refused.append(f"{num_heads} query heads over {num_kv_heads} KV heads (not a multiple)")
+    elif most is not None and num_heads // num_kv_heads > most:
+        refused.append(f"{num_heads // num_kv_heads} query heads per KV head (at most {most})")
+    check_head_dim(head_size)
+    layout = format_for(KV_CACHE_DTYPE, head_size)
+    refused += _beyond_limits(limits, layout)
+    _raise_if(limits, refused)
+    return layout
+
+
+def _beyond_limits(limits: KernelLimits, layout: CellLayout) -> list[str]:
+    refused = []
+    if layout.head_dim > limits.max_head_dim:
+        refused.append(f"head_dim {layout.head_dim} (at most {limits.max_head_dim})")
+    for name, row in (("K", layout.key), ("V", layout.value)):
+        if limits.max_scale_groups and row.num_groups > limits.max_scale_groups:
+            refused.append(f"{row.num_groups} {name} scale groups a row (at most {limits.max_scale_groups})")
+        if row.scale_scheme not in limits.scale_schemes:
+            refused.append(f"{name} scale scheme {row.scale_scheme.value!r}")
+    return refused
+
+
+def _raise_if(limits: KernelLimits, refused: list[str]) -> None:
+    if refused:
+        raise ValueError(
+            f"--kv-cache-dtype nf4 on {limits.platform} does not support " + ", ".join(refused) + _USE_ANOTHER
+        )

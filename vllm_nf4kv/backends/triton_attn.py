@@ -25,8 +25,9 @@ from vllm.v1.attention.backends.triton_attn import (
 )
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
-from vllm_nf4kv.backends.common import NF4BackendMixin, refuse_unsupported
-from vllm_nf4kv.format import CellLayout, check_head_dim
+from vllm_nf4kv.backends.common import NF4BackendMixin, holds_head_size
+from vllm_nf4kv.backends.selection import check_layer
+from vllm_nf4kv.kernel_limits import CUDA_LIMITS
 
 
 class NF4TritonMetadataBuilder(TritonAttentionMetadataBuilder):
@@ -47,7 +48,7 @@ class NF4TritonAttentionBackend(NF4BackendMixin, TritonAttentionBackend):
 
     @classmethod
     def supports_head_size(cls, head_size: int) -> bool:
-        return head_size % 16 == 0 and head_size <= 256
+        return holds_head_size(head_size, CUDA_LIMITS.max_head_dim)
 
     @classmethod
     def supports_sink(cls) -> bool:
@@ -55,7 +56,7 @@ class NF4TritonAttentionBackend(NF4BackendMixin, TritonAttentionBackend):
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
-        return False
+        return CUDA_LIMITS.sliding_window
 
     @staticmethod
     def get_impl_cls() -> type[NF4TritonAttentionImpl]:
@@ -82,12 +83,11 @@ class NF4TritonAttentionImpl(AttentionImpl):
         sinks: torch.Tensor | None = None,
         **unused: object,
     ) -> None:
-        refuse_unsupported(
-            "CUDA", kv_cache_dtype, attn_type,
-            **{"ALiBi slopes": alibi_slopes, "sliding windows": sliding_window,
-               "logits soft-capping": logits_soft_cap or None, "attention sinks": sinks},
+        self.layout = check_layer(
+            "cuda", kv_cache_dtype=kv_cache_dtype, attn_type=attn_type, num_heads=num_heads,
+            num_kv_heads=num_kv_heads, head_size=head_size, sliding_window=sliding_window,
+            alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap, sinks=sinks,
         )
-        check_head_dim(head_size)
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
@@ -96,7 +96,6 @@ class NF4TritonAttentionImpl(AttentionImpl):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.sliding_window = None
-        self.layout = CellLayout.for_head_dim(head_size)
 
     def do_kv_cache_update(
         self,
@@ -107,10 +106,9 @@ class NF4TritonAttentionImpl(AttentionImpl):
         slot_mapping: torch.Tensor,  # [num_tokens]
     ) -> None:
         from vllm_nf4kv.kernels.triton_store import store_kv_nf4
-        from vllm_nf4kv.reference import sanitize
-        from vllm_nf4kv.rotation import rotate
+        from vllm_nf4kv.reference import prepare_rows
 
-        key, value = rotate(sanitize(key)), rotate(sanitize(value))
+        key, value = prepare_rows(key), prepare_rows(value)  # sanitize, rotate (docs/format.md)
         store_kv_nf4(kv_cache.view(torch.uint8), key, value, slot_mapping, self.layout)
 
     def forward(

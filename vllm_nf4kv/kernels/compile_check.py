@@ -80,10 +80,10 @@ def _configs() -> Iterator[tuple[str, dict]]:
 def _run_config(params: dict) -> list:
     import torch
 
-    from vllm_nf4kv.format import CellLayout
+    from vllm_nf4kv.format import KV_CACHE_DTYPE, format_for
     from vllm_nf4kv.kernels import triton_attention, triton_store
 
-    layout = CellLayout.for_head_dim(params["head_dim"])
+    layout = format_for(KV_CACHE_DTYPE, params["head_dim"])
     heads, block_size = 2, 16
     cache = torch.zeros(4, heads, block_size, layout.cell_bytes, dtype=torch.uint8)
     compiled = []

@@ -47,7 +47,13 @@ import triton
 import triton.language as tl
 
 from vllm_nf4kv.format import CellLayout
-from vllm_nf4kv.kernels.triton_codec import alignment, dequant_pairs, next_power_of_2, nf4_tables
+from vllm_nf4kv.kernels.triton_codec import (
+    alignment,
+    dequant_pairs,
+    next_power_of_2,
+    nf4_tables,
+    require_scheme,
+)
 from vllm_nf4kv.reference import check_paged_cache
 
 _QUERY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -98,7 +104,7 @@ def _nf4_attention_kernel(
     block_table_ptr,  # [num_seqs, max_blocks_per_seq] int32/int64
     query_start_loc_ptr,  # [num_seqs + 1] int32/int64
     seq_lens_ptr,  # [num_seqs] int32/int64: keys per sequence, new queries included
-    levels_ptr,  # [16] fp32
+    levels_ptr,  # [NUM_LEVELS] fp32
     out_ptr,  # NUM_SPLITS == 1: [num_tokens, num_q_heads, head_dim]; else fp32 partial acc
     #           [num_tokens, num_q_heads, NUM_SPLITS, head_dim]
     max_ptr,  # [num_tokens, num_q_heads, NUM_SPLITS] fp32 running max (log2 units); unused if 1 split
@@ -122,7 +128,9 @@ def _nf4_attention_kernel(
     HALF_PAD: tl.constexpr,
     VALUE_OFFSET: tl.constexpr,
     K_GROUP: tl.constexpr,
+    K_SCALE_OFFSET: tl.constexpr,
     V_GROUP: tl.constexpr,
+    V_SCALE_OFFSET: tl.constexpr,
     ROW_ALIGN: tl.constexpr,
     CAUSAL: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
@@ -182,7 +190,8 @@ def _nf4_attention_kernel(
         cell = block * stride_c_block + kv_head.to(tl.int64) * stride_c_head \
             + (pos % BLOCK_SIZE).to(tl.int64) * stride_c_tok
         cell = tl.multiple_of(cell, ROW_ALIGN)
-        k_even, k_odd = dequant_pairs(cache_ptr + cell, pos_ok, levels_ptr, HEAD_DIM, K_GROUP, HALF_PAD)
+        k_even, k_odd = dequant_pairs(cache_ptr + cell, pos_ok, levels_ptr, HEAD_DIM, K_GROUP, K_SCALE_OFFSET,
+                                      HALF_PAD)
         s = tl.dot(q_even, tl.trans(k_even.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
         s = tl.dot(q_odd, tl.trans(k_odd.to(DOT_DTYPE)), s, input_precision=DOT_PRECISION)
         s = s * scale_log2  # [BLOCK_M, TILE_N]
@@ -197,7 +206,7 @@ def _nf4_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
         v_even, v_odd = dequant_pairs(cache_ptr + VALUE_OFFSET + cell, pos_ok, levels_ptr, HEAD_DIM, V_GROUP,
-                                      HALF_PAD)
+                                      V_SCALE_OFFSET, HALF_PAD)
         p = p.to(DOT_DTYPE)
         acc_even = tl.dot(p, v_even.to(DOT_DTYPE), acc_even * alpha[:, None], input_precision=DOT_PRECISION)
         acc_odd = tl.dot(p, v_odd.to(DOT_DTYPE), acc_odd * alpha[:, None], input_precision=DOT_PRECISION)
@@ -315,6 +324,7 @@ def nf4_paged_attention(
     tokens past ``query_start_loc[-1]`` (padding) are left unwritten.
     """
     check_paged_cache(kv_cache, layout)
+    require_scheme(layout)
     if kv_cache.stride(-1) != 1:
         raise ValueError(f"kv_cache cells must be contiguous (stride 1 in the last dim), "
                          f"got {kv_cache.stride()}")
@@ -378,7 +388,9 @@ def nf4_paged_attention(
         HALF_PAD=max(16, next_power_of_2(head_dim // 2)),
         VALUE_OFFSET=layout.value_offset,
         K_GROUP=layout.key.group_size,
+        K_SCALE_OFFSET=layout.key.scale_offset,
         V_GROUP=layout.value.group_size,
+        V_SCALE_OFFSET=layout.value.scale_offset,
         ROW_ALIGN=alignment(*kv_cache.stride()[:3]),
         CAUSAL=causal,
         NUM_SPLITS=num_splits,

@@ -21,18 +21,25 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_nf4kv.format import NF4_LEVELS, SCALE_EXP_BIAS, SCALE_MANTISSA_BITS, SCALE_MAX
+from vllm_nf4kv import format as fmt
 from vllm_nf4kv.reference import nf4_levels, nf4_midpoints
 
-_FP32_MANTISSA_BITS: tl.constexpr = tl.constexpr(23)
-_FP32_EXP_BIAS: tl.constexpr = tl.constexpr(127)
-_SCALE_MANT_BITS: tl.constexpr = tl.constexpr(SCALE_MANTISSA_BITS)
-_DROPPED_BITS: tl.constexpr = tl.constexpr(23 - SCALE_MANTISSA_BITS)
-_FP32_MANTISSA_MASK: tl.constexpr = tl.constexpr((1 << 23) - 1)
-_ROUND_UP: tl.constexpr = tl.constexpr((1 << (23 - SCALE_MANTISSA_BITS)) - 1)  # ceil on the dropped bits
-_SCALE_BIAS: tl.constexpr = tl.constexpr(SCALE_EXP_BIAS)
-_SCALE_MAX: tl.constexpr = tl.constexpr(SCALE_MAX)
-NUM_MIDPOINTS: tl.constexpr = tl.constexpr(len(NF4_LEVELS) - 1)
+# Every constant as a constexpr built from vllm_nf4kv.format (none is retyped here).
+_FP32_MANTISSA_BITS: tl.constexpr = tl.constexpr(fmt.FP32_MANTISSA_BITS)
+_FP32_EXP_BIAS: tl.constexpr = tl.constexpr(fmt.FP32_EXP_BIAS)
+_SCALE_MANT_BITS: tl.constexpr = tl.constexpr(fmt.SCALE_MANTISSA_BITS)
+_SCALE_MANT_MASK: tl.constexpr = tl.constexpr(fmt.SCALE_MANTISSA_MASK)
+_DROPPED_BITS: tl.constexpr = tl.constexpr(fmt.SCALE_DROPPED_BITS)
+_FP32_MANTISSA_MASK: tl.constexpr = tl.constexpr((1 << fmt.FP32_MANTISSA_BITS) - 1)
+_ROUND_UP: tl.constexpr = tl.constexpr((1 << fmt.SCALE_DROPPED_BITS) - 1)  # ceil on the dropped bits
+_SCALE_BIAS: tl.constexpr = tl.constexpr(fmt.SCALE_EXP_BIAS)
+_SCALE_CODE_MIN: tl.constexpr = tl.constexpr(fmt.SCALE_CODE_MIN)
+_SCALE_CODE_MAX: tl.constexpr = tl.constexpr(fmt.SCALE_CODE_MAX)
+_SCALE_MAX: tl.constexpr = tl.constexpr(fmt.SCALE_MAX)
+CODE_BITS: tl.constexpr = tl.constexpr(fmt.CODE_BITS)
+CODE_MASK: tl.constexpr = tl.constexpr(fmt.CODE_MASK)
+NUM_LEVELS: tl.constexpr = tl.constexpr(fmt.NUM_LEVELS)
+NUM_MIDPOINTS: tl.constexpr = tl.constexpr(fmt.NUM_MIDPOINTS)
 
 _TABLES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -45,6 +52,13 @@ def nf4_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         tables = (nf4_levels(device).contiguous(), nf4_midpoints(device).contiguous())
         _TABLES[key] = tables
     return tables
+
+
+def require_scheme(layout: fmt.CellLayout) -> None:
+    """Refuse rows whose scale scheme these kernels do not implement (only one exists today)."""
+    for name, row in (("key", layout.key), ("value", layout.value)):
+        if row.scale_scheme is not fmt.ScaleScheme.UE5M3_PER_GROUP:
+            raise NotImplementedError(f"the Triton kernels have no {row.scale_scheme} {name} rows yet")
 
 
 def next_power_of_2(n: int) -> int:
@@ -71,7 +85,7 @@ def encode_scale_ceil(absmax):
     exponent = (bits >> _FP32_MANTISSA_BITS) - _FP32_EXP_BIAS + _SCALE_BIAS
     mantissa = ((bits & _FP32_MANTISSA_MASK) + _ROUND_UP) >> _DROPPED_BITS
     code = (exponent << _SCALE_MANT_BITS) + mantissa  # a mantissa carry bumps the exponent
-    code = tl.minimum(tl.maximum(code, 1), 255)
+    code = tl.minimum(tl.maximum(code, _SCALE_CODE_MIN), _SCALE_CODE_MAX)
     return tl.where(scale > 0, code, 0)
 
 
@@ -79,7 +93,7 @@ def encode_scale_ceil(absmax):
 def decode_scale(code):
     """fp32 value of int32 ue5m3 codes, built from bits; code 0 is 0.0 (``reference.decode_scale``)."""
     exponent = (code >> _SCALE_MANT_BITS) - _SCALE_BIAS + _FP32_EXP_BIAS
-    bits = (exponent << _FP32_MANTISSA_BITS) | ((code & 7) << _DROPPED_BITS)
+    bits = (exponent << _FP32_MANTISSA_BITS) | ((code & _SCALE_MANT_MASK) << _DROPPED_BITS)
     return tl.where(code > 0, bits.to(tl.float32, bitcast=True), 0.0)
 
 
@@ -90,19 +104,20 @@ def decode_scale(code):
 def dequant_pairs(
     row_ptrs,  # [TILE_N] pointers to the first byte of a K or V row (uint8)
     mask_n,  # [TILE_N] bool, rows to read
-    levels_ptr,  # [16] fp32 NF4 levels
+    levels_ptr,  # [NUM_LEVELS] fp32 NF4 levels
     HEAD_DIM: tl.constexpr,
     GROUP: tl.constexpr,
+    SCALE_OFFSET: tl.constexpr,  # RowFormat.scale_offset: first scale byte of the row
     HALF_PAD: tl.constexpr,
 ):
     """Dequantize rows to fp32 ``(even, odd)`` tiles ``[TILE_N, HALF_PAD]``; masked entries are +-0."""
     j = tl.arange(0, HALF_PAD)[None, :]
     mask = mask_n[:, None] & (j < HEAD_DIM // 2)
     packed = tl.load(row_ptrs[:, None] + j, mask=mask, other=0).to(tl.int32)
-    scale_code = tl.load(row_ptrs[:, None] + (HEAD_DIM // 2 + j // (GROUP // 2)), mask=mask, other=0)
+    scale_code = tl.load(row_ptrs[:, None] + (SCALE_OFFSET + j // (GROUP // 2)), mask=mask, other=0)
     scale = decode_scale(scale_code.to(tl.int32))
-    even = tl.load(levels_ptr + (packed >> 4)) * scale
-    odd = tl.load(levels_ptr + (packed & 15)) * scale
+    even = tl.load(levels_ptr + (packed >> CODE_BITS)) * scale
+    odd = tl.load(levels_ptr + (packed & CODE_MASK)) * scale
     return even, odd
 
 

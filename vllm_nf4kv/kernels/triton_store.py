@@ -1,6 +1,6 @@
 """Quantize-on-write (``store_kv_nf4``) and dequantizing gather (``load_kv_nf4``).
 
-``store_kv_nf4`` is bit-exact with :func:`vllm_nf4kv.reference.quantize_groups`
+``store_kv_nf4`` is bit-exact with :func:`vllm_nf4kv.reference.quantize_rows`
 (codes and scale codes) on the same rotated input, given that both sum a group's
 squared error in the same fixed order (see :func:`_pairwise_row_sum`). Two GPU
 details matter for that exactness and are pinned here:
@@ -21,8 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_nf4kv.format import DEFAULT_SEARCH_STEPS, SCALE_MAX, CellLayout, RowFormat
+from vllm_nf4kv.format import SCALE_MAX, CellLayout, RowFormat
 from vllm_nf4kv.kernels.triton_codec import (
+    CODE_BITS,
+    NUM_LEVELS,
     NUM_MIDPOINTS,
     alignment,
     decode_scale,
@@ -31,6 +33,7 @@ from vllm_nf4kv.kernels.triton_codec import (
     fp32_to_bf16_bits,
     next_power_of_2,
     nf4_tables,
+    require_scheme,
 )
 from vllm_nf4kv.reference import check_paged_cache
 
@@ -54,7 +57,7 @@ _LOAD_NUM_WARPS = 4
 
 @triton.jit
 def _sanitize(x):
-    """``reference._sanitize``: NaN -> 0, +-inf -> +-SCALE_MAX."""
+    """``reference.sanitize``: NaN -> 0, +-inf -> +-SCALE_MAX (after the caller's rotation)."""
     x = tl.where(x != x, 0.0, x)
     x = tl.where(x == float("inf"), _SANITIZE_MAX, x)
     return tl.where(x == float("-inf"), -_SANITIZE_MAX, x)
@@ -62,8 +65,8 @@ def _sanitize(x):
 
 @triton.jit
 def _nf4_encode(v, midpoints):
-    """Nearest NF4 index of ``v [R, C]`` in [-1, 1]: how many of the ``midpoints [16]``
-    (15 fp32 thresholds, then +inf) lie below it."""
+    """Nearest NF4 index of ``v [R, C]`` in [-1, 1]: how many of the ``midpoints [NUM_LEVELS]``
+    (NUM_MIDPOINTS fp32 thresholds, then +inf) lie below it."""
     return tl.sum((v[:, :, None] > midpoints[None, None, :]).to(tl.int32), axis=2)
 
 
@@ -96,10 +99,11 @@ def _quantize_row(
     src_ptr,  # first element of one rotated head vector [HEAD_DIM], any float dtype
     stride_d,
     row_ptr,  # first byte of its stored row (codes then scale codes), uint8
-    levels_ptr,  # [16] fp32
-    midpoints_ptr,  # [15] fp32
+    levels_ptr,  # [NUM_LEVELS] fp32
+    midpoints_ptr,  # [NUM_MIDPOINTS] fp32
     HEAD_DIM: tl.constexpr,
     GROUP: tl.constexpr,
+    SCALE_OFFSET: tl.constexpr,
     GROUPS_PAD: tl.constexpr,
     PAIRS_PAD: tl.constexpr,
     PAIR_LEVELS: tl.constexpr,
@@ -113,9 +117,9 @@ def _quantize_row(
     x_even = _sanitize(tl.load(src_ptr + even * stride_d, mask=mask, other=0.0).to(tl.float32))
     x_odd = _sanitize(tl.load(src_ptr + (even + 1) * stride_d, mask=mask, other=0.0).to(tl.float32))
 
-    # the 15 thresholds padded with +inf to a power of two
-    midpoints = tl.load(midpoints_ptr + tl.arange(0, 16), mask=tl.arange(0, 16) < NUM_MIDPOINTS,
-                        other=float("inf"))
+    # the thresholds padded with +inf to NUM_LEVELS, a power of two
+    lanes = tl.arange(0, NUM_LEVELS)
+    midpoints = tl.load(midpoints_ptr + lanes, mask=lanes < NUM_MIDPOINTS, other=float("inf"))
     first = encode_scale_ceil(tl.max(tl.maximum(tl.abs(x_even), tl.abs(x_odd)), axis=1))  # [GROUPS_PAD]
     best_code = first
     best_even, best_odd, best_err = _group_codes(
@@ -132,10 +136,10 @@ def _quantize_row(
         best_odd = tl.where(better[:, None], c_odd, best_odd)
         best_err = tl.where(better, err, best_err)
 
-    packed = (best_even << 4) | best_odd  # even index in the high nibble
+    packed = (best_even << CODE_BITS) | best_odd  # even index in the high nibble
     tl.store(row_ptr + g * (GROUP // 2) + j, packed.to(tl.uint8), mask=mask)
     groups = tl.arange(0, GROUPS_PAD)
-    tl.store(row_ptr + HEAD_DIM // 2 + groups, best_code.to(tl.uint8), mask=groups < HEAD_DIM // GROUP)
+    tl.store(row_ptr + SCALE_OFFSET + groups, best_code.to(tl.uint8), mask=groups < HEAD_DIM // GROUP)
 
 
 @triton.jit
@@ -144,8 +148,8 @@ def _store_kv_nf4_kernel(
     value_ptr,  # [num_tokens, num_kv_heads, head_dim] fp32/fp16/bf16, rotated
     cache_ptr,  # [num_blocks, num_kv_heads, block_size, cell_bytes] uint8
     slot_mapping_ptr,  # [num_tokens] int32/int64; < 0: padding, skipped
-    levels_ptr,  # [16] fp32
-    midpoints_ptr,  # [15] fp32
+    levels_ptr,  # [NUM_LEVELS] fp32
+    midpoints_ptr,  # [NUM_MIDPOINTS] fp32
     stride_k_tok: tl.int64,
     stride_k_head: tl.int64,
     stride_k_dim: tl.int64,
@@ -159,14 +163,17 @@ def _store_kv_nf4_kernel(
     HEAD_DIM: tl.constexpr,
     VALUE_OFFSET: tl.constexpr,
     K_GROUP: tl.constexpr,
+    K_SCALE_OFFSET: tl.constexpr,
     K_GROUPS_PAD: tl.constexpr,
     K_PAIRS_PAD: tl.constexpr,
     K_PAIR_LEVELS: tl.constexpr,
+    K_SEARCH_STEPS: tl.constexpr,
     V_GROUP: tl.constexpr,
+    V_SCALE_OFFSET: tl.constexpr,
     V_GROUPS_PAD: tl.constexpr,
     V_PAIRS_PAD: tl.constexpr,
     V_PAIR_LEVELS: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,
+    V_SEARCH_STEPS: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -177,11 +184,13 @@ def _store_kv_nf4_kernel(
     cell_ptr = cache_ptr + block * stride_c_block + head * stride_c_head + (slot % BLOCK_SIZE) * stride_c_tok
     _quantize_row(
         key_ptr + token * stride_k_tok + head * stride_k_head, stride_k_dim, cell_ptr,
-        levels_ptr, midpoints_ptr, HEAD_DIM, K_GROUP, K_GROUPS_PAD, K_PAIRS_PAD, K_PAIR_LEVELS, SEARCH_STEPS,
+        levels_ptr, midpoints_ptr, HEAD_DIM, K_GROUP, K_SCALE_OFFSET, K_GROUPS_PAD, K_PAIRS_PAD,
+        K_PAIR_LEVELS, K_SEARCH_STEPS,
     )
     _quantize_row(
         value_ptr + token * stride_v_tok + head * stride_v_head, stride_v_dim, cell_ptr + VALUE_OFFSET,
-        levels_ptr, midpoints_ptr, HEAD_DIM, V_GROUP, V_GROUPS_PAD, V_PAIRS_PAD, V_PAIR_LEVELS, SEARCH_STEPS,
+        levels_ptr, midpoints_ptr, HEAD_DIM, V_GROUP, V_SCALE_OFFSET, V_GROUPS_PAD, V_PAIRS_PAD,
+        V_PAIR_LEVELS, V_SEARCH_STEPS,
     )
 
 
@@ -189,9 +198,11 @@ def _row_constexprs(fmt: RowFormat, prefix: str) -> dict[str, int]:
     pairs_pad = next_power_of_2(fmt.group_size // 2)
     return {
         f"{prefix}_GROUP": fmt.group_size,
+        f"{prefix}_SCALE_OFFSET": fmt.scale_offset,
         f"{prefix}_GROUPS_PAD": next_power_of_2(fmt.num_groups),
         f"{prefix}_PAIRS_PAD": pairs_pad,
         f"{prefix}_PAIR_LEVELS": pairs_pad.bit_length() - 1,
+        f"{prefix}_SEARCH_STEPS": fmt.search_steps,
     }
 
 
@@ -213,6 +224,7 @@ def _check_device(kv_cache: torch.Tensor, **tensors: torch.Tensor) -> None:
 
 def _check_cache(kv_cache: torch.Tensor, layout: CellLayout) -> None:
     check_paged_cache(kv_cache, layout)
+    require_scheme(layout)
     if kv_cache.stride(-1) != 1:
         raise ValueError(f"kv_cache cells must be contiguous (stride 1 in the last dim), "
                          f"got {kv_cache.stride()}")
@@ -224,13 +236,13 @@ def store_kv_nf4(
     value_rot: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim] fp32/fp16/bf16, already rotated
     slot_mapping: torch.Tensor,  # [num_slots <= num_tokens] int32/int64; < 0 skipped
     layout: CellLayout,
-    search_steps: int = DEFAULT_SEARCH_STEPS,
 ) -> None:
     """Quantize rotated K/V and write each token's cells at its slot (``block * block_size + offset``).
 
-    Bit-exact with ``reference.quantize_groups`` on the same rotated input; equal to
-    ``reference.write_paged`` when the caller rotates with ``rotation.rotate``. Only
-    the first ``len(slot_mapping)`` tokens are read (vLLM pads key/value).
+    Bit-exact with ``reference.quantize_rows`` on the same rotated input; equal to
+    ``reference.write_paged`` when the caller prepares K/V with ``reference.prepare_rows``.
+    The search steps per row come from the layout. Only the first ``len(slot_mapping)``
+    tokens are read (vLLM pads key/value).
     """
     _check_cache(kv_cache, layout)
     num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
@@ -243,8 +255,6 @@ def store_kv_nf4(
     if num_tokens > min(key_rot.shape[0], value_rot.shape[0]):
         raise ValueError(f"slot_mapping has {num_tokens} slots but key_rot/value_rot have "
                          f"{key_rot.shape[0]}/{value_rot.shape[0]} tokens")
-    if search_steps < 1:
-        raise ValueError(f"search_steps must be >= 1, got {search_steps}")
     _check_device(kv_cache, key_rot=key_rot, value_rot=value_rot, slot_mapping=slot_mapping)
     if num_tokens == 0:
         return
@@ -257,7 +267,6 @@ def store_kv_nf4(
         VALUE_OFFSET=layout.value_offset,
         **_row_constexprs(layout.key, "K"),
         **_row_constexprs(layout.value, "V"),
-        SEARCH_STEPS=search_steps,
         num_warps=max(1, layout.head_dim // _STORE_ELEMENTS_PER_WARP),
         enable_fp_fusion=False,  # exactness: torch rounds every mul and add separately
     )
@@ -287,7 +296,7 @@ def _load_kv_nf4_kernel(
     cache_ptr,  # [num_blocks, num_kv_heads, block_size, cell_bytes] uint8
     block_table_ptr,  # [num_seqs, max_blocks_per_seq] int32/int64
     seq_lens_ptr,  # [num_seqs] int32/int64
-    levels_ptr,  # [16] fp32
+    levels_ptr,  # [NUM_LEVELS] fp32
     key_out_ptr,  # [num_seqs, max_seq_len, num_kv_heads, head_dim] fp32/fp16 (bf16 as int16)
     value_out_ptr,  # [num_seqs, max_seq_len, num_kv_heads, head_dim] like key_out
     max_seq_len,
@@ -302,7 +311,9 @@ def _load_kv_nf4_kernel(
     HEAD_DIM: tl.constexpr,
     VALUE_OFFSET: tl.constexpr,
     K_GROUP: tl.constexpr,
+    K_SCALE_OFFSET: tl.constexpr,
     V_GROUP: tl.constexpr,
+    V_SCALE_OFFSET: tl.constexpr,
     HALF_PAD: tl.constexpr,
     TILE_N: tl.constexpr,
     ROW_ALIGN: tl.constexpr,
@@ -320,11 +331,12 @@ def _load_kv_nf4_kernel(
     out = seq * stride_o_seq + pos.to(tl.int64) * stride_o_tok + head * stride_o_head  # [TILE_N]
     mask = (pos < max_seq_len)[:, None] & (tl.arange(0, HALF_PAD)[None, :] < HEAD_DIM // 2)
     row_ok = valid[:, None]  # rows past seq_len are written as zeros
-    k_even, k_odd = dequant_pairs(cache_ptr + cell, valid, levels_ptr, HEAD_DIM, K_GROUP, HALF_PAD)
+    k_even, k_odd = dequant_pairs(cache_ptr + cell, valid, levels_ptr, HEAD_DIM, K_GROUP, K_SCALE_OFFSET,
+                                      HALF_PAD)
     _store_pairs(key_out_ptr + out, 1, tl.where(row_ok, k_even, 0.0), tl.where(row_ok, k_odd, 0.0),
                  mask, HALF_PAD, OUT_KIND)
     v_even, v_odd = dequant_pairs(cache_ptr + VALUE_OFFSET + cell, valid, levels_ptr, HEAD_DIM, V_GROUP,
-                                  HALF_PAD)
+                                  V_SCALE_OFFSET, HALF_PAD)
     _store_pairs(value_out_ptr + out, 1, tl.where(row_ok, v_even, 0.0), tl.where(row_ok, v_odd, 0.0),
                  mask, HALF_PAD, OUT_KIND)
 
@@ -380,7 +392,9 @@ def load_kv_nf4(
         HEAD_DIM=layout.head_dim,
         VALUE_OFFSET=layout.value_offset,
         K_GROUP=layout.key.group_size,
+        K_SCALE_OFFSET=layout.key.scale_offset,
         V_GROUP=layout.value.group_size,
+        V_SCALE_OFFSET=layout.value.scale_offset,
         HALF_PAD=next_power_of_2(layout.head_dim // 2),
         TILE_N=_LOAD_TILE_N,
         ROW_ALIGN=alignment(*kv_cache.stride()[:3]),

@@ -43,6 +43,7 @@ from functools import cache
 
 import torch
 
+from vllm_nf4kv.format import int4_per_token_head_bytes
 from vllm_nf4kv.reference import decode_scale, nf4_levels, nf4_midpoints, pairwise_sum, sanitize
 from vllm_nf4kv.rotation import rotate, unrotate
 
@@ -110,7 +111,7 @@ class Int4PerTokenHead(KVFormat):
     spec: str = "int4tok"
 
     def bits_per_value(self, head_dim: int) -> float:
-        return 8 * (head_dim / 2 + 4) / head_dim
+        return 8 * int4_per_token_head_bytes(head_dim) / head_dim
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         head_dim = x.shape[-1]
@@ -224,10 +225,11 @@ def parse_format(spec: str) -> KVFormat:
 
 
 def shipped_spec(head_dim: int) -> str:
-    """The spec string of what :func:`vllm_nf4kv.reference.fake_quantize_rows` does by default."""
-    from vllm_nf4kv.format import DEFAULT_SEARCH_STEPS, default_group_size
+    """The spec string of the key rows ``--kv-cache-dtype nf4`` stores at ``head_dim``."""
+    from vllm_nf4kv.format import KV_CACHE_DTYPE, format_for
 
-    return f"nf4-g{default_group_size(head_dim)}-ue5m3-s{DEFAULT_SEARCH_STEPS}"
+    row = format_for(KV_CACHE_DTYPE, head_dim).key
+    return f"nf4-g{row.group_size}-{row.scale_scheme.value}-s{row.search_steps}"
 
 
 # ---------------------------------------------------------------- helpers

@@ -8,8 +8,8 @@ tokens fit in ``--kv-memory``:
 
 * ``auto``: the model dtype, 2 bytes a value (4 if the config says float32);
 * ``fp8``: 1 byte a value (its per-layer scales are not per token);
-* ``int4_per_token_head``: ``head_dim / 2`` code bytes + a 4-byte fp32 scale, for K and for V;
-* ``nf4``: :func:`vllm_nf4kv.format.cell_bytes` (K and V codes and scale codes).
+* ``int4_per_token_head``: :func:`vllm_nf4kv.format.int4_per_token_head_bytes`, for K and for V;
+* ``nf4``: the cell of :func:`vllm_nf4kv.format.format_for` (K and V codes and scale codes).
 
 vLLM allocates whole blocks, so a real engine holds up to one block per layer
 fewer tokens than the ``tokens`` printed here.
@@ -23,10 +23,9 @@ import pathlib
 import re
 from dataclasses import dataclass
 
-from vllm_nf4kv.format import cell_bytes
+from vllm_nf4kv.format import KV_CACHE_DTYPE, format_for, int4_per_token_head_bytes
 
 DTYPES: tuple[str, ...] = ("auto", "fp8", "int4_per_token_head", "nf4")
-INT4_SCALE_BYTES = 4  # int4_per_token_head: one fp32 scale (zero-point in its low bits) per row
 
 _UNITS = {
     "": 1,
@@ -80,9 +79,9 @@ class ModelShape:
         elif dtype == "int4_per_token_head":
             if self.head_dim % 2:
                 raise ValueError(f"int4_per_token_head needs an even head_dim, got {self.head_dim}")
-            per_head = 2 * (self.head_dim // 2 + INT4_SCALE_BYTES)
+            per_head = 2 * int4_per_token_head_bytes(self.head_dim)
         elif dtype == "nf4":
-            per_head = cell_bytes(self.head_dim)
+            per_head = format_for(KV_CACHE_DTYPE, self.head_dim).cell_bytes
         else:
             raise ValueError(f"unknown KV-cache dtype {dtype!r}; expected one of {list(DTYPES)}")
         return self.num_layers * self.num_kv_heads * per_head

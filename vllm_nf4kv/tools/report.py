@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from vllm_nf4kv.format import DEFAULT_SEARCH_STEPS, CellLayout
+from vllm_nf4kv.format import KV_CACHE_DTYPE, format_for
 from vllm_nf4kv.reference import decode_rows_rotated, encode_rows
 from vllm_nf4kv.rotation import unrotate
 
@@ -54,9 +54,9 @@ SYNTHETIC = ("normal", "uniform", "student-t3", "outlier-channels")
 
 
 def shipped_round_trip(x: torch.Tensor) -> torch.Tensor:
-    """The shipped codec (default layout, default search) back to fp32 in the original space."""
-    fmt = CellLayout.for_head_dim(x.shape[-1]).key
-    return unrotate(decode_rows_rotated(encode_rows(x, fmt, DEFAULT_SEARCH_STEPS), fmt))
+    """The shipped codec (what ``--kv-cache-dtype nf4`` stores for keys) back to fp32, original space."""
+    fmt = format_for(KV_CACHE_DTYPE, x.shape[-1]).key
+    return unrotate(decode_rows_rotated(encode_rows(x, fmt), fmt))
 
 
 def metrics(x: torch.Tensor, decoded: torch.Tensor, bits_per_value: float) -> dict[str, float]:
@@ -84,7 +84,7 @@ def evaluate(tensors: dict[str, torch.Tensor], compare: list[str]) -> list[dict]
     rows = []
     for name, x in tensors.items():
         head_dim = x.shape[-1]
-        shipped = CellLayout.for_head_dim(head_dim).key.bits_per_value
+        shipped = format_for(KV_CACHE_DTYPE, head_dim).key.bits_per_value
         stats = metrics(x, shipped_round_trip(x), shipped)
         rows.append({"tensor": name, "format": shipped_spec(head_dim), **stats})
         for spec in compare:

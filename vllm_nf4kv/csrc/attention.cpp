@@ -1,0 +1,278 @@
+// The attention op: paged attention that reads NF4 pages directly. Each task (up to 64
+// queries of one request against one KV head) dequantizes the pages it needs, a chunk at a
+// time, into cache-resident fp32 scratch; no fp32 copy of the cache exists.
+//
+// This file checks the batch, cuts it into tasks and runs them on the thread pool; the
+// arithmetic is attention_math.h, the decoding decoders.h, the rotation rotation.h. A task's
+// bits depend only on its own queries and keys (attention_math.h), never on which thread runs
+// it or what else is in the batch.
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <vector>
+
+#include "attention_math.h"
+#include "common.h"
+#include "decoders.h"
+#include "ops.h"
+#include "rotation.h"
+
+namespace nf4kv {
+namespace {
+
+constexpr int kQueryTile = 64;     // queries of one request per attention task
+constexpr int64_t kKeyChunk = 64;  // tokens dequantized at a time (16 KB of K or V at head_dim 64)
+static_assert(kKeyChunk % kLanes == 0, "chunks start on key-tile boundaries");
+
+// The batch as the tasks read it, checked once.
+struct Batch {
+  CacheGeometry g;
+  int64_t group;  // query heads per KV head
+  int64_t num_reqs;
+  const uint8_t* cache;
+  const int32_t* block_table;  // [num_reqs, max_blocks]
+  const int32_t* starts;       // query_start_loc
+  const int32_t* lens;         // seq_lens
+  const float* query;
+  float* out;
+  float scale;
+  bool causal;
+  int64_t sliding_window;
+};
+
+Batch check_batch(const at::Tensor& query, const at::Tensor& cache, const at::Tensor& block_table,
+                  const at::Tensor& seq_lens, const at::Tensor& query_start_loc, double scale, bool causal,
+                  int64_t sliding_window, int64_t key_group, int64_t value_group, const at::Tensor& out) {
+  TORCH_CHECK(query.dtype() == at::kFloat && query.is_contiguous() && query.dim() == 3,
+              "query must be contiguous fp32 [num_tokens, num_heads, head_dim]");
+  TORCH_CHECK(out.dtype() == at::kFloat && out.is_contiguous() && out.sizes() == query.sizes(),
+              "out must be contiguous fp32 shaped like the query ", query.sizes(), ", got ", out.dtype(), " ",
+              out.sizes());
+  TORCH_CHECK(block_table.dtype() == at::kInt && block_table.is_contiguous() && block_table.dim() == 2,
+              "block_table must be contiguous int32 [num_reqs, max_blocks], got ", block_table.dtype(), " ",
+              block_table.sizes());
+  TORCH_CHECK(seq_lens.dtype() == at::kInt && query_start_loc.dtype() == at::kInt && seq_lens.is_contiguous() &&
+                  query_start_loc.is_contiguous() && seq_lens.dim() == 1 && query_start_loc.dim() == 1,
+              "seq_lens [num_reqs] and query_start_loc [num_reqs + 1] must be contiguous int32");
+  const int64_t num_reqs = seq_lens.size(0);
+  TORCH_CHECK(query_start_loc.size(0) >= num_reqs + 1 && block_table.size(0) >= num_reqs, "metadata for ",
+              num_reqs, " requests needs query_start_loc of >= ", num_reqs + 1, " entries (got ",
+              query_start_loc.size(0), ") and a block_table of >= ", num_reqs, " rows (got ", block_table.size(0),
+              ")");
+  Batch b{};
+  CacheGeometry& g = b.g;
+  g.num_heads = query.size(1);
+  g.head_dim = query.size(2);
+  g.cell = cell_geometry(g.head_dim, key_group, value_group);
+  for (const RowGeometry* row : {&g.cell.key, &g.cell.value})
+    TORCH_CHECK(row->num_groups <= CPU_MAX_SCALE_GROUPS, "at most ", CPU_MAX_SCALE_GROUPS,
+                " scale groups per head vector, got ", row->num_groups);
+  check_cache(cache, g.cell.cell_bytes);
+  g.num_kv_heads = cache.size(1);
+  g.block_size = cache.size(2);
+  g.max_blocks = block_table.size(1);
+  TORCH_CHECK(g.num_heads % g.num_kv_heads == 0, "num_heads ", g.num_heads, " is not a multiple of num_kv_heads ",
+              g.num_kv_heads);
+  b.group = g.num_heads / g.num_kv_heads;
+  TORCH_CHECK(b.group <= CPU_MAX_QUERY_HEADS_PER_KV_HEAD, "at most ", CPU_MAX_QUERY_HEADS_PER_KV_HEAD,
+              " query heads per KV head, got ", b.group);
+  b.num_reqs = num_reqs;
+  b.cache = cache.data_ptr<uint8_t>();
+  b.block_table = block_table.data_ptr<int32_t>();
+  b.starts = query_start_loc.data_ptr<int32_t>();
+  b.lens = seq_lens.data_ptr<int32_t>();
+  b.query = query.data_ptr<float>();
+  b.out = out.data_ptr<float>();
+  b.scale = static_cast<float>(scale);
+  b.causal = causal;
+  b.sliding_window = sliding_window;
+  return b;
+}
+
+// Up to kQueryTile queries of one request against one KV head.
+struct Task {
+  int64_t request, kv_head, first_query, end_query;
+};
+
+// One task per (request, tile of its queries, KV head), checking each request's metadata.
+std::vector<Task> make_tasks(const Batch& b, int64_t num_query_tokens) {
+  std::vector<Task> tasks;
+  for (int64_t r = 0; r < b.num_reqs; ++r) {
+    const int64_t q_len = b.starts[r + 1] - b.starts[r];
+    TORCH_CHECK(q_len >= 0 && q_len <= b.lens[r], "request ", r, ": ", q_len, " queries but seq_len ", b.lens[r]);
+    TORCH_CHECK((b.lens[r] + b.g.block_size - 1) / b.g.block_size <= b.g.max_blocks, "request ", r,
+                ": block table too short for seq_len ", b.lens[r]);
+    TORCH_CHECK(b.starts[r + 1] <= num_query_tokens, "query_start_loc beyond the query tensor");
+    for (int64_t j = 0; j < q_len; j += kQueryTile)
+      for (int64_t h = 0; h < b.g.num_kv_heads; ++h) tasks.push_back({r, h, j, std::min(q_len, j + kQueryTile)});
+  }
+  return tasks;
+}
+
+// Longest tasks first: handed out one at a time, a static split would give one thread the
+// late (long) query tiles of a causal prefill and leave the other idle.
+void order_longest_first(std::vector<Task>& tasks, const Batch& b) {
+  auto cost = [&](const Task& task) {
+    return (task.end_query - task.first_query + 1) *
+           (b.lens[task.request] - b.starts[task.request + 1] + b.starts[task.request] + task.end_query);
+  };
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& x, const Task& y) { return cost(x) > cost(y); });
+}
+
+// Keys query j of a request may read: [first(j), end(j)), both nondecreasing in j.
+struct KeyWindow {
+  int64_t context, seq_len, sliding_window;
+  bool causal;
+  int64_t first(int64_t j) const {
+    return sliding_window > 0 ? std::max<int64_t>(0, context + j - sliding_window + 1) : 0;
+  }
+  int64_t end(int64_t j) const { return causal ? std::min(context + j + 1, seq_len) : seq_len; }
+};
+
+// One thread's scratch, and the steps of one task: rotate its query rows in, score them
+// against the keys, softmax, accumulate the values, divide and rotate the outputs back. Keys,
+// then values, are dequantized kKeyChunk tokens at a time (the chunk stays in L1); chunk
+// starts are lo + multiples of 16, so score tiles line up across chunks.
+//
+// The steps are always_inline: run() is then one function body, as the loop was before it was
+// split, and the compiler keeps the same values in registers (left to itself GCC kept the
+// steps apart, and a causal prefill ran ~8% slower; scripts/bench_cpu_kernels.py --against).
+class TaskRunner {
+ public:
+  TaskRunner(const Batch& b, const Rotation& rotation, const Tables& t)
+      : b_(b), rotation_(rotation), decoders_(t, b.g.cell), keys_(static_cast<size_t>(kKeyChunk * b.g.head_dim)),
+        values_(keys_.size()) {}
+
+  void run(const Task& task) {
+    task_ = task;
+    const int64_t seq_len = b_.lens[task.request];
+    window_ = {seq_len - (b_.starts[task.request + 1] - b_.starts[task.request]), seq_len, b_.sliding_window,
+               b_.causal};
+    blocks_ = b_.block_table + task.request * b_.g.max_blocks;
+    lo_ = window_.first(task.first_query);
+    hi_ = window_.end(task.end_query - 1);
+    load_queries();
+    score_keys();
+    for (int64_t row = 0; row < num_rows_; ++row) {
+      const int64_t j = task_.first_query + row / b_.group;
+      denominators_[row] = softmax_numerators(score_rows_[row], window_.first(j) - lo_, window_.end(j) - lo_);
+    }
+    accumulate_values_of_chunks();
+    write_outputs();
+  }
+
+ private:
+  // One row per (query of the task, query head of this KV head), rotated into the cache's space.
+  [[gnu::always_inline]] void load_queries() {
+    const int64_t d = b_.g.head_dim;
+    const int64_t span = (hi_ - lo_ + kLanes - 1) / kLanes * kLanes;  // whole key tiles
+    num_rows_ = (task_.end_query - task_.first_query) * b_.group;
+    scores_.resize(static_cast<size_t>(num_rows_ * span));
+    query_rows_.resize(static_cast<size_t>(num_rows_ * d));
+    acc_.assign(static_cast<size_t>(num_rows_ * d), 0.0f);
+    denominators_.resize(static_cast<size_t>(num_rows_));
+    q_rows_.resize(num_rows_);
+    score_rows_.resize(num_rows_);
+    acc_rows_.resize(num_rows_);
+    for (int64_t row = 0; row < num_rows_; ++row) {
+      rotation_.forward(b_.query + token_head(row) * d, query_rows_.data() + row * d);
+      q_rows_[row] = query_rows_.data() + row * d;
+      score_rows_[row] = scores_.data() + row * span;
+      acc_rows_[row] = acc_.data() + row * d;
+    }
+  }
+
+  [[gnu::always_inline]] void score_keys() {
+    const int rows_per_query = static_cast<int>(b_.group);
+    for (int64_t c0 = lo_; c0 < hi_; c0 += kKeyChunk) {
+      const int64_t c1 = std::min(hi_, c0 + kKeyChunk);
+      gather_keys(b_.cache, blocks_, task_.kv_head, c0, c1, b_.g, decoders_.key, keys_.data());
+      for_each_query(c0, c1, [&](int64_t row, int64_t a, int64_t b) {
+        float* shifted[CPU_MAX_QUERY_HEADS_PER_KV_HEAD];
+        for (int r = 0; r < rows_per_query; ++r) shifted[r] = score_rows_[row + r] + (c0 - lo_);
+        scores_rows(q_rows_.data() + row, rows_per_query, keys_.data(), a, b, b_.g.head_dim, b_.scale, shifted);
+      });
+    }
+  }
+
+  [[gnu::always_inline]] void accumulate_values_of_chunks() {
+    const int rows_per_query = static_cast<int>(b_.group);
+    for (int64_t c0 = lo_; c0 < hi_; c0 += kKeyChunk) {
+      const int64_t c1 = std::min(hi_, c0 + kKeyChunk);
+      gather_values(b_.cache, blocks_, task_.kv_head, c0, c1, b_.g, decoders_.value, values_.data());
+      for_each_query(c0, c1, [&](int64_t row, int64_t a, int64_t b) {
+        const float* shifted[CPU_MAX_QUERY_HEADS_PER_KV_HEAD];
+        for (int r = 0; r < rows_per_query; ++r) shifted[r] = score_rows_[row + r] + (c0 - lo_);
+        accumulate_values(shifted, rows_per_query, values_.data(), a, b, b_.g.head_dim, acc_rows_.data() + row);
+      });
+    }
+  }
+
+  [[gnu::always_inline]] void write_outputs() {
+    const int64_t d = b_.g.head_dim;
+    for (int64_t row = 0; row < num_rows_; ++row) {
+      const int64_t j = task_.first_query + row / b_.group;
+      float* out = b_.out + token_head(row) * d;
+      if (window_.end(j) <= window_.first(j)) {  // cannot happen for decoders (a query sees itself)
+        std::fill(out, out + d, 0.0f);
+        continue;
+      }
+      const float inv = 1.0f / denominators_[row];
+      for (int64_t i = 0; i < d; ++i) acc_rows_[row][i] = acc_rows_[row][i] * inv;
+      rotation_.inverse(acc_rows_[row], out);
+    }
+  }
+
+  // visit(first row of query j, the query's keys within chunk [c0, c1) as [a, b) from c0)
+  template <class Visit>
+  void for_each_query(int64_t c0, int64_t c1, Visit&& visit) const {
+    for (int64_t j = task_.first_query; j < task_.end_query; ++j) {
+      const int64_t a = std::max(window_.first(j), c0), b = std::min(window_.end(j), c1);
+      if (a < b) visit((j - task_.first_query) * b_.group, a - c0, b - c0);
+    }
+  }
+
+  // (token, query head) index of a row in the query and output tensors
+  int64_t token_head(int64_t row) const {
+    const int64_t j = task_.first_query + row / b_.group, h = task_.kv_head * b_.group + row % b_.group;
+    return (b_.starts[task_.request] + j) * b_.g.num_heads + h;
+  }
+
+  const Batch& b_;
+  const Rotation& rotation_;
+  const KVDecoders decoders_;
+  std::vector<float> keys_, values_, scores_, query_rows_, acc_, denominators_;
+  std::vector<const float*> q_rows_;
+  std::vector<float*> score_rows_, acc_rows_;
+  Task task_{};
+  KeyWindow window_{};
+  const int32_t* blocks_ = nullptr;
+  int64_t lo_ = 0, hi_ = 0, num_rows_ = 0;
+};
+
+}  // namespace
+
+namespace NF4KV_OPS {
+
+void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tensor& block_table,
+               const at::Tensor& signs, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+               const at::Tensor& levels, const at::Tensor& scale_values, double scale, bool causal,
+               int64_t sliding_window, int64_t key_group, int64_t value_group, const at::Tensor& out) {
+  const Batch batch = check_batch(query, cache, block_table, seq_lens, query_start_loc, scale, causal,
+                                  sliding_window, key_group, value_group, out);
+  const Rotation rotation(signs_of(signs, batch.g.head_dim), batch.g.head_dim);
+  const Tables t = tables_of(levels, nullptr, scale_values);
+  std::vector<Task> tasks = make_tasks(batch, query.size(0));
+  order_longest_first(tasks, batch);
+  // Tasks handed out one at a time; which thread runs a task does not change its bits.
+  std::atomic<int64_t> next_task{0};
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_tasks), 1, [&](int64_t, int64_t) {
+    TaskRunner runner(batch, rotation, t);
+    for (int64_t i; (i = next_task.fetch_add(1)) < num_tasks;) runner.run(tasks[i]);
+  });
+}
+
+}  // namespace NF4KV_OPS
+}  // namespace nf4kv

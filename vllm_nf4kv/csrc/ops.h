@@ -1,0 +1,30 @@
+// The ops' entry points, registered by ops.cpp under torch.ops.<NF4KV_OPS>.
+//
+// They live in a namespace named after the op namespace (a build parameter, -DNF4KV_OPS=...),
+// so two builds loaded into one process share no symbol (see common.h).
+
+#pragma once
+
+#include <ATen/ATen.h>
+
+#ifndef NF4KV_OPS
+#define NF4KV_OPS nf4kv_cpu
+#endif
+
+namespace nf4kv {
+namespace NF4KV_OPS {
+
+// store.cpp: rotate and quantize K/V into their cells (reference.write_paged's bytes).
+void store(const at::Tensor& key, const at::Tensor& value, const at::Tensor& cache, const at::Tensor& slot_mapping,
+           const at::Tensor& signs, const at::Tensor& levels, const at::Tensor& midpoints,
+           const at::Tensor& scale_values, int64_t key_group, int64_t value_group, int64_t key_search_steps,
+           int64_t value_search_steps);
+
+// attention.cpp: paged attention over NF4 pages, queries rotated in and outputs back.
+void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tensor& block_table,
+               const at::Tensor& signs, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+               const at::Tensor& levels, const at::Tensor& scale_values, double scale, bool causal,
+               int64_t sliding_window, int64_t key_group, int64_t value_group, const at::Tensor& out);
+
+}  // namespace NF4KV_OPS
+}  // namespace nf4kv

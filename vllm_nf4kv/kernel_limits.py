@@ -1,0 +1,52 @@
+"""What each attention implementation can serve, so unsupported models fail at startup.
+
+The limits are the kernels' own (fixed-size scratch arrays, register tiles, features not
+written yet). They live here, not in the kernels, so that
+:mod:`vllm_nf4kv.backends.selection` can refuse a model before its first forward with the
+flag to change, and the C++ kernels compile against the same numbers (their generated
+header, :func:`vllm_nf4kv.cpu_kernels.format_header`). Importing this module imports
+neither torch nor Triton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm_nf4kv.format import ScaleScheme
+
+
+@dataclass(frozen=True)
+class KernelLimits:
+    """The largest shapes and the features one attention implementation supports."""
+
+    platform: str  # how the refusal names it: "CPU", "CUDA"
+    max_head_dim: int
+    max_query_heads_per_kv_head: int | None  # None: any GQA ratio
+    max_scale_groups: int | None  # scale groups per K or V row; None: any
+    sliding_window: bool
+    scale_schemes: tuple[ScaleScheme, ...]
+
+
+# csrc/: a head vector lives in stack arrays of MAX_HEAD_DIM floats; one task keeps a GQA
+# group's query rows in a fixed array; the AVX-512 decoders hold a row's scales in one
+# 16-lane register.
+CPU_LIMITS = KernelLimits(
+    platform="CPU",
+    max_head_dim=512,
+    max_query_heads_per_kv_head=64,
+    max_scale_groups=16,
+    sliding_window=True,
+    scale_schemes=(ScaleScheme.UE5M3_PER_GROUP,),
+)
+
+# kernels/triton_attention.py: two [TILE_N, head_dim / 2] fp32 tiles per K and V live in
+# registers (head_dim 256 is the largest compiled for sm_90 without spills); no sliding
+# window yet.
+CUDA_LIMITS = KernelLimits(
+    platform="CUDA",
+    max_head_dim=256,
+    max_query_heads_per_kv_head=None,
+    max_scale_groups=None,
+    sliding_window=False,
+    scale_schemes=(ScaleScheme.UE5M3_PER_GROUP,),
+)
