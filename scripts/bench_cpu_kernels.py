@@ -31,7 +31,7 @@ import torch
 from vllm_nf4kv import cpu_kernels
 from vllm_nf4kv.format import SCALE_CODE_MAX, CellLayout, format_for
 from vllm_nf4kv.paged_attention import ACCUMULATE, paged_attention
-from vllm_nf4kv.reference import decode_scale, nf4_levels, nf4_midpoints, write_paged
+from vllm_nf4kv.reference import check_paged_cache, decode_scale, nf4_levels, nf4_midpoints, write_paged
 from vllm_nf4kv.rotation import rotate, rotation_signs, unrotate
 
 
@@ -73,6 +73,7 @@ def store_of(ops: Any) -> Callable[..., None]:
               layout: CellLayout) -> None:
         if layout.key.search_steps != layout.value.search_steps:
             raise ValueError("this revision's store takes one search_steps for K and V")
+        check_paged_cache(cache, layout)  # as that revision's cpu_kernels.store did
         ops.store(
             key.float().contiguous(), value.float().contiguous(), cache, slots.long().contiguous(),
             rotation_signs(layout.head_dim), *tables, layout.key.group_size, layout.value.group_size,

@@ -127,7 +127,9 @@ inline float group_trial(const float* x, int group, float scale, const Tables& t
 }
 
 // One rotated head vector -> codes | scale codes (reference.quantize_groups + packing).
-inline void quantize_row(const float* x_in, const RowGeometry& row, int search_steps, const Tables& t,
+// The row's geometry comes by value: the uint8 stores below may alias anything, so through a
+// reference the compiler would reload its fields after each one.
+inline void quantize_row(const float* x_in, const RowGeometry row, int search_steps, const Tables& t,
                          const SearchConstants& constants, uint8_t* out) {
   const int head_dim = static_cast<int>(row.head_dim), group = static_cast<int>(row.group);
   float x[CPU_MAX_HEAD_DIM];
@@ -153,7 +155,8 @@ inline void quantize_row(const float* x_in, const RowGeometry& row, int search_s
     scale_codes[gi] = static_cast<uint8_t>(best_code);
   }
   // two codes a byte, the even element in the high nibble
-  for (int64_t i = 0; i < row.code_bytes; ++i)
+  const int64_t code_bytes = row.code_bytes;
+  for (int64_t i = 0; i < code_bytes; ++i)
     out[i] = static_cast<uint8_t>((codes[2 * i] << CODE_BITS) | codes[2 * i + 1]);
 }
 
