@@ -15,6 +15,14 @@ import pytest
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# The Triton kernels are imported in the interpreter's mode before any test module imports
+# vLLM (which imports Triton), whatever subset or order of modules a run collects: Triton's
+# own helpers keep the mode of its first import (tests/triton_interpreted.py).
+try:
+    import triton_interpreted  # noqa: F401
+except pytest.skip.Exception:  # Triton not installed: its tests skip themselves
+    pass
+
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("ASSETS", REPO / ".assets"))
 MODEL_DIR = ASSETS / "models" / "smollm2-135m"

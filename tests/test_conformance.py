@@ -17,6 +17,7 @@ interpreter here, compiled on a GPU).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import pytest
@@ -71,12 +72,8 @@ def triton_kernels():
 
 
 def _with_triton_env(kernels, call: Callable[[], torch.Tensor | None]):
-    env = kernels.interpreter_env()
-    next(env)
-    try:
+    with contextlib.contextmanager(kernels.interpreter_env)():
         return call()
-    finally:
-        next(env, None)
 
 
 def store_with(name: str, request) -> Callable:

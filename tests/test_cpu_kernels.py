@@ -180,17 +180,17 @@ def test_layouts_beyond_the_cpu_limits_are_refused_before_any_kernel(native, mon
                 ops=native
             )
 
-    refused(CellLayout(RowFormat(64, 2), RowFormat(64, 16)), match="at most 16 scale groups")
+    refused(CellLayout(RowFormat(64, 2), RowFormat(64, 16)), match="32 K scale groups a row \\(at most 16")
     big = CPU_LIMITS.max_head_dim + 16
     big_row = RowFormat(big, big // 4)
-    refused(CellLayout(big_row, big_row), match=f"head_dim up to {big - 16}")
+    refused(CellLayout(big_row, big_row), match=f"head_dim {big} \\(at most {big - 16}\\)")
     monkeypatch.setattr(cpu_kernels, "CPU_LIMITS", dataclasses.replace(CPU_LIMITS, scale_schemes=()))
-    refused(format_for("nf4", 64), match="scale schemes")
+    refused(format_for("nf4", 64), match="K scale scheme 'ue5m3'")
     monkeypatch.undo()
     layout = format_for("nf4", 64)
     cache = torch.zeros(1, 1, 16, layout.cell_bytes, dtype=torch.uint8)
     too_many = CPU_LIMITS.max_query_heads_per_kv_head + 1
-    with pytest.raises(ValueError, match="query heads per KV head"):
+    with pytest.raises(ValueError, match=f"{too_many} query heads per KV head \\(at most {too_many - 1}\\)"):
         cpu_kernels.attention(
             torch.zeros(1, too_many, 64), cache, layout, torch.tensor([0, 1]), torch.tensor([1]),
             torch.zeros(1, 1), 1.0, ops=native,

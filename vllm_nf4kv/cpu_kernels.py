@@ -38,7 +38,7 @@ import torch
 
 from vllm_nf4kv import format as fmt
 from vllm_nf4kv.format import CellLayout
-from vllm_nf4kv.kernel_limits import CPU_LIMITS
+from vllm_nf4kv.kernel_limits import CPU_LIMITS, KernelLimits
 from vllm_nf4kv.reference import check_paged_cache, decode_scale, nf4_levels, nf4_midpoints
 from vllm_nf4kv.rotation import rotation_signs
 from vllm_nf4kv.settings import CPU_KERNELS
@@ -218,26 +218,16 @@ def _ops(ops: Any | None) -> Any:
 
 def check_layout(layout: CellLayout) -> None:
     """Refuse a layout these kernels do not implement (``ValueError`` naming the limit)."""
-    if layout.head_dim > CPU_LIMITS.max_head_dim:
+    _check_layout(layout, CPU_LIMITS)
+
+
+@cache  # every store and attention call checks, and a one-token store takes ~12 us in all
+def _check_layout(layout: CellLayout, limits: KernelLimits) -> None:
+    refused = limits.layout_refusals(layout)
+    if refused:
         raise ValueError(
-            f"the nf4 CPU kernels take head_dim up to {CPU_LIMITS.max_head_dim}, got {layout.head_dim}; "
-            f"use --kv-cache-dtype auto for this model"
+            f"the nf4 CPU kernels do not take {', '.join(refused)}; use --kv-cache-dtype auto for this model"
         )
-    for name, row in (("K", layout.key), ("V", layout.value)):
-        if row.scale_scheme not in CPU_LIMITS.scale_schemes:
-            supported = ", ".join(scheme.value for scheme in CPU_LIMITS.scale_schemes)
-            raise ValueError(
-                f"the nf4 CPU kernels implement the scale schemes [{supported}]; the {name} rows use "
-                f"{row.scale_scheme.value!r}: add it to csrc/codec.h and decoders.h and to "
-                f"kernel_limits.CPU_LIMITS, or store this layout with another implementation"
-            )
-        if row.num_groups > CPU_LIMITS.max_scale_groups:
-            smallest = -(-row.head_dim // CPU_LIMITS.max_scale_groups)
-            raise ValueError(
-                f"the nf4 CPU kernels take at most {CPU_LIMITS.max_scale_groups} scale groups per row; "
-                f"the {name} rows have {row.num_groups} (group size {row.group_size} at head_dim "
-                f"{row.head_dim}): use a group size of at least {smallest}"
-            )
 
 
 @cache
@@ -290,12 +280,9 @@ def attention(
         raise ValueError(
             f"query must be [num_tokens, num_heads, {layout.head_dim}], got {tuple(query.shape)}"
         )
-    group = query.shape[1] // max(1, kv_cache.shape[1])
-    if group > CPU_LIMITS.max_query_heads_per_kv_head:
-        raise ValueError(
-            f"the nf4 CPU kernels take at most {CPU_LIMITS.max_query_heads_per_kv_head} query heads per "
-            f"KV head, got {query.shape[1]} / {kv_cache.shape[1]}"
-        )
+    gqa = CPU_LIMITS.gqa_refusal(query.shape[1], kv_cache.shape[1])
+    if gqa is not None:
+        raise ValueError(f"the nf4 CPU kernels do not take {gqa}")
     query = query.float().contiguous()
     out = torch.zeros_like(query)
     levels, _, scales = _tables()

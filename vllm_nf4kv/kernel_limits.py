@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vllm_nf4kv.format import ScaleScheme
+from vllm_nf4kv.format import CellLayout, ScaleScheme
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,31 @@ class KernelLimits:
     max_scale_groups: int | None  # scale groups per K or V row; None: any
     sliding_window: bool
     scale_schemes: tuple[ScaleScheme, ...]
+
+    def layout_refusals(self, layout: CellLayout) -> list[str]:
+        """What of ``layout`` these kernels cannot hold, one phrase each (empty: all of it)."""
+        refused = []
+        if layout.head_dim > self.max_head_dim:
+            refused.append(f"head_dim {layout.head_dim} (at most {self.max_head_dim})")
+        for name, row in (("K", layout.key), ("V", layout.value)):
+            if self.max_scale_groups and row.num_groups > self.max_scale_groups:
+                smallest = -(-row.head_dim // self.max_scale_groups)
+                refused.append(
+                    f"{row.num_groups} {name} scale groups a row (at most {self.max_scale_groups}: "
+                    f"a group size of at least {smallest})"
+                )
+            if row.scale_scheme not in self.scale_schemes:
+                refused.append(f"{name} scale scheme {row.scale_scheme.value!r}")
+        return refused
+
+    def gqa_refusal(self, num_heads: int, num_kv_heads: int) -> str | None:
+        """Why ``num_heads`` query heads over ``num_kv_heads`` KV heads cannot run here, or None."""
+        most = self.max_query_heads_per_kv_head
+        if num_kv_heads <= 0 or num_heads % num_kv_heads:
+            return f"{num_heads} query heads over {num_kv_heads} KV heads (not a multiple)"
+        if most is not None and num_heads // num_kv_heads > most:
+            return f"{num_heads // num_kv_heads} query heads per KV head (at most {most})"
+        return None
 
 
 # csrc/: a head vector lives in stack arrays of MAX_HEAD_DIM floats; one task keeps a GQA

@@ -63,7 +63,7 @@ def select_nf4_backend(platform: Any, selected_backend: Any, config: Any) -> str
             f"{', '.join(_COMPATIBLE_FORCED[kind])}"
         )
     limits = LIMITS[kind]
-    refused = _beyond_limits(limits, format_for(KV_CACHE_DTYPE, config.head_size))
+    refused = limits.layout_refusals(format_for(KV_CACHE_DTYPE, config.head_size))
     if getattr(config, "has_sliding_window", False) and not limits.sliding_window:
         refused.append("sliding-window attention")
     _raise_if(limits, refused)
@@ -103,28 +103,13 @@ def check_layer(
         refused.append("attention sinks")
     if sliding_window and sliding_window > 0 and not limits.sliding_window:
         refused.append("sliding windows")
-    most = limits.max_query_heads_per_kv_head
-    if num_kv_heads <= 0 or num_heads % num_kv_heads:
-        refused.append(f"{num_heads} query heads over {num_kv_heads} KV heads (not a multiple)")
-    elif most is not None and num_heads // num_kv_heads > most:
-        refused.append(f"{num_heads // num_kv_heads} query heads per KV head (at most {most})")
-    check_head_dim(head_size)
-    layout = format_for(KV_CACHE_DTYPE, head_size)
-    refused += _beyond_limits(limits, layout)
+    gqa = limits.gqa_refusal(num_heads, num_kv_heads)
+    if gqa is not None:
+        refused.append(gqa)
+    layout = format_for(KV_CACHE_DTYPE, head_size)  # refuses head sizes no nf4 cell can hold
+    refused += limits.layout_refusals(layout)
     _raise_if(limits, refused)
     return layout
-
-
-def _beyond_limits(limits: KernelLimits, layout: CellLayout) -> list[str]:
-    refused = []
-    if layout.head_dim > limits.max_head_dim:
-        refused.append(f"head_dim {layout.head_dim} (at most {limits.max_head_dim})")
-    for name, row in (("K", layout.key), ("V", layout.value)):
-        if limits.max_scale_groups and row.num_groups > limits.max_scale_groups:
-            refused.append(f"{row.num_groups} {name} scale groups a row (at most {limits.max_scale_groups})")
-        if row.scale_scheme not in limits.scale_schemes:
-            refused.append(f"{name} scale scheme {row.scale_scheme.value!r}")
-    return refused
 
 
 def _raise_if(limits: KernelLimits, refused: list[str]) -> None:
