@@ -92,7 +92,7 @@ def _hadamard_blocks(y: torch.Tensor) -> torch.Tensor:
     """``y @ blockdiag(H)`` in fp64: butterflies (stride 1, 2, 4, ...) per block, then ``1/sqrt(size)``.
 
     Why butterflies and not a matmul: the operations and their order are fixed
-    (a matmul's summation order is BLAS's choice), so ``csrc/nf4_cpu.cpp``
+    (a matmul's summation order is BLAS's choice), so ``csrc/rotation.h``
     performs exactly these and gets the same bits; and each output is a sum of
     ``±x`` exact in fp64 for bf16/fp16 inputs, so a token rotates to the same
     bytes whatever batch it arrives in.
