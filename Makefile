@@ -44,6 +44,8 @@ serve: install assets
 	else \
 	  echo "vllm-nf4kv: KV cache KV_MEMORY=$(KV_MEMORY) bytes ($$(($(KV_MEMORY) / 1048576)) MiB)"; \
 	fi
+	@# Once per model: the key smoothing nf4 serves with (vllm_nf4kv/calibration.py, docs/format.md).
+	$(VENV)/bin/vllm-nf4kv calibrate $(MODEL) --if-missing
 	$(VENV)/bin/vllm serve $(MODEL) \
 	  --served-model-name smollm2 --kv-cache-dtype nf4 --host 127.0.0.1 --port $(PORT) \
 	  --enforce-eager --max-model-len 2048 --kv-cache-memory-bytes $(KV_MEMORY)

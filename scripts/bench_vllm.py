@@ -32,7 +32,14 @@ from vllm_nf4kv.engine_eval import (  # noqa: E402
     token_windows,
 )
 
-DTYPES = ("auto", "fp8", "nf4")
+# label -> (--kv-cache-dtype, --additional-config): nf4 serves with the model's calibration from
+# the default location (`vllm-nf4kv calibrate MODEL` first), and once without it for comparison
+CONFIGS = {
+    "auto": ("auto", None),
+    "fp8": ("fp8", None),
+    "nf4": ("nf4", None),
+    "nf4 uncalibrated": ("nf4", {"nf4kv": {"calibration": "none"}}),
+}
 TEXTS = {"Moby Dick": "moby_dick.txt", "State of the Union": "sotu_2000_2021.txt"}
 
 
@@ -51,11 +58,13 @@ def main() -> None:
 
     texts = {name: (Path(args.texts) / file).read_text() for name, file in TEXTS.items()}
     rows, reference = {}, None
-    for dtype in DTYPES:
+    os.environ.pop("NF4KV_CALIBRATION", None)  # the server default: the model's file, if any
+    for label, (dtype, additional_config) in CONFIGS.items():
         start = time.perf_counter()
         llm = LLM(
             model=args.model, kv_cache_dtype=dtype, enforce_eager=True, seed=0,
             kv_cache_memory_bytes=args.kv_memory_bytes, max_model_len=max(2048, args.window),
+            additional_config=additional_config or {},
         )
         row = {"capacity": kv_capacity_tokens(llm)}
         for name, text in texts.items():
@@ -64,7 +73,7 @@ def main() -> None:
         reference = reference or tokens
         row["greedy"] = greedy_agreement(reference, tokens)
         row["seconds"] = time.perf_counter() - start
-        rows[dtype] = row
+        rows[label] = row
         del llm
         gc.collect()
 

@@ -2,7 +2,12 @@
 # lm-eval quality of auto / fp8 / nf4 through `vllm serve` (one server per dtype, same settings).
 #
 #   bash scripts/eval_quality.sh [DTYPES...]      # default: auto fp8 nf4
-#   env: PORT (18731), KV_MEMORY (268435456), LIMIT (unset = all docs), CONCURRENT (4), OUT (.assets/quality)
+#   env: PORT (18731), KV_MEMORY (268435456), LIMIT (unset = all docs), CONCURRENT (4), OUT (.assets/quality),
+#        MODEL (.assets/models/smollm2-135m), NAME (smollm2), DOC (docs/quality.md), PNG (docs/img/quality.png)
+#   Gemma: MODEL=.assets/models/gemma3-270m NAME=gemma3 OUT=.assets/quality-gemma \
+#          DOC=docs/quality-gemma.md PNG=docs/img/quality-gemma.png bash scripts/eval_quality.sh
+#
+# nf4 serves with the model's calibration (made first, once, as `make serve` does).
 #
 # Builds the JSONL documents (scripts/make_eval_data.py), runs the local tasks in
 # scripts/lm_eval_tasks/ (tag nf4kv_quality) with lm_eval's local-completions model, then
@@ -10,7 +15,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-MODEL=.assets/models/smollm2-135m
+MODEL=${MODEL:-.assets/models/smollm2-135m}
+NAME=${NAME:-smollm2}
+DOC=${DOC:-docs/quality.md}
+PNG=${PNG:-docs/img/quality.png}
 PORT=${PORT:-18731}
 KV_MEMORY=${KV_MEMORY:-268435456}
 CONCURRENT=${CONCURRENT:-4}
@@ -20,6 +28,8 @@ read -r -a DTYPES <<< "${DTYPES[*]}"
 export VLLM_ENABLE_V1_MULTIPROCESSING=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 "$VENV/bin/python" scripts/make_eval_data.py
+"$VENV/bin/vllm-nf4kv" calibrate "$MODEL" --if-missing
+unset NF4KV_CALIBRATION  # serve as users do: the model's file from the default location
 mkdir -p "$OUT"
 SERVER_PID=
 stop_server() {
@@ -32,7 +42,7 @@ trap stop_server EXIT INT TERM
 
 for dtype in "${DTYPES[@]}"; do
   echo "== $dtype: starting vllm serve on 127.0.0.1:$PORT"
-  "$VENV/bin/vllm" serve "$MODEL" --served-model-name smollm2 --kv-cache-dtype "$dtype" \
+  "$VENV/bin/vllm" serve "$MODEL" --served-model-name "$NAME" --kv-cache-dtype "$dtype" \
     --host 127.0.0.1 --port "$PORT" --enforce-eager --max-model-len 2048 \
     --kv-cache-memory-bytes "$KV_MEMORY" --seed 0 > "$OUT/server_$dtype.log" 2>&1 &
   SERVER_PID=$!
@@ -43,10 +53,10 @@ for dtype in "${DTYPES[@]}"; do
   done
   start=$(date +%s)
   "$VENV/bin/lm_eval" --model local-completions \
-    --model_args "model=smollm2,base_url=http://127.0.0.1:$PORT/v1/completions,tokenizer=$MODEL,tokenizer_backend=huggingface,num_concurrent=$CONCURRENT,max_retries=3,max_length=2048" \
+    --model_args "model=$NAME,base_url=http://127.0.0.1:$PORT/v1/completions,tokenizer=$MODEL,tokenizer_backend=huggingface,num_concurrent=$CONCURRENT,max_retries=3,max_length=2048" \
     --tasks nf4kv_quality --include_path scripts/lm_eval_tasks \
     ${LIMIT:+--limit "$LIMIT"} --seed 0 --output_path "$OUT/$dtype"
   echo "== $dtype: lm_eval took $(( $(date +%s) - start )) s"
   stop_server
 done
-"$VENV/bin/python" scripts/render_quality.py --results "$OUT" --kv-memory "$KV_MEMORY"
+"$VENV/bin/python" scripts/render_quality.py --results "$OUT" --kv-memory "$KV_MEMORY" --doc "$DOC" --png "$PNG"

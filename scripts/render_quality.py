@@ -139,7 +139,7 @@ def main() -> None:
         head, rest = text.split(BEGIN, 1)
         tail = rest.split(END, 1)[1]
         block = (f"{BEGIN}\nKV budget {args.kv_memory / 2**20:.0f} MiB for every dtype.\n\n{md}\n\n"
-                 f"![quality](img/quality.png)\n{END}")
+                 f"![quality](img/{Path(args.png).name})\n{END}")
         doc.write_text(head + block + tail)
         print(f"wrote {doc} and {args.png}")
 

@@ -14,6 +14,10 @@ import pytest
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Engines serve uncalibrated unless a test names a calibration file: a file a developer's
+# `make serve` left in ~/.cache must not change what the tests measure (test_calibration.py,
+# test_make_serve.py and test_gemma.py set their own).
+os.environ.setdefault("NF4KV_CALIBRATION", "none")
 
 # The Triton kernels are imported in the interpreter's mode before any test module imports
 # vLLM (which imports Triton), whatever subset or order of modules a run collects: Triton's

@@ -25,7 +25,7 @@ import torch
 from paged_cases import fill_cache
 
 from vllm_nf4kv import cpu_kernels, reference
-from vllm_nf4kv.format import KV_CACHE_DTYPE, CellLayout, RowFormat, format_for
+from vllm_nf4kv.format import KV_CACHE_DTYPE, CellLayout, RowFormat, ScaleScheme, format_for
 from vllm_nf4kv.kernel_limits import CPU_LIMITS, CUDA_LIMITS
 from vllm_nf4kv.paged_attention import paged_attention
 from vllm_nf4kv.reference_attention import ATTENTION_TOLERANCE, paged_attention_reference
@@ -40,6 +40,11 @@ FORMATS = {
     **{f"{KV_CACHE_DTYPE}-d{d}": format_for(KV_CACHE_DTYPE, d) for d in (64, 128, 256)},
     # K and V differ in group size and search steps: no code path may assume they agree
     "split-d128": CellLayout(RowFormat(128, 16, search_steps=1), RowFormat(128, 32, search_steps=8)),
+    # the schemes the other way round (ue5m3 keys, two-level 3-bit values, codes crossing bytes)
+    "two-level-values-d64": CellLayout(
+        RowFormat(64, 16),
+        RowFormat(64, 8, search_steps=3, scale_scheme=ScaleScheme.TWO_LEVEL, relative_bits=3),
+    ),
 }
 BLOCK_SIZE = 16
 NUM_KV_HEADS, GQA = 2, 3

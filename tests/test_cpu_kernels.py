@@ -74,13 +74,15 @@ def test_the_built_constants_are_format_pys(build, request):
 def test_the_kernels_row_geometry_is_row_formats(native):
     for head_dim in (16, 64, 80, 128, 256, 512):
         for group in range(2, head_dim + 1, 2):
-            if head_dim % group:
+            if head_dim % group or head_dim // group > CPU_LIMITS.max_scale_groups:
                 continue
-            row = RowFormat(head_dim, group)
-            assert row.code_offset == 0  # the decoders read a row's codes from its first byte
-            got = native.row_geometry(head_dim, group)
-            want = [row.code_bytes, row.scale_offset, row.scale_bytes, row.row_bytes]
-            assert got == want, (head_dim, group)
+            for bits in (0, 1, 3, 5, fmt.MAX_RELATIVE_BITS):
+                scheme = fmt.ScaleScheme.TWO_LEVEL if bits else fmt.ScaleScheme.UE5M3_PER_GROUP
+                row = RowFormat(head_dim, group, scale_scheme=scheme, relative_bits=bits)
+                assert row.code_offset == 0  # the decoders read a row's codes from its first byte
+                got = native.row_geometry(head_dim, group, bits)
+                want = [row.code_bytes, row.scale_offset, row.scale_bytes, row.row_bytes]
+                assert got == want, (head_dim, group, bits)
 
 
 def test_the_format_header_renders_scale_max_exactly():
@@ -185,7 +187,7 @@ def test_layouts_beyond_the_cpu_limits_are_refused_before_any_kernel(native, mon
     big_row = RowFormat(big, big // 4)
     refused(CellLayout(big_row, big_row), match=f"head_dim {big} \\(at most {big - 16}\\)")
     monkeypatch.setattr(cpu_kernels, "CPU_LIMITS", dataclasses.replace(CPU_LIMITS, scale_schemes=()))
-    refused(format_for("nf4", 64), match="K scale scheme 'ue5m3'")
+    refused(format_for("nf4", 64), match="K scale scheme 'two-level', V scale scheme 'ue5m3'")
     monkeypatch.undo()
     layout = format_for("nf4", 64)
     cache = torch.zeros(1, 1, 16, layout.cell_bytes, dtype=torch.uint8)

@@ -87,14 +87,67 @@ def test_midpoints_are_between_levels():
 
 
 def test_default_layout_numbers():
-    assert fmt.default_group_size(64) == 16 and fmt.default_group_size(128) == 32
     layout = fmt.format_for("nf4", 64)
-    offsets = (layout.key.code_offset, layout.key.scale_offset, layout.value_offset, layout.cell_bytes)
-    assert offsets == (0, 32, 36, 72)
-    assert (layout.key.search_steps, layout.value.search_steps) == (4, 4)
+    key, value = layout.key, layout.value
+    assert (key.group_size, key.scale_scheme, key.relative_bits) == (8, fmt.ScaleScheme.TWO_LEVEL, 5)
+    assert (value.group_size, value.scale_scheme) == (32, fmt.ScaleScheme.UE5M3_PER_GROUP)
+    # K: 32 code bytes, a row code, 8 x 5 bits; V: 32 code bytes, 2 ue5m3 codes
+    offsets = (key.code_offset, key.scale_offset, key.scale_bytes, layout.value_offset, layout.cell_bytes)
+    assert offsets == (0, 32, 6, 38, 72)
+    assert (key.search_steps, value.search_steps) == (8, 4)
     assert layout.bits_per_value == 4.5
     assert fmt.format_for("nf4", 128).cell_bytes == 136 and fmt.format_for("nf4", 128).bits_per_value == 4.25
     assert fmt.format_for("nf4", 256).cell_bytes == 264  # int4_per_token_head's bytes at every size
+    assert (key.spec, value.spec) == ("nf4-g8-r5-s8", "nf4-g32-ue5m3-s4")
+
+
+def test_relative_ladder():
+    ladder = fmt.relative_ladder(5)
+    assert len(ladder) == 32 and ladder[0] == 1.0
+    assert all(a > b for a, b in zip(ladder, ladder[1:], strict=False))
+    assert ladder[16] == 0.5 and abs(ladder[-1] - 2 ** (-31 / 16)) < 1e-7
+    assert fmt.relative_ladder(1) == (1.0, 0.5)
+    with pytest.raises(ValueError, match="relative_bits"):
+        fmt.relative_ladder(9)
+    with pytest.raises(ValueError, match="two-level row needs relative_bits"):
+        fmt.RowFormat(64, 8, scale_scheme=fmt.ScaleScheme.TWO_LEVEL)
+    with pytest.raises(ValueError, match="relative_bits is for two-level rows only"):
+        fmt.RowFormat(64, 8, relative_bits=5)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 5, 8])
+def test_pack_bits_round_trip_lsb_first(bits):
+    codes = torch.randint(0, 2**bits, (7, 11), generator=torch.Generator().manual_seed(bits))
+    packed = ref.pack_bits(codes, bits)
+    assert packed.shape == (7, -(-11 * bits // 8))
+    assert torch.equal(ref.unpack_bits(packed, 11, bits), codes)
+    # code j sits at bits bits*j .. of the little-endian bytes
+    one = ref.pack_bits(torch.tensor([0, 1]), bits)
+    assert int.from_bytes(bytes(one.tolist()), "little") == 1 << bits
+
+
+def test_two_level_scales_cover_and_search():
+    row = fmt.RowFormat(64, 8, search_steps=1, scale_scheme=fmt.ScaleScheme.TWO_LEVEL, relative_bits=5)
+    x = torch.randn(500, 64, generator=torch.Generator().manual_seed(1)) * torch.rand(500, 1) * 10
+    x[0] = 0
+    stored = ref.quantize_rows(x, row)
+    scales = ref.group_scales(stored, row)
+    absmax = x.abs().unflatten(-1, (8, 8)).amax(-1)
+    row_scale = ref.decode_scale(stored[:, row.scale_offset])
+    assert bool((row_scale >= x.abs().amax(-1)).all()) and float(row_scale[0]) == 0.0
+    # one search step: the smallest rung that still covers each group (no clipping)
+    assert bool((scales >= absmax).all())
+    relative = ref.unpack_bits(stored[:, row.scale_offset + 1 :], 8, 5)
+    smaller = row_scale[:, None] * ref.relative_ladder(5)[(relative + 1).clamp_max(31)]
+    assert bool(((smaller < absmax) | (relative == 31)).all())
+    # more steps never raise the error of any group
+    searched = dataclasses.replace(row, search_steps=8)
+
+    def err(r):
+        return ((ref.decode_rows_rotated(ref.quantize_rows(x, r), r) - x) ** 2).unflatten(-1, (8, 8)).sum(-1)
+
+    assert bool((err(searched) <= err(row) + 1e-6).all())
+    assert float(err(searched).sum()) < float(err(row).sum())
 
 
 def test_registry_names_what_each_dtype_stores():

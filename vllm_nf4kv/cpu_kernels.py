@@ -39,7 +39,7 @@ import torch
 from vllm_nf4kv import format as fmt
 from vllm_nf4kv.format import CellLayout
 from vllm_nf4kv.kernel_limits import CPU_LIMITS, KernelLimits
-from vllm_nf4kv.reference import check_paged_cache, decode_scale, nf4_levels, nf4_midpoints
+from vllm_nf4kv.reference import check_paged_cache, decode_scale, nf4_levels, nf4_midpoints, relative_ladder
 from vllm_nf4kv.rotation import rotation_signs
 from vllm_nf4kv.settings import CPU_KERNELS
 
@@ -71,6 +71,7 @@ FORMAT_CONSTANTS = (
     "FP32_MANTISSA_BITS",
     "FP32_EXP_BIAS",
     "SCALE_DROPPED_BITS",
+    "MAX_RELATIVE_BITS",
 )
 LIMIT_CONSTANTS = ("max_head_dim", "max_query_heads_per_kv_head", "max_scale_groups")
 
@@ -235,6 +236,14 @@ def _tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return nf4_levels(), nf4_midpoints(), decode_scale(torch.arange(fmt.SCALE_CODE_MAX + 1)).contiguous()
 
 
+@cache
+def _row_args(row: fmt.RowFormat) -> tuple[int, int, torch.Tensor]:
+    """A row's scheme as the ops take it: group size, relative bits (0: ue5m3 a group), ladder."""
+    bits = row.relative_bits
+    ladder = relative_ladder(bits) if bits else torch.ones(1)  # the ops ignore it at 0 bits
+    return row.group_size, bits, ladder.contiguous()
+
+
 def store(
     kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes] uint8
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], as the model made it
@@ -253,8 +262,8 @@ def store(
     levels, midpoints, scales = _tables()
     _ops(ops).store(
         key.float().contiguous(), value.float().contiguous(), kv_cache, slot_mapping.long().contiguous(),
-        rotation_signs(layout.head_dim), levels, midpoints, scales, layout.key.group_size,
-        layout.value.group_size, layout.key.search_steps, layout.value.search_steps,
+        rotation_signs(layout.head_dim), levels, midpoints, scales, *_row_args(layout.key),
+        *_row_args(layout.value), layout.key.search_steps, layout.value.search_steps,
     )
 
 
@@ -289,6 +298,6 @@ def attention(
     _ops(ops).attention(
         query, kv_cache, block_table.int().contiguous(), rotation_signs(layout.head_dim),
         seq_lens.int().contiguous(), query_start_loc.int().contiguous(), levels, scales, float(scale),
-        bool(causal), int(sliding_window or 0), layout.key.group_size, layout.value.group_size, out,
+        bool(causal), int(sliding_window or 0), *_row_args(layout.key), *_row_args(layout.value), out,
     )
     return out

@@ -18,11 +18,19 @@ def kv_capacity_tokens(llm: Any) -> int:
 
 
 def token_windows(llm: Any, text: str, num_tokens: int, window: int) -> list[list[int]]:
-    """The first ``num_tokens`` tokens of ``text`` cut into windows of ``window`` tokens."""
-    ids = llm.get_tokenizer().encode(text, add_special_tokens=False)[:num_tokens]
-    if len(ids) < num_tokens:
-        raise ValueError(f"text has only {len(ids)} tokens, {num_tokens} requested")
-    return [ids[i : i + window] for i in range(0, num_tokens, window)]
+    """``num_tokens`` tokens of ``text`` in windows of ``window``, each opened as a prompt is.
+
+    A tokenizer that starts every prompt with BOS (Gemma) gets it at the head of each window
+    (without it Gemma-3-270m's NLL is 3.21 instead of 2.72); SmolLM2's adds nothing.
+    """
+    tokenizer = llm.get_tokenizer()
+    prefix = tokenizer.encode("", add_special_tokens=True)
+    step = window - len(prefix)
+    count = num_tokens // window
+    ids = tokenizer.encode(text, add_special_tokens=False)[: count * step]
+    if len(ids) < count * step or count == 0:
+        raise ValueError(f"text has only {len(ids)} tokens, {num_tokens} in windows of {window} requested")
+    return [prefix + ids[i * step : (i + 1) * step] for i in range(count)]
 
 
 def perplexity(llm: Any, windows: list[list[int]]) -> float:

@@ -10,8 +10,16 @@ One cache *cell* holds one token of one KV head, K and V together::
 
 * codes: ``head_dim`` 4-bit NormalFloat indices, two per byte, the element with
   the even index in the HIGH nibble (the bitsandbytes order);
-* scale codes: one byte per group of ``group_size`` consecutive (rotated)
-  values, an unsigned 8-bit float ``ue5m3`` (see :func:`scale_code_value`).
+* scale codes: how a row stores the scale of each group of ``group_size``
+  consecutive (rotated) values is its :class:`ScaleScheme`: one unsigned 8-bit
+  float ``ue5m3`` per group (see :func:`scale_code_value`), or two levels, one
+  ue5m3 code per row and a ``relative_bits``-bit code per group on a fixed
+  ladder below it (see :func:`relative_ladder`).
+
+What ``--kv-cache-dtype nf4`` stores (:func:`format_for`): keys in 8 groups with
+two-level 5-bit scales, values in 2 groups with ue5m3 scales, 8 scale bytes per
+cell at every head size, exactly what ``int4_per_token_head`` spends
+(``docs/format.md``, "Ablation", has the measurements behind the choice).
 
 A :class:`RowFormat` carries everything that decides a row's bytes (group size,
 scale scheme, search steps) and every offset; a :class:`CellLayout` pairs the K
@@ -27,6 +35,7 @@ space, which is exact because the rotation is orthogonal.
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -82,10 +91,16 @@ CODE_MASK = (1 << CODE_BITS) - 1
 NUM_LEVELS = len(NF4_LEVELS)
 NUM_MIDPOINTS = NUM_LEVELS - 1
 
-# Shipped default, chosen by ``vllm-nf4kv ablate`` (docs/format.md): four scale
-# bytes per head vector, i.e. exactly the bytes int4_per_token_head spends.
-SCALE_BYTES_PER_ROW = 4
+# Shipped default, chosen by ``vllm-nf4kv ablate`` (docs/format.md): keys carry most of the
+# error, so they get 6 of a cell's 8 scale bytes (8 groups, two-level 5-bit scales, an
+# 8-candidate search), values 2 (2 groups of ue5m3); 8 is what int4_per_token_head spends.
+KEY_GROUPS = 8
+KEY_RELATIVE_BITS = 5
+KEY_SEARCH_STEPS = 8
+VALUE_GROUPS = 2
+VALUE_SEARCH_STEPS = 4
 DEFAULT_SEARCH_STEPS = 4  # MSE scale search: the ceil code and 3 codes below it
+MAX_RELATIVE_BITS = 8  # a relative code fits a byte
 ROTATION_SEED = 0x4E46  # "NF": fixed so every process builds the same rotation
 MIN_GROUP_SIZE = 16
 
@@ -123,13 +138,23 @@ class ScaleScheme(enum.Enum):
     """How a row stores its group scales; every kernel says which schemes it implements.
 
     ``UE5M3_PER_GROUP``: one ue5m3 byte per group, groups in order after the codes (the
-    shipped scheme). A two-level scheme (one ue5m3 per vector plus a B-bit code per group)
-    is the next one to add: it adds a member here, its byte count in
-    :attr:`RowFormat.scale_bytes`, and a case to each codec (tests/test_conformance.py
-    runs every registered format through every implementation).
+    shipped value rows).
+
+    ``TWO_LEVEL``: the shipped key rows. One ue5m3 *row code*, the smallest that covers the
+    row's absmax, then one ``B = relative_bits``-bit *relative code* ``k`` per group, packed
+    LSB first (group ``j`` holds bits ``B*j .. B*j + B - 1`` of the little-endian bytes after
+    the row code). A group's scale is ``row_scale * relative_ladder(B)[k]`` in fp32: a ladder
+    ``2**(-k * 2**(1 - B))`` that spans about a factor 4 below the row scale in steps of
+    ``2**(2**(1 - B))`` (4.4% at B = 5, against ue5m3's 12.5% mantissa steps), so small groups
+    get fine scales for fewer bits than a byte each.
+
+    A new scheme adds a member here, its byte count in :attr:`RowFormat.scale_bytes`, and a
+    case to each codec (tests/test_conformance.py runs every registered format through every
+    implementation).
     """
 
     UE5M3_PER_GROUP = "ue5m3"
+    TWO_LEVEL = "two-level"
 
 
 @dataclass(frozen=True)
@@ -145,6 +170,7 @@ class RowFormat:
     group_size: int
     search_steps: int = DEFAULT_SEARCH_STEPS
     scale_scheme: ScaleScheme = ScaleScheme.UE5M3_PER_GROUP
+    relative_bits: int = 0  # B of a TWO_LEVEL row's group codes; 0 for UE5M3_PER_GROUP
 
     def __post_init__(self) -> None:
         check_head_dim(self.head_dim)
@@ -156,6 +182,13 @@ class RowFormat:
             raise ValueError(f"group_size must be even (two codes a byte), got {self.group_size}")
         if self.search_steps < 1:
             raise ValueError(f"search_steps must be >= 1, got {self.search_steps}")
+        two_level = self.scale_scheme is ScaleScheme.TWO_LEVEL
+        if two_level and not 1 <= self.relative_bits <= MAX_RELATIVE_BITS:
+            raise ValueError(
+                f"a two-level row needs relative_bits in [1, {MAX_RELATIVE_BITS}], got {self.relative_bits}"
+            )
+        if not two_level and self.relative_bits != 0:
+            raise ValueError(f"relative_bits is for two-level rows only, got {self.relative_bits} for {self}")
 
     @property
     def num_groups(self) -> int:
@@ -177,7 +210,16 @@ class RowFormat:
 
     @property
     def scale_bytes(self) -> int:
+        if self.scale_scheme is ScaleScheme.TWO_LEVEL:
+            return 1 + -(-self.num_groups * self.relative_bits // 8)  # row code + packed group codes
         return self.num_groups  # UE5M3_PER_GROUP: one byte a group
+
+    @property
+    def spec(self) -> str:
+        """The row in ``vllm-nf4kv ablate``'s grammar (``nf4-g16-ue5m3-s4``, ``nf4-g8-r5-s8``)."""
+        two_level = self.scale_scheme is ScaleScheme.TWO_LEVEL
+        scale = f"r{self.relative_bits}" if two_level else self.scale_scheme.value
+        return f"nf4-g{self.group_size}-{scale}-s{self.search_steps}"
 
     @property
     def row_bytes(self) -> int:
@@ -217,20 +259,34 @@ class CellLayout:
         return 8 * self.cell_bytes / (2 * self.head_dim)
 
 
-def default_group_size(head_dim: int) -> int:
-    """Group size for a head size: ``head_dim / 4``, but never below 16.
+def relative_ladder(bits: int) -> tuple[float, ...]:
+    """Group scale / row scale of a ``bits``-bit relative code ``k``: ``2**(-k * 2**(1 - bits))``, fp32.
 
-    Four one-byte scales per head vector cost exactly what vLLM's
-    ``int4_per_token_head`` spends on its fp32 scale, so NF4 never uses more
-    bytes per token at any head size (4.5 bits/value at 64, 4.25 at 128).
+    The fp32 values every codec multiplies the row scale by (handed to the kernels as a
+    table, never recomputed there), descending from 1.0 to about 1/4.
     """
-    check_head_dim(head_dim)
-    return max(MIN_GROUP_SIZE, head_dim // SCALE_BYTES_PER_ROW)
+    if not 1 <= bits <= MAX_RELATIVE_BITS:
+        raise ValueError(f"relative_bits must be in [1, {MAX_RELATIVE_BITS}], got {bits}")
+    step = 2.0 ** (1 - bits)
+    return tuple(struct.unpack("f", struct.pack("f", 2.0 ** (-k * step)))[0] for k in range(2**bits))
 
 
 def _nf4_layout(head_dim: int) -> CellLayout:
-    row = RowFormat(head_dim, default_group_size(head_dim))
-    return CellLayout(row, row)
+    """Keys: 8 groups, two-level 5-bit scales; values: 2 groups of ue5m3 (8 scale bytes a cell).
+
+    At head_dim 64 that is 38 + 34 = 72 bytes, 136 at 128, 264 at 256: what
+    ``int4_per_token_head`` spends, at every head size.
+    """
+    check_head_dim(head_dim)
+    key = RowFormat(
+        head_dim,
+        head_dim // KEY_GROUPS,
+        KEY_SEARCH_STEPS,
+        ScaleScheme.TWO_LEVEL,
+        KEY_RELATIVE_BITS,
+    )
+    value = RowFormat(head_dim, head_dim // VALUE_GROUPS, VALUE_SEARCH_STEPS)
+    return CellLayout(key, value)
 
 
 # What each --kv-cache-dtype of this plugin stores, by head size: the one place that says it.

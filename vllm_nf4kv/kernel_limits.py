@@ -61,17 +61,17 @@ CPU_LIMITS = KernelLimits(
     max_query_heads_per_kv_head=64,
     max_scale_groups=16,
     sliding_window=True,
-    scale_schemes=(ScaleScheme.UE5M3_PER_GROUP,),
+    scale_schemes=(ScaleScheme.UE5M3_PER_GROUP, ScaleScheme.TWO_LEVEL),
 )
 
 # kernels/triton_attention.py: two [TILE_N, head_dim / 2] fp32 tiles per K and V live in
 # registers (head_dim 256 is the largest compiled for sm_90 without spills); no sliding
-# window yet.
+# window yet; both scale schemes, K and V independently (kernels/triton_codec.py).
 CUDA_LIMITS = KernelLimits(
     platform="CUDA",
     max_head_dim=256,
     max_query_heads_per_kv_head=None,
     max_scale_groups=None,
     sliding_window=False,
-    scale_schemes=(ScaleScheme.UE5M3_PER_GROUP,),
+    scale_schemes=(ScaleScheme.UE5M3_PER_GROUP, ScaleScheme.TWO_LEVEL),
 )

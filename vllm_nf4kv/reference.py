@@ -34,6 +34,7 @@ from vllm_nf4kv.format import (
     RowFormat,
     ScaleScheme,
 )
+from vllm_nf4kv.format import relative_ladder as fmt_relative_ladder
 from vllm_nf4kv.rotation import rotate, unrotate
 
 
@@ -138,7 +139,7 @@ def pairwise_sum(x: torch.Tensor) -> torch.Tensor:
 def quantize_groups(
     x: torch.Tensor, group_size: int, search_steps: int = DEFAULT_SEARCH_STEPS
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``[..., D]`` (already rotated) to codes ``[..., D]`` and scale codes ``[..., D/g]``.
+    """Quantize ``[..., D]`` (already rotated) to codes ``[..., D]`` and ue5m3 scale codes ``[..., D/g]``.
 
     Scale choice: start from the smallest code that covers the group's absmax
     (no clipping), then try ``search_steps - 1`` codes below it and keep the one
@@ -146,30 +147,99 @@ def quantize_groups(
     scales clip the extreme value but give the bulk finer levels; for Gaussian
     groups that trade wins most of the time.
     """
-    if x.shape[-1] % group_size:
-        raise ValueError(f"last dim {x.shape[-1]} is not a multiple of group_size {group_size}")
-    if search_steps < 1:
-        raise ValueError(f"search_steps must be >= 1, got {search_steps}")
-    groups = sanitize(x).unflatten(-1, (-1, group_size))  # [..., G, g]
+    groups = _groups(x, group_size, search_steps)  # [..., G, g]
     first = encode_scale_ceil(groups.abs().amax(-1))  # [..., G]
     # All candidates at once: the ceil code and the search_steps - 1 codes below it
     # (a candidate that would go below code 1 repeats the ceil code).
     steps = torch.arange(search_steps, device=x.device)
     candidates = torch.where(first.unsqueeze(-1) > steps, first.unsqueeze(-1) - steps, first.unsqueeze(-1))
-    scale = decode_scale(candidates).unsqueeze(-1)  # [..., G, S, 1]
+    codes, best = _best_candidate(groups, decode_scale(candidates))
+    return codes, candidates.gather(-1, best).squeeze(-1).to(torch.uint8)
+
+
+def quantize_two_level(
+    x: torch.Tensor, group_size: int, relative_bits: int, search_steps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``ScaleScheme.TWO_LEVEL``: codes ``[..., D]``, row codes ``[...]``, group codes ``[..., D/g]``.
+
+    The row code is the smallest ue5m3 code covering the row's absmax; a group's candidate
+    scales are ``row_scale * ladder[k]`` (fp32), descending in ``k``. The search starts at
+    the largest ``k`` whose scale still covers the group's absmax (0 when even the row scale
+    does not, i.e. the row was clamped to SCALE_MAX) and tries the ``search_steps - 1``
+    smaller scales after it (clamped to the last rung), keeping the least squared error, the
+    larger scale on ties, as :func:`quantize_groups` does.
+    """
+    groups = _groups(x, group_size, search_steps)
+    absmax = groups.abs().amax(-1)  # [..., G]
+    row_code = encode_scale_ceil(absmax.amax(-1))  # [...]
+    ladder = decode_scale(row_code).unsqueeze(-1).unsqueeze(-1) * relative_ladder(relative_bits, x.device)
+    covering = (ladder >= absmax.unsqueeze(-1)).sum(-1)  # [..., G]: rungs 0 .. covering - 1 cover
+    first = (covering - 1).clamp_min(0)
+    steps = torch.arange(search_steps, device=x.device)
+    candidates = (first.unsqueeze(-1) + steps).clamp_max(2**relative_bits - 1)  # [..., G, S]
+    scales = ladder.expand(*absmax.shape, -1).gather(-1, candidates)
+    codes, best = _best_candidate(groups, scales)
+    return codes, row_code.to(torch.uint8), candidates.gather(-1, best).squeeze(-1).to(torch.uint8)
+
+
+def _groups(x: torch.Tensor, group_size: int, search_steps: int) -> torch.Tensor:
+    if x.shape[-1] % group_size:
+        raise ValueError(f"last dim {x.shape[-1]} is not a multiple of group_size {group_size}")
+    if search_steps < 1:
+        raise ValueError(f"search_steps must be >= 1, got {search_steps}")
+    return sanitize(x).unflatten(-1, (-1, group_size))  # [..., G, g]
+
+
+def _best_candidate(groups: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``[..., D]`` under the best of candidate scales ``[..., G, S]``, and its index ``[..., G, 1]``.
+
+    Best: the least pairwise-summed squared error, the first candidate on ties.
+    """
+    group_size = groups.shape[-1]
+    scale = scale.unsqueeze(-1)  # [..., G, S, 1]
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = nf4_encode((groups.unsqueeze(-2) / safe).clamp(-1.0, 1.0))  # [..., G, S, g]
-    err = pairwise_sum((nf4_levels(x.device)[codes.long()] * scale - groups.unsqueeze(-2)) ** 2)
+    err = pairwise_sum((nf4_levels(groups.device)[codes.long()] * scale - groups.unsqueeze(-2)) ** 2)
     best = err.argmin(-1, keepdim=True)  # the first minimum: the largest scale on ties
     best_codes = codes.gather(-2, best.unsqueeze(-1).expand(*best.shape, group_size)).squeeze(-2)
-    best_code = candidates.gather(-1, best).squeeze(-1)
-    return best_codes.flatten(-2), best_code.to(torch.uint8)
+    return best_codes.flatten(-2), best
 
 
 def dequantize_groups(codes: torch.Tensor, scale_codes: torch.Tensor, group_size: int) -> torch.Tensor:
     """Codes ``[..., D]`` and scale codes ``[..., D/g]`` back to fp32 ``[..., D]``."""
     levels = nf4_levels(codes.device)[codes.long()].unflatten(-1, (-1, group_size))
     return (levels * decode_scale(scale_codes).unsqueeze(-1)).flatten(-2)
+
+
+_LADDERS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def relative_ladder(bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``format.relative_ladder(bits)`` as an fp32 tensor (the table the kernels are handed)."""
+    key = (bits, str(device))
+    if key not in _LADDERS:
+        _LADDERS[key] = torch.tensor(fmt_relative_ladder(bits), dtype=torch.float32, device=device)
+    return _LADDERS[key]
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[..., n]`` codes of ``bits`` bits -> ``[..., ceil(n * bits / 8)]`` bytes, LSB first.
+
+    Code ``j`` holds bits ``bits * j .. bits * j + bits - 1`` of the little-endian bytes.
+    """
+    n = codes.shape[-1]
+    bit_index = torch.arange(n * bits, device=codes.device)
+    values = (codes.long().repeat_interleave(bits, -1) >> (bit_index % bits)) & 1  # [..., n * bits]
+    values = F.pad(values, (0, -(-n * bits // 8) * 8 - n * bits)).unflatten(-1, (-1, 8))
+    weights = 2 ** torch.arange(8, device=codes.device)
+    return (values * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``n`` codes (int64)."""
+    stream = (packed.long().unsqueeze(-1) >> torch.arange(8, device=packed.device)) & 1  # [..., bytes, 8]
+    stream = stream.flatten(-2)[..., : n * bits].unflatten(-1, (n, bits))
+    return (stream << torch.arange(bits, device=packed.device)).sum(-1)
 
 
 # ---------------------------------------------------------------- head rows
@@ -182,17 +252,25 @@ def _check_rows(x: torch.Tensor, fmt: RowFormat, name: str) -> None:
         raise ValueError(f"{name} must end in head_dim={fmt.head_dim}, got shape {tuple(x.shape)}")
 
 
-def _check_scheme(fmt: RowFormat) -> None:
-    if fmt.scale_scheme is not ScaleScheme.UE5M3_PER_GROUP:
-        raise NotImplementedError(f"the reference codec has no {fmt.scale_scheme} rows yet")
-
-
 def quantize_rows(x: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
     """Quantize already *rotated* head vectors ``[..., D]`` into stored rows ``[..., row_bytes]``."""
     _check_rows(x, fmt, "x")
-    _check_scheme(fmt)
-    codes, scale_codes = quantize_groups(x, fmt.group_size, fmt.search_steps)
-    return torch.cat([pack_nibbles(codes), scale_codes], dim=-1)
+    if fmt.scale_scheme is ScaleScheme.TWO_LEVEL:
+        codes, row_code, relative = quantize_two_level(x, fmt.group_size, fmt.relative_bits, fmt.search_steps)
+        scale_bytes = torch.cat([row_code.unsqueeze(-1), pack_bits(relative, fmt.relative_bits)], dim=-1)
+    else:
+        codes, scale_bytes = quantize_groups(x, fmt.group_size, fmt.search_steps)
+    return torch.cat([pack_nibbles(codes), scale_bytes], dim=-1)
+
+
+def group_scales(rows: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
+    """fp32 scale of every group of stored rows ``[..., row_bytes]`` -> ``[..., num_groups]``."""
+    scale_bytes = rows[..., fmt.scale_offset : fmt.scale_offset + fmt.scale_bytes]
+    if fmt.scale_scheme is ScaleScheme.TWO_LEVEL:
+        relative = unpack_bits(scale_bytes[..., 1:], fmt.num_groups, fmt.relative_bits)
+        ladder = relative_ladder(fmt.relative_bits, rows.device)
+        return decode_scale(scale_bytes[..., 0]).unsqueeze(-1) * ladder[relative]
+    return _decode_tables(rows.device)[1][scale_bytes.long()].squeeze(-1)
 
 
 def encode_rows(x: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
@@ -207,16 +285,13 @@ def decode_rows_rotated(rows: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
         raise ValueError(
             f"rows must be uint8 [..., {fmt.row_bytes}], got {rows.dtype} {tuple(rows.shape)}"
         )
-    _check_scheme(fmt)
-    byte_levels, scale_values = _decode_tables(rows.device)
-    # One table lookup per byte (two levels) and per scale code: the same fp32
-    # level * scale products as dequantize_groups, about 3x faster on CPU.
+    byte_levels = _decode_tables(rows.device)[0]
+    # One table lookup per byte (two levels): the same fp32 level * scale products as
+    # dequantize_groups, about 3x faster on CPU than unpacking nibbles.
     codes = rows[..., fmt.code_offset : fmt.code_offset + fmt.code_bytes]
     levels = F.embedding(codes.long(), byte_levels)  # [..., D/2, 2]
     levels = levels.flatten(-2).unflatten(-1, (-1, fmt.group_size))  # [..., G, g]
-    scale_codes = rows[..., fmt.scale_offset : fmt.scale_offset + fmt.scale_bytes]
-    scales = F.embedding(scale_codes.long(), scale_values)  # [..., G, 1]
-    return (levels * scales).flatten(-2)
+    return (levels * group_scales(rows, fmt).unsqueeze(-1)).flatten(-2)
 
 
 _DECODE_TABLES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -50,6 +50,14 @@ MAX_REQUEST_TTL = Setting(
     "unset: no maximum",
     "The largest `vllm_xargs.nf4kv_prefix_ttl_s` a request may ask for (HTTP 400 above it)",
 )
+CALIBRATION = Setting(
+    "calibration",
+    "NF4KV_CALIBRATION",
+    "a file from `vllm-nf4kv calibrate`, or `none`",
+    "the model's file in `~/.cache/vllm-nf4kv/calibration/` if there is one, else none",
+    "Per-model key smoothing for `--kv-cache-dtype nf4` ([format.md](format.md#calibration)); a file "
+    "made for another model is refused at startup",
+)
 CPU_KERNELS = Setting(
     None,
     "NF4KV_CPU_KERNELS",
@@ -57,7 +65,7 @@ CPU_KERNELS = Setting(
     "`1`",
     "`0`: the PyTorch path instead of the C++ CPU kernels (same bytes, slower; for comparisons)",
 )
-SETTINGS: tuple[Setting, ...] = (PREFIX_CACHE_TTL, MAX_REQUEST_TTL, CPU_KERNELS)
+SETTINGS: tuple[Setting, ...] = (PREFIX_CACHE_TTL, MAX_REQUEST_TTL, CALIBRATION, CPU_KERNELS)
 
 
 def _unknown(where: str, name: str, known: list[str]) -> ValueError:

@@ -24,9 +24,10 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from vllm_nf4kv import cpu_kernels
+from vllm_nf4kv import calibration, cpu_kernels
 from vllm_nf4kv.backends.common import NF4BackendMixin, holds_head_size
 from vllm_nf4kv.backends.selection import check_layer
+from vllm_nf4kv.backends.smoothing import layer_smoothing
 from vllm_nf4kv.kernel_limits import CPU_LIMITS
 from vllm_nf4kv.paged_attention import ACCUMULATE, paged_attention
 from vllm_nf4kv.reference import write_paged
@@ -97,6 +98,7 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
             kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks,
         )
         self.use_kernels = cpu_kernels.available()
+        self.smoothing = layer_smoothing(num_heads, num_kv_heads, head_size)
         logger.info_once("nf4 KV cache on CPU: %s", cpu_kernels.describe())
 
     @staticmethod
@@ -113,11 +115,15 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
         slot_mapping: torch.Tensor,  # [num_tokens]
     ) -> None:
         cache = self._cache(kv_cache)
+        n = slot_mapping.shape[0]
+        key, value = key[:n], value[:n]
+        smoother = self.smoothing.for_layer(layer)
+        if smoother is not None:  # k * d; forward reads with q / d (vllm_nf4kv.calibration)
+            key = smoother.keys(key)
         if not self.use_kernels:
             write_paged(cache, key, value, slot_mapping, self.layout)
             return
-        n = slot_mapping.shape[0]
-        cpu_kernels.store(cache, key[:n], value[:n], slot_mapping, self.layout)
+        cpu_kernels.store(cache, key, value, slot_mapping, self.layout)
 
     def forward(
         self,
@@ -137,6 +143,12 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
             return output
         n = attn_metadata.num_actual_tokens
         query = query.view(-1, self.num_heads, self.head_size)[:n]
+        if calibration.ACTIVE_CAPTURE:  # vllm-nf4kv calibrate is measuring
+            shape = (-1, self.num_kv_heads, self.head_size)
+            calibration.observe(layer, query, key.view(shape)[:n], value.view(shape)[:n])
+        smoother = self.smoothing.for_layer(layer)
+        if smoother is not None:
+            query = smoother.queries(query)
         cache = self._cache(kv_cache)
         metadata = (attn_metadata.query_start_loc, attn_metadata.seq_lens, attn_metadata.block_table)
         window = self.sliding_window if self.sliding_window > 0 else None

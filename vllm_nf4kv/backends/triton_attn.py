@@ -25,8 +25,10 @@ from vllm.v1.attention.backends.triton_attn import (
 )
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
+from vllm_nf4kv import calibration
 from vllm_nf4kv.backends.common import NF4BackendMixin, holds_head_size
 from vllm_nf4kv.backends.selection import check_layer
+from vllm_nf4kv.backends.smoothing import layer_smoothing
 from vllm_nf4kv.kernel_limits import CUDA_LIMITS
 
 
@@ -96,6 +98,7 @@ class NF4TritonAttentionImpl(AttentionImpl):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.sliding_window = None
+        self.smoothing = layer_smoothing(num_heads, num_kv_heads, head_size)
 
     def do_kv_cache_update(
         self,
@@ -108,6 +111,9 @@ class NF4TritonAttentionImpl(AttentionImpl):
         from vllm_nf4kv.kernels.triton_store import store_kv_nf4
         from vllm_nf4kv.reference import prepare_rows
 
+        smoother = self.smoothing.for_layer(layer)
+        if smoother is not None:  # k * d; forward reads with q / d (vllm_nf4kv.calibration)
+            key = smoother.keys(key)
         key, value = prepare_rows(key), prepare_rows(value)  # sanitize, rotate (docs/format.md)
         store_kv_nf4(kv_cache.view(torch.uint8), key, value, slot_mapping, self.layout)
 
@@ -131,7 +137,15 @@ class NF4TritonAttentionImpl(AttentionImpl):
         if attn_metadata is None:  # profiling run
             return output
         n = attn_metadata.num_actual_tokens
-        query = rotate(query[:n].view(n, self.num_heads, self.head_size), query.dtype).contiguous()
+        dtype = query.dtype
+        query = query[:n].view(n, self.num_heads, self.head_size)
+        if calibration.ACTIVE_CAPTURE:  # vllm-nf4kv calibrate is measuring
+            shape = (n, self.num_kv_heads, self.head_size)
+            calibration.observe(layer, query, key[:n].view(shape), value[:n].view(shape))
+        smoother = self.smoothing.for_layer(layer)
+        if smoother is not None:
+            query = smoother.queries(query)
+        query = rotate(query, dtype).contiguous()
         result = nf4_paged_attention(
             query,
             kv_cache.view(torch.uint8),

@@ -43,7 +43,8 @@ struct Batch {
 
 Batch check_batch(const at::Tensor& query, const at::Tensor& cache, const at::Tensor& block_table,
                   const at::Tensor& seq_lens, const at::Tensor& query_start_loc, double scale, bool causal,
-                  int64_t sliding_window, int64_t key_group, int64_t value_group, const at::Tensor& out) {
+                  int64_t sliding_window, const RowGeometry& key_row, const RowGeometry& value_row,
+                  const at::Tensor& out) {
   TORCH_CHECK(query.dtype() == at::kFloat && query.is_contiguous() && query.dim() == 3,
               "query must be contiguous fp32 [num_tokens, num_heads, head_dim]");
   TORCH_CHECK(out.dtype() == at::kFloat && out.is_contiguous() && out.sizes() == query.sizes(),
@@ -64,10 +65,9 @@ Batch check_batch(const at::Tensor& query, const at::Tensor& cache, const at::Te
   CacheGeometry& g = b.g;
   g.num_heads = query.size(1);
   g.head_dim = query.size(2);
-  g.cell = cell_geometry(g.head_dim, key_group, value_group);
-  for (const RowGeometry* row : {&g.cell.key, &g.cell.value})
-    TORCH_CHECK(row->num_groups <= CPU_MAX_SCALE_GROUPS, "at most ", CPU_MAX_SCALE_GROUPS,
-                " scale groups per head vector, got ", row->num_groups);
+  TORCH_CHECK(key_row.head_dim == g.head_dim, "the query's head_dim ", g.head_dim, " is not the rows' ",
+              key_row.head_dim);
+  g.cell = cell_geometry(key_row, value_row);  // row_geometry checked the scale groups
   check_cache(cache, g.cell.cell_bytes);
   g.num_kv_heads = cache.size(1);
   g.block_size = cache.size(2);
@@ -258,9 +258,17 @@ namespace NF4KV_OPS {
 void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tensor& block_table,
                const at::Tensor& signs, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
                const at::Tensor& levels, const at::Tensor& scale_values, double scale, bool causal,
-               int64_t sliding_window, int64_t key_group, int64_t value_group, const at::Tensor& out) {
+               int64_t sliding_window, int64_t key_group, int64_t key_relative_bits, const at::Tensor& key_ladder,
+               int64_t value_group, int64_t value_relative_bits, const at::Tensor& value_ladder,
+               const at::Tensor& out) {
+  TORCH_CHECK(query.dim() == 3, "query must be [num_tokens, num_heads, head_dim], got ", query.sizes());
+  const int64_t head_dim = query.size(2);
+  const RowGeometry key_row =
+      row_geometry(head_dim, key_group, key_relative_bits, ladder_of(key_ladder, key_relative_bits));
+  const RowGeometry value_row =
+      row_geometry(head_dim, value_group, value_relative_bits, ladder_of(value_ladder, value_relative_bits));
   const Batch batch = check_batch(query, cache, block_table, seq_lens, query_start_loc, scale, causal,
-                                  sliding_window, key_group, value_group, out);
+                                  sliding_window, key_row, value_row, out);
   const Rotation rotation(signs_of(signs, batch.g.head_dim), batch.g.head_dim);
   const Tables t = tables_of(levels, nullptr, scale_values);
   std::vector<Task> tasks = make_tasks(batch, query.size(0));

@@ -52,12 +52,17 @@ struct SearchConstants {
 #if defined(NF4KV_AVX512)
   static_assert(NUM_LEVELS == kLanes, "the levels and midpoints are one register each (vpermps tables)");
   __m512 midpoints, levels;  // midpoint lane NUM_MIDPOINTS is +inf, never probed
+  __m256 midpoints_low, midpoints_high, levels_low, levels_high;  // the same tables in halves (groups of 8)
   explicit SearchConstants(const Tables& t) {
     alignas(64) float mids[kLanes];
     std::memcpy(mids, t.midpoints, NUM_MIDPOINTS * sizeof(float));
     mids[NUM_MIDPOINTS] = std::numeric_limits<float>::infinity();
     midpoints = _mm512_load_ps(mids);
     levels = _mm512_loadu_ps(t.levels);
+    midpoints_low = _mm256_load_ps(mids);
+    midpoints_high = _mm256_load_ps(mids + kLanes / 2);
+    levels_low = _mm256_loadu_ps(t.levels);
+    levels_high = _mm256_loadu_ps(t.levels + kLanes / 2);
   }
 #else
   explicit SearchConstants(const Tables&) {}
@@ -101,6 +106,29 @@ inline float group_trial_avx512(const float* x, int group, float scale, const Se
   }
   return pairwise_sum(err, group / kLanes);
 }
+
+// group_trial for groups of exactly 8 (the shipped keys at head_dim 64): one 256-bit register,
+// the 16-entry tables looked up across two halves (vpermt2ps), and the pairwise sum of 8 in
+// pairwise_sum's order: lanes (0+1), (2+3), ..., then pairs of those, then the two halves.
+inline float group_trial_avx512_8(const float* x, float scale, const SearchConstants& k, uint8_t* trial) {
+  const float safe = scale > 0.0f ? scale : 1.0f;
+  const __m256 xv = _mm256_loadu_ps(x);
+  const __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(xv, _mm256_set1_ps(safe)), _mm256_set1_ps(-1.0f)),
+                                 _mm256_set1_ps(1.0f));
+  __m256i code = _mm256_setzero_si256();  // ends as the number of midpoints below v
+  for (int step = NUM_LEVELS / 2; step >= 1; step /= 2) {
+    const __m256i probe_index = _mm256_add_epi32(code, _mm256_set1_epi32(step - 1));
+    const __m256 probe = _mm256_permutex2var_ps(k.midpoints_low, probe_index, k.midpoints_high);
+    code = _mm256_mask_add_epi32(code, _mm256_cmp_ps_mask(probe, v, _CMP_LT_OQ), code, _mm256_set1_epi32(step));
+  }
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(trial), _mm256_cvtepi32_epi8(code));
+  const __m256 level = _mm256_permutex2var_ps(k.levels_low, code, k.levels_high);
+  const __m256 diff = _mm256_sub_ps(_mm256_mul_ps(level, _mm256_set1_ps(scale)), xv);
+  __m256 e = _mm256_mul_ps(diff, diff);
+  e = _mm256_add_ps(e, _mm256_permute_ps(e, _MM_SHUFFLE(2, 3, 0, 1)));  // lane 2i: e[2i] + e[2i+1]
+  e = _mm256_add_ps(e, _mm256_permute_ps(e, _MM_SHUFFLE(1, 0, 3, 2)));  // lane 4i
+  return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(e), _mm256_extractf128_ps(e, 1)));
+}
 #endif
 
 // group_trial one value at a time: any group size, any ISA.
@@ -122,11 +150,80 @@ inline float group_trial(const float* x, int group, float scale, const Tables& t
                          [[maybe_unused]] const SearchConstants& k, uint8_t* trial) {
 #if defined(NF4KV_AVX512)
   if (group % kLanes == 0) return group_trial_avx512(x, group, scale, k, trial);
+  if (group == kLanes / 2) return group_trial_avx512_8(x, scale, k, trial);
 #endif
   return group_trial_portable(x, group, scale, t, trial);
 }
 
-// One rotated head vector -> codes | scale codes (reference.quantize_groups + packing).
+// The search of one group over candidate scales (reference._best_candidate): candidate(step)
+// gives the scale to try at each step; the first minimum wins (the largest scale on ties).
+// Returns the winning step; the group's codes are left in codes.
+template <typename Candidate>
+inline int search_group(const float* x, int group, int search_steps, Candidate candidate, const Tables& t,
+                        const SearchConstants& constants, uint8_t* codes) {
+  uint8_t trial[CPU_MAX_HEAD_DIM];
+  float best_err = 0.0f;
+  int best = 0;
+  for (int step = 0; step < search_steps; ++step) {
+    const float total = group_trial(x, group, candidate(step), t, constants, trial);
+    if (step == 0 || total < best_err) {
+      best_err = total;
+      best = step;
+      std::memcpy(codes, trial, group);
+    }
+  }
+  return best;
+}
+
+// UE5M3_PER_GROUP scales (reference.quantize_groups): per group the ceil code of its absmax
+// and the search_steps - 1 codes below it.
+inline void quantize_per_group(const float* x, const float* absmax, const RowGeometry row, int search_steps,
+                               const Tables& t, const SearchConstants& constants, uint8_t* codes,
+                               uint8_t* scale_codes) {
+  const int group = static_cast<int>(row.group);
+  for (int64_t gi = 0; gi < row.num_groups; ++gi) {
+    const int32_t first = encode_scale_ceil(absmax[gi]);
+    const auto code_at = [first](int step) { return first > step ? first - step : first; };
+    const int best = search_group(
+        x + gi * group, group, search_steps, [&](int step) { return t.scale_values[code_at(step)]; }, t, constants,
+        codes + gi * group);
+    scale_codes[gi] = static_cast<uint8_t>(code_at(best));
+  }
+}
+
+// TWO_LEVEL scales (reference.quantize_two_level): the row code covers the row's absmax; per
+// group, the rungs from the smallest covering one down, search_steps of them (clamped).
+inline void quantize_two_level(const float* x, const float* absmax, const RowGeometry row, int search_steps,
+                               const Tables& t, const SearchConstants& constants, uint8_t* codes,
+                               uint8_t* scale_bytes) {
+  const int group = static_cast<int>(row.group);
+  const int bits = static_cast<int>(row.relative_bits), rungs = 1 << bits;
+  float row_absmax = 0.0f;
+  for (int64_t gi = 0; gi < row.num_groups; ++gi) row_absmax = std::max(row_absmax, absmax[gi]);
+  const int32_t row_code = encode_scale_ceil(row_absmax);
+  const float row_scale = t.scale_values[row_code];
+  scale_bytes[0] = static_cast<uint8_t>(row_code);
+  uint8_t* packed = scale_bytes + 1;
+  std::memset(packed, 0, row.scale_bytes - 1);
+  for (int64_t gi = 0; gi < row.num_groups; ++gi) {
+    int covering = 0;
+    for (int k = 0; k < rungs; ++k) {
+      const float rung = row_scale * row.ladder[k];
+      covering += rung >= absmax[gi];
+    }
+    const int first = std::max(covering - 1, 0);
+    const auto rung_at = [first, rungs](int step) { return std::min(first + step, rungs - 1); };
+    const int best = search_group(
+        x + gi * group, group, search_steps, [&](int step) { return row_scale * row.ladder[rung_at(step)]; }, t,
+        constants, codes + gi * group);
+    const int32_t k = rung_at(best);
+    const int64_t bit = bits * gi, byte = bit >> 3, shift = bit & 7;  // LSB first, as relative_code reads
+    packed[byte] = static_cast<uint8_t>(packed[byte] | (k << shift));
+    if (shift + bits > 8) packed[byte + 1] = static_cast<uint8_t>(packed[byte + 1] | (k >> (8 - shift)));
+  }
+}
+
+// One rotated head vector -> codes | scale bytes (reference.quantize_rows).
 // The row's geometry comes by value: the uint8 stores below may alias anything, so through a
 // reference the compiler would reload its fields after each one.
 inline void quantize_row(const float* x_in, const RowGeometry row, int search_steps, const Tables& t,
@@ -134,26 +231,17 @@ inline void quantize_row(const float* x_in, const RowGeometry row, int search_st
   const int head_dim = static_cast<int>(row.head_dim), group = static_cast<int>(row.group);
   float x[CPU_MAX_HEAD_DIM];
   for (int i = 0; i < head_dim; ++i) x[i] = sanitize(x_in[i]);
-  uint8_t* scale_codes = out + row.scale_offset;
-  uint8_t codes[CPU_MAX_HEAD_DIM];
-  uint8_t trial[CPU_MAX_HEAD_DIM];
-  for (int g0 = 0, gi = 0; g0 < head_dim; g0 += group, ++gi) {
-    float absmax = 0.0f;
-    for (int i = 0; i < group; ++i) absmax = std::max(absmax, std::fabs(x[g0 + i]));
-    const int32_t first = encode_scale_ceil(absmax);
-    float best_err = 0.0f;
-    int32_t best_code = first;
-    for (int step = 0; step < search_steps; ++step) {
-      const int32_t candidate = first > step ? first - step : first;
-      const float total = group_trial(x + g0, group, t.scale_values[candidate], t, constants, trial);
-      if (step == 0 || total < best_err) {  // the first minimum: the largest scale on ties
-        best_err = total;
-        best_code = candidate;
-        std::memcpy(codes + g0, trial, group);
-      }
-    }
-    scale_codes[gi] = static_cast<uint8_t>(best_code);
+  float absmax[CPU_MAX_SCALE_GROUPS];
+  for (int64_t gi = 0; gi < row.num_groups; ++gi) {
+    float m = 0.0f;
+    for (int i = 0; i < group; ++i) m = std::max(m, std::fabs(x[gi * group + i]));
+    absmax[gi] = m;
   }
+  uint8_t codes[CPU_MAX_HEAD_DIM];
+  if (row.relative_bits == 0)
+    quantize_per_group(x, absmax, row, search_steps, t, constants, codes, out + row.scale_offset);
+  else
+    quantize_two_level(x, absmax, row, search_steps, t, constants, codes, out + row.scale_offset);
   // two codes a byte, the even element in the high nibble
   const int64_t code_bytes = row.code_bytes;
   for (int64_t i = 0; i < code_bytes; ++i)

@@ -52,22 +52,34 @@ struct Tables {
 };
 
 // Where the bytes of one K or V row are (format.RowFormat): the codes start the row, the
-// scale codes follow them, one a group. Computed once per op by row_geometry().
+// scale bytes follow them. Scale scheme (format.ScaleScheme): relative_bits == 0 is one ue5m3
+// code a group; relative_bits == B is TWO_LEVEL, one ue5m3 row code and then a B-bit code per
+// group, packed LSB first, whose scale is row scale * ladder[code]. Computed once per op.
 struct RowGeometry {
   int64_t head_dim, group, num_groups;
-  int64_t code_bytes;    // RowFormat.code_bytes
-  int64_t scale_offset;  // RowFormat.scale_offset
-  int64_t row_bytes;     // RowFormat.row_bytes
+  int64_t code_bytes;     // RowFormat.code_bytes
+  int64_t scale_offset;   // RowFormat.scale_offset
+  int64_t scale_bytes;    // RowFormat.scale_bytes
+  int64_t row_bytes;      // RowFormat.row_bytes
+  int64_t relative_bits;  // RowFormat.relative_bits (0: UE5M3_PER_GROUP)
+  const float* ladder;    // TWO_LEVEL: [1 << relative_bits] format.relative_ladder; else nullptr
 };
 
-inline RowGeometry row_geometry(int64_t head_dim, int64_t group) {
+// The geometry of a row (ladder may be nullptr where only the byte counts are wanted).
+inline RowGeometry row_geometry(int64_t head_dim, int64_t group, int64_t relative_bits, const float* ladder) {
   TORCH_CHECK(head_dim > 0 && head_dim <= CPU_MAX_HEAD_DIM && head_dim * CODE_BITS % 8 == 0,
               "head_dim must be a whole number of code bytes in [1, ", CPU_MAX_HEAD_DIM, "], got ", head_dim);
   TORCH_CHECK(group >= 2 && group % 2 == 0 && head_dim % group == 0,
               "scale group size must be even and divide head_dim ", head_dim, ", got ", group);
+  TORCH_CHECK(relative_bits >= 0 && relative_bits <= MAX_RELATIVE_BITS, "relative_bits must be in [0, ",
+              MAX_RELATIVE_BITS, "], got ", relative_bits);
   const int64_t code_bytes = head_dim * CODE_BITS / 8;
   const int64_t num_groups = head_dim / group;
-  return {head_dim, group, num_groups, code_bytes, code_bytes, code_bytes + num_groups};
+  TORCH_CHECK(num_groups <= CPU_MAX_SCALE_GROUPS, "at most ", CPU_MAX_SCALE_GROUPS,
+              " scale groups per head vector, got ", num_groups);
+  const int64_t scale_bytes = relative_bits == 0 ? num_groups : 1 + (num_groups * relative_bits + 7) / 8;
+  return {head_dim, group, num_groups, code_bytes, code_bytes, scale_bytes, code_bytes + scale_bytes,
+          relative_bits, ladder};
 }
 
 // One (token, KV head) cell: the K row, then the V row (format.CellLayout).
@@ -76,9 +88,30 @@ struct CellGeometry {
   int64_t value_offset, cell_bytes;
 };
 
-inline CellGeometry cell_geometry(int64_t head_dim, int64_t key_group, int64_t value_group) {
-  const RowGeometry key = row_geometry(head_dim, key_group), value = row_geometry(head_dim, value_group);
+inline CellGeometry cell_geometry(const RowGeometry& key, const RowGeometry& value) {
+  TORCH_CHECK(key.head_dim == value.head_dim, "K and V rows differ in head_dim: ", key.head_dim, " vs ",
+              value.head_dim);
   return {key, value, key.row_bytes, key.row_bytes + value.row_bytes};
+}
+
+// Relative code j of a TWO_LEVEL row (packed: bits B*j .. B*j + B - 1, LSB first, of the
+// bytes after the row code). Reads the second byte only when the code reaches into it.
+inline int32_t relative_code(const uint8_t* packed, int64_t j, int64_t bits) {
+  const int64_t bit = bits * j, byte = bit >> 3, shift = bit & 7;
+  int32_t v = packed[byte] >> shift;
+  if (shift + bits > 8) v |= static_cast<int32_t>(packed[byte + 1]) << (8 - shift);
+  return v & ((1 << bits) - 1);
+}
+
+// fp32 scale of every group of a stored row (reference.group_scales).
+inline void group_scales(const uint8_t* row_bytes, const RowGeometry& row, const float* scale_values, float* out) {
+  const uint8_t* scale = row_bytes + row.scale_offset;
+  if (row.relative_bits == 0) {
+    for (int64_t g = 0; g < row.num_groups; ++g) out[g] = scale_values[scale[g]];
+    return;
+  }
+  const float row_scale = scale_values[scale[0]];
+  for (int64_t g = 0; g < row.num_groups; ++g) out[g] = row_scale * row.ladder[relative_code(scale + 1, g, row.relative_bits)];
 }
 
 // reference.sanitize: NaN -> 0, +-inf -> +-SCALE_MAX.
@@ -117,6 +150,14 @@ inline Tables tables_of(const at::Tensor& levels, const at::Tensor* midpoints, c
   return {table_of(levels, NUM_LEVELS, "levels"),
           midpoints != nullptr ? table_of(*midpoints, NUM_MIDPOINTS, "midpoints") : nullptr,
           table_of(scale_values, kNumScaleCodes, "scale_values")};
+}
+
+// The ladder of a row with relative_bits B (nullptr for B == 0, whatever is passed).
+inline const float* ladder_of(const at::Tensor& ladder, int64_t relative_bits) {
+  if (relative_bits == 0) return nullptr;
+  TORCH_CHECK(relative_bits > 0 && relative_bits <= MAX_RELATIVE_BITS, "relative_bits must be in [0, ",
+              MAX_RELATIVE_BITS, "], got ", relative_bits);
+  return table_of(ladder, int64_t{1} << relative_bits, "ladder");
 }
 
 inline void check_cache(const at::Tensor& cache, int64_t cell_bytes) {

@@ -56,9 +56,10 @@ struct PortableRowDecoder {
       : levels(t.levels), scale_values(t.scale_values), row(row_) {}
 
   void decode(const uint8_t* codes, float* out) const {
-    const uint8_t* scale_codes = codes + row.scale_offset;
+    float scales[CPU_MAX_SCALE_GROUPS];
+    group_scales(codes, row, scale_values, scales);
     for (int64_t i = 0; i < row.code_bytes; ++i) {
-      const float s = scale_values[scale_codes[(2 * i) / row.group]];
+      const float s = scales[(2 * i) / row.group];
       out[2 * i] = levels[codes[i] >> CODE_BITS] * s;
       out[2 * i + 1] = levels[codes[i] & CODE_MASK] * s;
     }
@@ -107,10 +108,11 @@ struct RowDecoder {
   __m512i interleave;          // (high nibble i, low nibble i) pairs: 0, 16, 1, 17, ...
   __m512i group_of[CPU_MAX_HEAD_DIM / kLanes];
   RowGeometry row;
+  const float* scale_values;  // TWO_LEVEL rows: their scales come from group_scales
   __mmask16 group_mask;
 
   RowDecoder(const Tables& t, const RowGeometry& row_)
-      : row(row_), group_mask(static_cast<__mmask16>((1u << row_.num_groups) - 1)) {
+      : row(row_), scale_values(t.scale_values), group_mask(static_cast<__mmask16>((1u << row_.num_groups) - 1)) {
     levels = _mm512_loadu_ps(t.levels);
     alignas(64) int32_t idx[kLanes];
     for (int l = 0; l < kLanes; ++l) idx[l] = (l / 2) + (l % 2) * kLanes;
@@ -126,8 +128,14 @@ struct RowDecoder {
   void decode(const uint8_t* codes, float* out) const {
     const RowGeometry g = row;
     const __m512 level_table = levels;
-    const __m512 row_scales =
-        decode_scales(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(group_mask, codes + g.scale_offset)));
+    __m512 row_scales;
+    if (g.relative_bits == 0) {
+      row_scales = decode_scales(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(group_mask, codes + g.scale_offset)));
+    } else {
+      alignas(64) float scales[kLanes];
+      group_scales(codes, g, scale_values, scales);
+      row_scales = _mm512_maskz_loadu_ps(group_mask, scales);
+    }
     if (g.group % kLanes == 0) {
       const int64_t chunks = g.group / kLanes;
       // the even lanes take the high nibbles (a constant: from memory, it cost a load per row)
@@ -188,8 +196,8 @@ inline void transpose_16x16(__m512* r) {
 // 16 tokens is one shift, one level lookup (vpermps reads only the index's low 4 bits) and one
 // multiply by its group's 16 scales: the same fp32 products as the reference.
 struct KeyTileDecoder {
-  // dwords of the longest row: its codes, then its scale codes
-  static constexpr int kMaxColumns = (CPU_MAX_HEAD_DIM * CODE_BITS / 8 + CPU_MAX_SCALE_GROUPS + 3) / 4;
+  // dwords of the longest row: its codes, then its scale bytes (a TWO_LEVEL row: one more)
+  static constexpr int kMaxColumns = (CPU_MAX_HEAD_DIM * CODE_BITS / 8 + CPU_MAX_SCALE_GROUPS + 1 + 3) / 4;
   __m512 levels;
   RowGeometry row;
   int64_t columns;  // dwords this row spans
@@ -212,12 +220,25 @@ struct KeyTileDecoder {
       for (int64_t j = 0; j < std::min<int64_t>(kLanes, columns - c0); ++j)
         _mm512_store_ps(reinterpret_cast<float*>(words + (c0 + j) * kLanes), r[j]);
     }
+    // byte b of each token's row, one token a lane
+    const auto byte_lanes = [&words](int64_t b) {
+      const __m512i word = _mm512_load_si512(words + b / 4 * kLanes);
+      return _mm512_and_si512(_mm512_srli_epi32(word, 8 * (b % 4)), _mm512_set1_epi32(0xFF));
+    };
     __m512 scales[kLanes];
-    for (int64_t gi = 0; gi < row.num_groups; ++gi) {
-      const int64_t byte = row.scale_offset + gi;
-      const __m512i word = _mm512_load_si512(words + byte / 4 * kLanes);
-      scales[gi] = decode_scales(
-          _mm512_and_si512(_mm512_srli_epi32(word, 8 * (byte % 4)), _mm512_set1_epi32(SCALE_CODE_MAX)));
+    if (row.relative_bits == 0) {
+      for (int64_t gi = 0; gi < row.num_groups; ++gi) scales[gi] = decode_scales(byte_lanes(row.scale_offset + gi));
+    } else {  // TWO_LEVEL: row scale * ladder[relative code], as group_scales computes them
+      const int64_t bits = row.relative_bits;
+      const __m512 row_scale = decode_scales(byte_lanes(row.scale_offset));
+      for (int64_t gi = 0; gi < row.num_groups; ++gi) {
+        const int64_t bit = bits * gi, byte = row.scale_offset + 1 + (bit >> 3), shift = bit & 7;
+        __m512i code = _mm512_srli_epi32(byte_lanes(byte), static_cast<unsigned>(shift));
+        if (shift + bits > 8)
+          code = _mm512_or_si512(code, _mm512_slli_epi32(byte_lanes(byte + 1), static_cast<unsigned>(8 - shift)));
+        code = _mm512_and_si512(code, _mm512_set1_epi32((1 << bits) - 1));
+        scales[gi] = _mm512_mul_ps(row_scale, _mm512_i32gather_ps(code, row.ladder, 4));
+      }
     }
     // dword w holds the codes of dims 8w .. 8w + 7: byte b = dims (2b high nibble, 2b + 1 low)
     for (int64_t w = 0; w < row.head_dim / kCodesPerDword; ++w) {

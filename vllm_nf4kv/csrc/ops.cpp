@@ -26,9 +26,9 @@ c10::Dict<std::string, double> format_constants() {
 }
 
 // [code_bytes, scale_offset, scale_bytes, row_bytes] of a row, as the kernels compute them.
-std::vector<int64_t> row_geometry_of(int64_t head_dim, int64_t group) {
-  const RowGeometry row = row_geometry(head_dim, group);
-  return {row.code_bytes, row.scale_offset, row.num_groups, row.row_bytes};
+std::vector<int64_t> row_geometry_of(int64_t head_dim, int64_t group, int64_t relative_bits) {
+  const RowGeometry row = row_geometry(head_dim, group, relative_bits, nullptr);
+  return {row.code_bytes, row.scale_offset, row.scale_bytes, row.row_bytes};
 }
 
 }  // namespace
@@ -40,16 +40,18 @@ std::vector<int64_t> row_geometry_of(int64_t head_dim, int64_t group) {
 NF4KV_LIBRARY(NF4KV_OPS, m) {
   m.def(
       "store(Tensor key, Tensor value, Tensor(a!) cache, Tensor slot_mapping, Tensor signs, Tensor levels, "
-      "Tensor midpoints, Tensor scale_values, int key_group, int value_group, int key_search_steps, "
+      "Tensor midpoints, Tensor scale_values, int key_group, int key_relative_bits, Tensor key_ladder, "
+      "int value_group, int value_relative_bits, Tensor value_ladder, int key_search_steps, "
       "int value_search_steps) -> ()");
   m.def(
       "attention(Tensor query, Tensor cache, Tensor block_table, Tensor signs, Tensor seq_lens, "
       "Tensor query_start_loc, "
       "Tensor levels, Tensor scale_values, float scale, bool causal, int sliding_window, int key_group, "
-      "int value_group, Tensor(a!) out) -> ()");
+      "int key_relative_bits, Tensor key_ladder, int value_group, int value_relative_bits, Tensor value_ladder, "
+      "Tensor(a!) out) -> ()");
   m.def("has_avx512() -> bool", +[]() { return nf4kv::kAvx512; });
   m.def("format_constants() -> Dict(str, float)", &nf4kv::format_constants);
-  m.def("row_geometry(int head_dim, int group) -> int[]", &nf4kv::row_geometry_of);
+  m.def("row_geometry(int head_dim, int group, int relative_bits) -> int[]", &nf4kv::row_geometry_of);
 }
 
 NF4KV_LIBRARY_IMPL(NF4KV_OPS, CPU, m) {

@@ -14,17 +14,21 @@
 namespace nf4kv {
 namespace NF4KV_OPS {
 
-// store.cpp: rotate and quantize K/V into their cells (reference.write_paged's bytes).
+// store.cpp: rotate and quantize K/V into their cells (reference.write_paged's bytes). Each row
+// is (group, relative_bits, ladder): format.RowFormat's scheme, the ladder ignored for bits 0.
 void store(const at::Tensor& key, const at::Tensor& value, const at::Tensor& cache, const at::Tensor& slot_mapping,
            const at::Tensor& signs, const at::Tensor& levels, const at::Tensor& midpoints,
-           const at::Tensor& scale_values, int64_t key_group, int64_t value_group, int64_t key_search_steps,
+           const at::Tensor& scale_values, int64_t key_group, int64_t key_relative_bits, const at::Tensor& key_ladder,
+           int64_t value_group, int64_t value_relative_bits, const at::Tensor& value_ladder, int64_t key_search_steps,
            int64_t value_search_steps);
 
 // attention.cpp: paged attention over NF4 pages, queries rotated in and outputs back.
 void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tensor& block_table,
                const at::Tensor& signs, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
                const at::Tensor& levels, const at::Tensor& scale_values, double scale, bool causal,
-               int64_t sliding_window, int64_t key_group, int64_t value_group, const at::Tensor& out);
+               int64_t sliding_window, int64_t key_group, int64_t key_relative_bits, const at::Tensor& key_ladder,
+               int64_t value_group, int64_t value_relative_bits, const at::Tensor& value_ladder,
+               const at::Tensor& out);
 
 }  // namespace NF4KV_OPS
 }  // namespace nf4kv

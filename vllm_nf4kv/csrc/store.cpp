@@ -14,7 +14,8 @@ namespace NF4KV_OPS {
 
 void store(const at::Tensor& key, const at::Tensor& value, const at::Tensor& cache, const at::Tensor& slot_mapping,
            const at::Tensor& signs, const at::Tensor& levels, const at::Tensor& midpoints,
-           const at::Tensor& scale_values, int64_t key_group, int64_t value_group, int64_t key_search_steps,
+           const at::Tensor& scale_values, int64_t key_group, int64_t key_relative_bits, const at::Tensor& key_ladder,
+           int64_t value_group, int64_t value_relative_bits, const at::Tensor& value_ladder, int64_t key_search_steps,
            int64_t value_search_steps) {
   TORCH_CHECK(key.dtype() == at::kFloat && value.dtype() == at::kFloat && key.is_contiguous() &&
               value.is_contiguous() && key.dim() == 3 && key.sizes() == value.sizes(),
@@ -26,7 +27,10 @@ void store(const at::Tensor& key, const at::Tensor& value, const at::Tensor& cac
               key_search_steps, " and V ", value_search_steps);
   const int64_t num_tokens = std::min(key.size(0), slot_mapping.size(0));
   const int64_t num_heads = key.size(1), head_dim = key.size(2);
-  const CellGeometry cell = cell_geometry(head_dim, key_group, value_group);
+  const CellGeometry cell =
+      cell_geometry(row_geometry(head_dim, key_group, key_relative_bits, ladder_of(key_ladder, key_relative_bits)),
+                    row_geometry(head_dim, value_group, value_relative_bits,
+                                 ladder_of(value_ladder, value_relative_bits)));
   check_cache(cache, cell.cell_bytes);
   TORCH_CHECK(cache.size(1) == num_heads, "cache has ", cache.size(1), " KV heads, key has ", num_heads);
   const int64_t num_blocks = cache.size(0), block_size = cache.size(2);

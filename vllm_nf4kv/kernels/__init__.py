@@ -7,8 +7,8 @@ is safe on machines without Triton, and ``TRITON_INTERPRET`` is read by
 Modules (each a ``_kernel`` beside its typed launcher, checks before launch):
 
 * :mod:`~vllm_nf4kv.kernels.triton_codec`: ``@triton.jit`` helpers shared by the
-  kernels (ue5m3 scale decode, NF4 tile dequantization, bf16 rounding) and the
-  per-device NF4 tables they read.
+  kernels (ue5m3 and two-level scale decode, NF4 tile dequantization, bf16 rounding)
+  and the per-device NF4 and ladder tables they read.
 * :mod:`~vllm_nf4kv.kernels.triton_store`: ``store_kv_nf4`` (quantize-on-write,
   bit-exact with :func:`vllm_nf4kv.reference.quantize_rows`) and ``load_kv_nf4``
   (paged cache -> rotated K/V, equal to :func:`vllm_nf4kv.reference.read_paged`).

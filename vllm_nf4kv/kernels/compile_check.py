@@ -26,6 +26,10 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vllm_nf4kv.format import CellLayout
 
 
 def _install_fake_driver(arch: int) -> None:
@@ -57,14 +61,36 @@ def _install_fake_driver(arch: int) -> None:
     )
 
 
+def _swapped_schemes(head_dim: int) -> CellLayout:
+    """The shipped layout's schemes the other way round: K per-group ue5m3, V two-level with 3 bits.
+
+    The shipped layout compiles the K rows' two-level path and the V rows' per-group one; this
+    compiles each scheme on the other row (every constant from the format, as the tests use it).
+    """
+    from vllm_nf4kv.format import KV_CACHE_DTYPE, CellLayout, RowFormat, ScaleScheme, format_for
+
+    shipped = format_for(KV_CACHE_DTYPE, head_dim)
+    key = RowFormat(head_dim, shipped.key.group_size * 2, shipped.value.search_steps)
+    value = RowFormat(head_dim, shipped.key.group_size, shipped.key.search_steps, ScaleScheme.TWO_LEVEL, 3)
+    return CellLayout(key, value)
+
+
 def _configs() -> Iterator[tuple[str, dict]]:
-    """(name, parameters) of the configurations compiled: every head size and dtype path."""
+    """(name, parameters) of the configurations compiled: every head size, dtype path and scheme."""
     import torch
 
     for head_dim in (64, 128, 256, 96):
         yield f"store d{head_dim}", {"kind": "store", "head_dim": head_dim, "dtype": torch.bfloat16}
+    yield (
+        "store d128 swapped schemes",
+        {"kind": "store", "head_dim": 128, "dtype": torch.bfloat16, "layout": _swapped_schemes(128)},
+    )
     yield "load d128 bf16", {"kind": "load", "head_dim": 128, "dtype": torch.bfloat16}
     yield "load d64 fp32", {"kind": "load", "head_dim": 64, "dtype": torch.float32}
+    yield (
+        "load d128 bf16 swapped schemes",
+        {"kind": "load", "head_dim": 128, "dtype": torch.bfloat16, "layout": _swapped_schemes(128)},
+    )
     for head_dim, group, dtype, splits in (
         (128, 8, torch.bfloat16, 1),
         (128, 8, torch.bfloat16, 8),
@@ -73,8 +99,21 @@ def _configs() -> Iterator[tuple[str, dict]]:
         (128, 4, torch.float32, 1),
     ):
         name = f"attention d{head_dim} gqa{group} {str(dtype)[6:]} splits{splits}"
-        yield name, {"kind": "attention", "head_dim": head_dim, "group": group, "dtype": dtype,
-                     "splits": splits}
+        yield (
+            name,
+            {"kind": "attention", "head_dim": head_dim, "group": group, "dtype": dtype, "splits": splits},
+        )
+    yield (
+        "attention d128 gqa4 bfloat16 splits1 swapped schemes",
+        {
+            "kind": "attention",
+            "head_dim": 128,
+            "group": 4,
+            "dtype": torch.bfloat16,
+            "splits": 1,
+            "layout": _swapped_schemes(128),
+        },
+    )
 
 
 def _run_config(params: dict) -> list:
@@ -83,7 +122,7 @@ def _run_config(params: dict) -> list:
     from vllm_nf4kv.format import KV_CACHE_DTYPE, format_for
     from vllm_nf4kv.kernels import triton_attention, triton_store
 
-    layout = format_for(KV_CACHE_DTYPE, params["head_dim"])
+    layout = params.get("layout") or format_for(KV_CACHE_DTYPE, params["head_dim"])
     heads, block_size = 2, 16
     cache = torch.zeros(4, heads, block_size, layout.cell_bytes, dtype=torch.uint8)
     compiled = []
@@ -93,14 +132,26 @@ def _run_config(params: dict) -> list:
         compiled.append(triton_store._store_kv_nf4_kernel)
     elif params["kind"] == "load":
         table = torch.zeros(2, 4, dtype=torch.int32)
-        triton_store.load_kv_nf4(cache, table, torch.tensor([5, 9], dtype=torch.int32), layout,
-                                 out_dtype=params["dtype"], max_seq_len=9)
+        triton_store.load_kv_nf4(
+            cache,
+            table,
+            torch.tensor([5, 9], dtype=torch.int32),
+            layout,
+            out_dtype=params["dtype"],
+            max_seq_len=9,
+        )
         compiled.append(triton_store._load_kv_nf4_kernel)
     else:
         q = torch.zeros(2, heads * params["group"], layout.head_dim, dtype=params["dtype"])
         triton_attention.nf4_paged_attention(
-            q, cache, torch.zeros(2, 4, dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32),
-            torch.tensor([5, 9], dtype=torch.int32), layout, 0.1, num_splits=params["splits"],
+            q,
+            cache,
+            torch.zeros(2, 4, dtype=torch.int32),
+            torch.tensor([0, 1, 2], dtype=torch.int32),
+            torch.tensor([5, 9], dtype=torch.int32),
+            layout,
+            0.1,
+            num_splits=params["splits"],
         )
         compiled.append(triton_attention._nf4_attention_kernel)
         if params["splits"] > 1:
@@ -127,8 +178,9 @@ def _resources(cubin: bytes, workdir: Path) -> str:
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     path = workdir / "kernel.cubin"
     path.write_bytes(cubin)
-    text = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True,
-                          text=True, check=False).stdout
+    text = subprocess.run(
+        [str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True, text=True, check=False
+    ).stdout
     found = re.search(r"REG:(\d+).*?STACK:(\d+)", text)
     return f"regs {found[1]} stack {found[2]}" if found else "regs n/a"
 
@@ -162,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
                         failures += 1
                         line = f"FAIL {name}: {problem}"
                     elif args.resources:
-                        line += (f" | {compiled.name}: {_resources(compiled.asm['cubin'], Path(tmp))}"
-                                 f" shared {compiled.metadata.shared} B")
+                        line += (
+                            f" | {compiled.name}: {_resources(compiled.asm['cubin'], Path(tmp))}"
+                            f" shared {compiled.metadata.shared} B"
+                        )
                 kernel.device_caches[0][0].clear()
             print(line, flush=True)
     return 1 if failures else 0

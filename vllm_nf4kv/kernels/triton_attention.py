@@ -1,7 +1,8 @@
 """Fused paged attention over the NF4 cache: decode, prefill and chunked prefill.
 
-Pages are read directly: each K/V tile is unpacked (nibbles + ue5m3 scales) and
-dequantized in registers; no bf16 copy of the cache is ever written.
+Pages are read directly: each K/V tile is unpacked (nibbles, and scales in the row's scheme:
+a ue5m3 byte per group, or a ue5m3 row code times a ladder rung per group) and dequantized in
+registers; no bf16 copy of the cache is ever written.
 
 Rotation: **queries come in rotated and the output leaves rotated.** The cache
 holds ``k @ R`` and ``v @ R`` (:mod:`vllm_nf4kv.rotation`); since ``R`` is
@@ -50,8 +51,10 @@ from vllm_nf4kv.format import CellLayout
 from vllm_nf4kv.kernels.triton_codec import (
     alignment,
     dequant_pairs,
+    ladder_table,
     next_power_of_2,
     nf4_tables,
+    relative_bits,
     require_scheme,
 )
 from vllm_nf4kv.reference import check_paged_cache
@@ -105,6 +108,8 @@ def _nf4_attention_kernel(
     query_start_loc_ptr,  # [num_seqs + 1] int32/int64
     seq_lens_ptr,  # [num_seqs] int32/int64: keys per sequence, new queries included
     levels_ptr,  # [NUM_LEVELS] fp32
+    k_ladder_ptr,  # fp32 relative ladder of the K rows (unread for per-group rows)
+    v_ladder_ptr,  # fp32 relative ladder of the V rows (unread for per-group rows)
     out_ptr,  # NUM_SPLITS == 1: [num_tokens, num_q_heads, head_dim]; else fp32 partial acc
     #           [num_tokens, num_q_heads, NUM_SPLITS, head_dim]
     max_ptr,  # [num_tokens, num_q_heads, NUM_SPLITS] fp32 running max (log2 units); unused if 1 split
@@ -129,8 +134,10 @@ def _nf4_attention_kernel(
     VALUE_OFFSET: tl.constexpr,
     K_GROUP: tl.constexpr,
     K_SCALE_OFFSET: tl.constexpr,
+    K_RELATIVE_BITS: tl.constexpr,  # triton_codec.relative_bits: 0 per-group ue5m3, B two-level
     V_GROUP: tl.constexpr,
     V_SCALE_OFFSET: tl.constexpr,
+    V_RELATIVE_BITS: tl.constexpr,
     ROW_ALIGN: tl.constexpr,
     CAUSAL: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
@@ -187,11 +194,23 @@ def _nf4_attention_kernel(
         pos = tile * TILE_N + tl.arange(0, TILE_N)  # [TILE_N] key positions
         pos_ok = pos < kv_len
         block = tl.load(bt_ptr + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
-        cell = block * stride_c_block + kv_head.to(tl.int64) * stride_c_head \
+        cell = (
+            block * stride_c_block
+            + kv_head.to(tl.int64) * stride_c_head
             + (pos % BLOCK_SIZE).to(tl.int64) * stride_c_tok
+        )
         cell = tl.multiple_of(cell, ROW_ALIGN)
-        k_even, k_odd = dequant_pairs(cache_ptr + cell, pos_ok, levels_ptr, HEAD_DIM, K_GROUP, K_SCALE_OFFSET,
-                                      HALF_PAD)
+        k_even, k_odd = dequant_pairs(
+            cache_ptr + cell,
+            pos_ok,
+            levels_ptr,
+            k_ladder_ptr,
+            HEAD_DIM,
+            K_GROUP,
+            K_SCALE_OFFSET,
+            K_RELATIVE_BITS,
+            HALF_PAD,
+        )
         s = tl.dot(q_even, tl.trans(k_even.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
         s = tl.dot(q_odd, tl.trans(k_odd.to(DOT_DTYPE)), s, input_precision=DOT_PRECISION)
         s = s * scale_log2  # [BLOCK_M, TILE_N]
@@ -205,8 +224,17 @@ def _nf4_attention_kernel(
         alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-        v_even, v_odd = dequant_pairs(cache_ptr + VALUE_OFFSET + cell, pos_ok, levels_ptr, HEAD_DIM, V_GROUP,
-                                      V_SCALE_OFFSET, HALF_PAD)
+        v_even, v_odd = dequant_pairs(
+            cache_ptr + VALUE_OFFSET + cell,
+            pos_ok,
+            levels_ptr,
+            v_ladder_ptr,
+            HEAD_DIM,
+            V_GROUP,
+            V_SCALE_OFFSET,
+            V_RELATIVE_BITS,
+            HALF_PAD,
+        )
         p = p.to(DOT_DTYPE)
         acc_even = tl.dot(p, v_even.to(DOT_DTYPE), acc_even * alpha[:, None], input_precision=DOT_PRECISION)
         acc_odd = tl.dot(p, v_odd.to(DOT_DTYPE), acc_odd * alpha[:, None], input_precision=DOT_PRECISION)
@@ -256,11 +284,17 @@ def _nf4_attention_reduce_kernel(
     w = tl.exp2(m - m_ref)  # empty splits: exp2(-inf) = 0
     total = tl.sum(l_s * w, axis=0)
     d = tl.arange(0, HEAD_PAD)
-    acc = tl.load(acc_ptr + (stat + splits)[:, None] * HEAD_DIM + d[None, :],
-                  mask=split_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)  # [SPLITS_PAD, HEAD_PAD]
+    acc = tl.load(
+        acc_ptr + (stat + splits)[:, None] * HEAD_DIM + d[None, :],
+        mask=split_ok[:, None] & (d < HEAD_DIM)[None, :],
+        other=0.0,
+    )  # [SPLITS_PAD, HEAD_PAD]
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + token * stride_o_tok + head * stride_o_head + d, out.to(out_ptr.dtype.element_ty),
-             mask=d < HEAD_DIM)
+    tl.store(
+        out_ptr + token * stride_o_tok + head * stride_o_head + d,
+        out.to(out_ptr.dtype.element_ty),
+        mask=d < HEAD_DIM,
+    )
 
 
 # Whether @triton.jit built interpreted kernels (TRITON_INTERPRET=1 when this module
@@ -326,41 +360,63 @@ def nf4_paged_attention(
     check_paged_cache(kv_cache, layout)
     require_scheme(layout)
     if kv_cache.stride(-1) != 1:
-        raise ValueError(f"kv_cache cells must be contiguous (stride 1 in the last dim), "
-                         f"got {kv_cache.stride()}")
+        raise ValueError(
+            f"kv_cache cells must be contiguous (stride 1 in the last dim), got {kv_cache.stride()}"
+        )
     num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
     if query.dtype not in _QUERY_DTYPES:
         raise TypeError(f"query must be float32, float16 or bfloat16, got {query.dtype}")
     if query.dim() != 3 or query.shape[2] != layout.head_dim or query.stride(-1) != 1:
-        raise ValueError(f"query must be [num_tokens, num_q_heads, {layout.head_dim}] with contiguous "
-                         f"head vectors, got {tuple(query.shape)} stride {query.stride()}")
+        raise ValueError(
+            f"query must be [num_tokens, num_q_heads, {layout.head_dim}] with contiguous "
+            f"head vectors, got {tuple(query.shape)} stride {query.stride()}"
+        )
     num_tokens, num_q_heads = query.shape[:2]
     if num_q_heads % num_kv_heads:
-        raise ValueError(f"num_q_heads={num_q_heads} must be a multiple of the cache's "
-                         f"num_kv_heads={num_kv_heads}")
-    if block_table.dtype not in (torch.int32, torch.int64) or block_table.dim() != 2 \
-            or block_table.stride(-1) != 1:
-        raise TypeError(f"block_table must be a row-contiguous 2-D int32/int64 tensor, got "
-                        f"{block_table.dtype} {tuple(block_table.shape)}")
+        raise ValueError(
+            f"num_q_heads={num_q_heads} must be a multiple of the cache's num_kv_heads={num_kv_heads}"
+        )
+    if (
+        block_table.dtype not in (torch.int32, torch.int64)
+        or block_table.dim() != 2
+        or block_table.stride(-1) != 1
+    ):
+        raise TypeError(
+            f"block_table must be a row-contiguous 2-D int32/int64 tensor, got "
+            f"{block_table.dtype} {tuple(block_table.shape)}"
+        )
     num_seqs = block_table.shape[0]
     if query_start_loc.dtype not in (torch.int32, torch.int64) or query_start_loc.shape != (num_seqs + 1,):
-        raise TypeError(f"query_start_loc must be int32/int64 [{num_seqs + 1}] (num_seqs + 1), got "
-                        f"{query_start_loc.dtype} {tuple(query_start_loc.shape)}")
+        raise TypeError(
+            f"query_start_loc must be int32/int64 [{num_seqs + 1}] (num_seqs + 1), got "
+            f"{query_start_loc.dtype} {tuple(query_start_loc.shape)}"
+        )
     if seq_lens.dtype not in (torch.int32, torch.int64) or seq_lens.shape != (num_seqs,):
-        raise TypeError(f"seq_lens must be int32/int64 [{num_seqs}], got {seq_lens.dtype} "
-                        f"{tuple(seq_lens.shape)}")
+        raise TypeError(
+            f"seq_lens must be int32/int64 [{num_seqs}], got {seq_lens.dtype} {tuple(seq_lens.shape)}"
+        )
     if not softmax_scale > 0 or not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale}")
-    for name, t in (("query", query), ("block_table", block_table), ("query_start_loc", query_start_loc),
-                    ("seq_lens", seq_lens)):
+    for name, t in (
+        ("query", query),
+        ("block_table", block_table),
+        ("query_start_loc", query_start_loc),
+        ("seq_lens", seq_lens),
+    ):
         if t.device != kv_cache.device:
             raise ValueError(f"{name} is on {t.device} but kv_cache is on {kv_cache.device}")
     if output is None:
         output = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    elif output.shape != query.shape or output.dtype not in _QUERY_DTYPES or output.stride(-1) != 1 \
-            or output.device != query.device:
-        raise ValueError(f"output must be a {tuple(query.shape)} float tensor on {query.device} with "
-                         f"contiguous head vectors, got {output.dtype} {tuple(output.shape)}")
+    elif (
+        output.shape != query.shape
+        or output.dtype not in _QUERY_DTYPES
+        or output.stride(-1) != 1
+        or output.device != query.device
+    ):
+        raise ValueError(
+            f"output must be a {tuple(query.shape)} float tensor on {query.device} with "
+            f"contiguous head vectors, got {output.dtype} {tuple(output.shape)}"
+        )
     if num_tokens == 0 or num_seqs == 0:
         return output
 
@@ -389,8 +445,10 @@ def nf4_paged_attention(
         VALUE_OFFSET=layout.value_offset,
         K_GROUP=layout.key.group_size,
         K_SCALE_OFFSET=layout.key.scale_offset,
+        K_RELATIVE_BITS=relative_bits(layout.key),
         V_GROUP=layout.value.group_size,
         V_SCALE_OFFSET=layout.value.scale_offset,
+        V_RELATIVE_BITS=relative_bits(layout.value),
         ROW_ALIGN=alignment(*kv_cache.stride()[:3]),
         CAUSAL=causal,
         NUM_SPLITS=num_splits,
@@ -400,20 +458,31 @@ def nf4_paged_attention(
         num_stages=_NUM_STAGES,
         enable_fp_fusion=True,
     )
-    args = (query, kv_cache, block_table, query_start_loc, seq_lens, levels)
+    ladders = ladder_table(layout.key, kv_cache.device), ladder_table(layout.value, kv_cache.device)
+    args = (query, kv_cache, block_table, query_start_loc, seq_lens, levels, *ladders)
     strides = (*query.stride()[:2], *kv_cache.stride()[:3], block_table.stride(0))
     scale_log2 = softmax_scale * _LOG2E
     if num_splits == 1:
-        _nf4_attention_kernel[grid](*args, output, output, output, scale_log2, num_seqs, *strides,
-                                    *output.stride()[:2], **common)
+        _nf4_attention_kernel[grid](
+            *args, output, output, output, scale_log2, num_seqs, *strides, *output.stride()[:2], **common
+        )
         return output
-    acc = torch.empty((num_tokens, num_q_heads, num_splits, head_dim), dtype=torch.float32,
-                      device=query.device)
+    acc = torch.empty(
+        (num_tokens, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=query.device
+    )
     stats = torch.empty((2, num_tokens, num_q_heads, num_splits), dtype=torch.float32, device=query.device)
-    _nf4_attention_kernel[grid](*args, acc, stats[0], stats[1], scale_log2, num_seqs, *strides,
-                                num_q_heads, 1, **common)
+    _nf4_attention_kernel[grid](
+        *args, acc, stats[0], stats[1], scale_log2, num_seqs, *strides, num_q_heads, 1, **common
+    )
     _nf4_attention_reduce_kernel[(num_tokens, num_q_heads)](
-        output, acc, stats[0], stats[1], query_start_loc, num_seqs, num_q_heads, *output.stride()[:2],
+        output,
+        acc,
+        stats[0],
+        stats[1],
+        query_start_loc,
+        num_seqs,
+        num_q_heads,
+        *output.stride()[:2],
         HEAD_DIM=head_dim,
         HEAD_PAD=next_power_of_2(head_dim),
         NUM_SPLITS=num_splits,

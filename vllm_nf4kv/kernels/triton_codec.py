@@ -5,7 +5,9 @@ operation, so results are bit-identical:
 
 * :func:`encode_scale_ceil` / :func:`decode_scale`: integer operations on the fp32
   bit pattern (``reference.encode_scale_ceil`` / ``reference.decode_scale``);
-* :func:`dequant_pairs`: ``level * scale`` in fp32 (``reference.dequantize_groups``);
+* :func:`dequant_pairs`: ``level * scale`` in fp32 (``reference.decode_rows_rotated``), the
+  scale decoded per the row's :class:`~vllm_nf4kv.format.ScaleScheme` by :func:`group_scale`
+  (``reference.group_scales``);
 * :func:`fp32_to_bf16_bits`: round-to-nearest-even done with integer operations,
   because the Triton interpreter truncates fp32 -> bf16 casts (the GPU rounds).
 
@@ -22,7 +24,8 @@ import triton
 import triton.language as tl
 
 from vllm_nf4kv import format as fmt
-from vllm_nf4kv.reference import nf4_levels, nf4_midpoints
+from vllm_nf4kv.kernel_limits import CUDA_LIMITS
+from vllm_nf4kv.reference import nf4_levels, nf4_midpoints, relative_ladder
 
 # Every constant as a constexpr built from vllm_nf4kv.format (none is retyped here).
 _FP32_MANTISSA_BITS: tl.constexpr = tl.constexpr(fmt.FP32_MANTISSA_BITS)
@@ -55,10 +58,39 @@ def nf4_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def require_scheme(layout: fmt.CellLayout) -> None:
-    """Refuse rows whose scale scheme these kernels do not implement (only one exists today)."""
+    """Refuse rows whose scale scheme these kernels do not implement (``CUDA_LIMITS.scale_schemes``,
+    the list selection refuses models by), so a scheme added to the format is never misread here.
+
+    A kernel learns a row's scheme from its ``RELATIVE_BITS`` constexpr (:func:`relative_bits`).
+    """
     for name, row in (("key", layout.key), ("value", layout.value)):
-        if row.scale_scheme is not fmt.ScaleScheme.UE5M3_PER_GROUP:
+        if row.scale_scheme not in CUDA_LIMITS.scale_schemes:
             raise NotImplementedError(f"the Triton kernels have no {row.scale_scheme} {name} rows yet")
+
+
+def relative_bits(row: fmt.RowFormat) -> int:
+    """The ``RELATIVE_BITS`` constexpr of a row: ``B`` of a TWO_LEVEL row, 0 for per-group ue5m3.
+
+    One integer carries the scheme so a kernel specializes on it at compile time (the
+    per-group path compiles exactly as before the two-level scheme existed).
+    """
+    if row.scale_scheme is fmt.ScaleScheme.TWO_LEVEL:
+        return row.relative_bits
+    if row.scale_scheme is fmt.ScaleScheme.UE5M3_PER_GROUP:
+        return 0
+    raise NotImplementedError(f"the Triton kernels have no {row.scale_scheme} rows yet")
+
+
+def ladder_table(row: fmt.RowFormat, device: torch.device) -> torch.Tensor:
+    """The fp32 ladder a TWO_LEVEL row's kernel multiplies the row scale by (``reference.relative_ladder``).
+
+    Handed to the kernels as a table, never recomputed there with ``exp2``, so every
+    implementation multiplies by the same fp32 values. A per-group row reads no ladder;
+    it gets the NF4 levels as a placeholder pointer (a kernel argument must be a tensor).
+    """
+    if row.scale_scheme is fmt.ScaleScheme.TWO_LEVEL:
+        return relative_ladder(row.relative_bits, device)
+    return nf4_tables(device)[0]
 
 
 def next_power_of_2(n: int) -> int:
@@ -101,21 +133,54 @@ def decode_scale(code):
 
 
 @triton.jit
+def group_scale(
+    row_ptrs,  # [TILE_N] pointers to the first byte of a K or V row (uint8)
+    mask_n,  # [TILE_N] bool, rows to read
+    group,  # [1, C] int32: the scale group of each column
+    mask,  # [TILE_N, C] bool, entries to read (within mask_n)
+    ladder_ptr,  # [2**RELATIVE_BITS] fp32 relative ladder (unread when RELATIVE_BITS == 0)
+    SCALE_OFFSET: tl.constexpr,  # RowFormat.scale_offset: first scale byte of the row
+    RELATIVE_BITS: tl.constexpr,  # 0: one ue5m3 byte a group; B: TWO_LEVEL with B-bit codes
+):
+    """fp32 scale ``[TILE_N, C]`` of each entry's group (``reference.group_scales``); masked: 0.
+
+    TWO_LEVEL: ``decode_scale(row code) * ladder[k]``, one fp32 multiply, where ``k`` is the
+    ``RELATIVE_BITS``-bit field at bit ``RELATIVE_BITS * group`` of the little-endian bytes
+    after the row code (LSB first). A field spans at most two bytes (``RELATIVE_BITS <= 8``);
+    the second is read only where the field reaches into it.
+    """
+    if RELATIVE_BITS == 0:
+        scale_code = tl.load(row_ptrs[:, None] + (SCALE_OFFSET + group), mask=mask, other=0)
+        scale = decode_scale(scale_code.to(tl.int32))
+    else:
+        row_code = tl.load(row_ptrs + SCALE_OFFSET, mask=mask_n, other=0)
+        bit = group * RELATIVE_BITS
+        shift = bit % 8
+        byte_ptrs = row_ptrs[:, None] + (SCALE_OFFSET + 1 + bit // 8)  # + 1: past the row code
+        low = tl.load(byte_ptrs, mask=mask, other=0).to(tl.int32)
+        high = tl.load(byte_ptrs + 1, mask=mask & (shift + RELATIVE_BITS > 8), other=0).to(tl.int32)
+        k = ((low | (high << 8)) >> shift) & ((1 << RELATIVE_BITS) - 1)
+        scale = decode_scale(row_code.to(tl.int32))[:, None] * tl.load(ladder_ptr + k)
+    return scale
+
+
+@triton.jit
 def dequant_pairs(
     row_ptrs,  # [TILE_N] pointers to the first byte of a K or V row (uint8)
     mask_n,  # [TILE_N] bool, rows to read
     levels_ptr,  # [NUM_LEVELS] fp32 NF4 levels
+    ladder_ptr,  # [2**RELATIVE_BITS] fp32 relative ladder (unread when RELATIVE_BITS == 0)
     HEAD_DIM: tl.constexpr,
     GROUP: tl.constexpr,
     SCALE_OFFSET: tl.constexpr,  # RowFormat.scale_offset: first scale byte of the row
+    RELATIVE_BITS: tl.constexpr,  # triton_codec.relative_bits(row): 0 per-group ue5m3, B two-level
     HALF_PAD: tl.constexpr,
 ):
     """Dequantize rows to fp32 ``(even, odd)`` tiles ``[TILE_N, HALF_PAD]``; masked entries are +-0."""
     j = tl.arange(0, HALF_PAD)[None, :]
     mask = mask_n[:, None] & (j < HEAD_DIM // 2)
     packed = tl.load(row_ptrs[:, None] + j, mask=mask, other=0).to(tl.int32)
-    scale_code = tl.load(row_ptrs[:, None] + (SCALE_OFFSET + j // (GROUP // 2)), mask=mask, other=0)
-    scale = decode_scale(scale_code.to(tl.int32))
+    scale = group_scale(row_ptrs, mask_n, j // (GROUP // 2), mask, ladder_ptr, SCALE_OFFSET, RELATIVE_BITS)
     even = tl.load(levels_ptr + (packed >> CODE_BITS)) * scale
     odd = tl.load(levels_ptr + (packed & CODE_MASK)) * scale
     return even, odd

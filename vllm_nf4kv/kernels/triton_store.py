@@ -31,8 +31,10 @@ from vllm_nf4kv.kernels.triton_codec import (
     dequant_pairs,
     encode_scale_ceil,
     fp32_to_bf16_bits,
+    ladder_table,
     next_power_of_2,
     nf4_tables,
+    relative_bits,
     require_scheme,
 )
 from vllm_nf4kv.reference import check_paged_cache
@@ -81,8 +83,9 @@ def _pairwise_row_sum(t, ROWS: tl.constexpr, LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _group_codes(x_even, x_odd, scale, levels_ptr, midpoints, GROUPS_PAD: tl.constexpr,
-                 PAIR_LEVELS: tl.constexpr):
+def _group_codes(
+    x_even, x_odd, scale, levels_ptr, midpoints, GROUPS_PAD: tl.constexpr, PAIR_LEVELS: tl.constexpr
+):
     """NF4 codes of a row tile under one scale per group, and each group's squared error."""
     safe = tl.where(scale > 0, scale, 1.0)
     c_even = _nf4_encode(tl.minimum(tl.maximum(tl.math.div_rn(x_even, safe), -1.0), 1.0), midpoints)
@@ -95,12 +98,52 @@ def _group_codes(x_even, x_odd, scale, levels_ptr, midpoints, GROUPS_PAD: tl.con
 
 
 @triton.jit
+def _candidate_scale(code, row_scale, ladder_ptr, RELATIVE_BITS: tl.constexpr):
+    """fp32 scale of candidate codes ``[GROUPS_PAD]``: a ue5m3 code's value, or ``row_scale * ladder[k]``."""
+    if RELATIVE_BITS == 0:
+        scale = decode_scale(code)
+    else:
+        scale = row_scale * tl.load(ladder_ptr + code)
+    return scale
+
+
+@triton.jit
+def _store_relative_codes(
+    ptr,  # first byte after the row code, uint8
+    codes,  # [GROUPS_PAD] int32 relative codes, each < 2**RELATIVE_BITS
+    NUM_GROUPS: tl.constexpr,
+    GROUPS_PAD: tl.constexpr,
+    RELATIVE_BITS: tl.constexpr,
+    RELATIVE_BYTES: tl.constexpr,  # RowFormat.scale_bytes minus the row code
+    RELATIVE_BYTES_PAD: tl.constexpr,
+):
+    """``reference.pack_bits``: code ``j`` at bits ``B*j .. B*j + B - 1`` of the bytes, LSB first.
+
+    Byte ``b`` gathers the part of every code whose bit range meets its bits ``8b .. 8b + 7``
+    (shifted left or right into place); the parts never overlap, so a sum is their OR. Shift
+    amounts are clamped to where they matter, so no lane shifts by the bit width or more.
+    """
+    b = tl.arange(0, RELATIVE_BYTES_PAD)
+    shift = tl.arange(0, GROUPS_PAD)[None, :] * RELATIVE_BITS - b[:, None] * 8  # code bit 0 in byte b
+    meets = (tl.arange(0, GROUPS_PAD) < NUM_GROUPS)[None, :] & (shift < 8) & (shift > -RELATIVE_BITS)
+    code = codes[None, :]
+    part = tl.where(
+        shift >= 0,
+        code << tl.minimum(tl.maximum(shift, 0), 8),
+        code >> tl.minimum(tl.maximum(-shift, 0), RELATIVE_BITS),
+    )
+    byte = tl.sum(tl.where(meets, part & 0xFF, 0), axis=1)
+    tl.store(ptr + b, byte.to(tl.uint8), mask=b < RELATIVE_BYTES)
+
+
+@triton.jit
 def _quantize_row(
     src_ptr,  # first element of one rotated head vector [HEAD_DIM], any float dtype
     stride_d,
     row_ptr,  # first byte of its stored row (codes then scale codes), uint8
     levels_ptr,  # [NUM_LEVELS] fp32
     midpoints_ptr,  # [NUM_MIDPOINTS] fp32
+    ladder_ptr,  # [2**RELATIVE_BITS] fp32 relative ladder (unread when RELATIVE_BITS == 0)
     HEAD_DIM: tl.constexpr,
     GROUP: tl.constexpr,
     SCALE_OFFSET: tl.constexpr,
@@ -108,7 +151,18 @@ def _quantize_row(
     PAIRS_PAD: tl.constexpr,
     PAIR_LEVELS: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
+    RELATIVE_BITS: tl.constexpr,  # triton_codec.relative_bits(row): 0 per-group ue5m3, B two-level
+    RELATIVE_BYTES: tl.constexpr,
+    RELATIVE_BYTES_PAD: tl.constexpr,
 ):
+    """One row, ``reference.quantize_groups`` (per-group ue5m3) or ``reference.quantize_two_level``.
+
+    Both search ``SEARCH_STEPS`` candidates from a first one, keeping the least squared error
+    (the first on ties). Per-group: the ceil ue5m3 code of the group's absmax and the codes
+    below it. Two-level: the ceil ue5m3 code of the row's absmax is stored once; a group's
+    candidates are ladder rungs ``k = min(first + s, 2**B - 1)`` from the last rung whose
+    ``row_scale * ladder[k]`` still covers the group's absmax (rung 0 if none does).
+    """
     # tile [GROUPS_PAD, PAIRS_PAD]: entry (g, j) is the pair (2j, 2j + 1) of group g
     g = tl.arange(0, GROUPS_PAD)[:, None]
     j = tl.arange(0, PAIRS_PAD)[None, :]
@@ -120,15 +174,39 @@ def _quantize_row(
     # the thresholds padded with +inf to NUM_LEVELS, a power of two
     lanes = tl.arange(0, NUM_LEVELS)
     midpoints = tl.load(midpoints_ptr + lanes, mask=lanes < NUM_MIDPOINTS, other=float("inf"))
-    first = encode_scale_ceil(tl.max(tl.maximum(tl.abs(x_even), tl.abs(x_odd)), axis=1))  # [GROUPS_PAD]
+    absmax = tl.max(tl.maximum(tl.abs(x_even), tl.abs(x_odd)), axis=1)  # [GROUPS_PAD], padding 0
+    if RELATIVE_BITS == 0:
+        row_scale = 0.0  # no row level
+        first = encode_scale_ceil(absmax)
+    else:
+        row_code = encode_scale_ceil(tl.max(absmax, axis=0))
+        row_scale = decode_scale(row_code)
+        rungs = row_scale * tl.load(ladder_ptr + tl.arange(0, 1 << RELATIVE_BITS))  # descending
+        covering = tl.sum((rungs[None, :] >= absmax[:, None]).to(tl.int32), axis=1)
+        first = tl.maximum(covering - 1, 0)
     best_code = first
     best_even, best_odd, best_err = _group_codes(
-        x_even, x_odd, decode_scale(first)[:, None], levels_ptr, midpoints, GROUPS_PAD, PAIR_LEVELS
+        x_even,
+        x_odd,
+        _candidate_scale(first, row_scale, ladder_ptr, RELATIVE_BITS)[:, None],
+        levels_ptr,
+        midpoints,
+        GROUPS_PAD,
+        PAIR_LEVELS,
     )
     for step in tl.static_range(1, SEARCH_STEPS):
-        code = tl.where(first > step, first - step, first)
+        if RELATIVE_BITS == 0:
+            code = tl.where(first > step, first - step, first)  # below code 1: the ceil code again
+        else:
+            code = tl.minimum(first + step, (1 << RELATIVE_BITS) - 1)  # past the last rung: the last
         c_even, c_odd, err = _group_codes(
-            x_even, x_odd, decode_scale(code)[:, None], levels_ptr, midpoints, GROUPS_PAD, PAIR_LEVELS
+            x_even,
+            x_odd,
+            _candidate_scale(code, row_scale, ladder_ptr, RELATIVE_BITS)[:, None],
+            levels_ptr,
+            midpoints,
+            GROUPS_PAD,
+            PAIR_LEVELS,
         )
         better = err < best_err  # strict: the first (largest) scale wins ties
         best_code = tl.where(better, code, best_code)
@@ -138,8 +216,20 @@ def _quantize_row(
 
     packed = (best_even << CODE_BITS) | best_odd  # even index in the high nibble
     tl.store(row_ptr + g * (GROUP // 2) + j, packed.to(tl.uint8), mask=mask)
-    groups = tl.arange(0, GROUPS_PAD)
-    tl.store(row_ptr + SCALE_OFFSET + groups, best_code.to(tl.uint8), mask=groups < HEAD_DIM // GROUP)
+    if RELATIVE_BITS == 0:
+        groups = tl.arange(0, GROUPS_PAD)
+        tl.store(row_ptr + SCALE_OFFSET + groups, best_code.to(tl.uint8), mask=groups < HEAD_DIM // GROUP)
+    else:
+        tl.store(row_ptr + SCALE_OFFSET, row_code.to(tl.uint8))
+        _store_relative_codes(
+            row_ptr + SCALE_OFFSET + 1,
+            best_code,
+            HEAD_DIM // GROUP,
+            GROUPS_PAD,
+            RELATIVE_BITS,
+            RELATIVE_BYTES,
+            RELATIVE_BYTES_PAD,
+        )
 
 
 @triton.jit
@@ -150,6 +240,8 @@ def _store_kv_nf4_kernel(
     slot_mapping_ptr,  # [num_tokens] int32/int64; < 0: padding, skipped
     levels_ptr,  # [NUM_LEVELS] fp32
     midpoints_ptr,  # [NUM_MIDPOINTS] fp32
+    k_ladder_ptr,  # fp32 relative ladder of the K rows (unread for per-group rows)
+    v_ladder_ptr,  # fp32 relative ladder of the V rows (unread for per-group rows)
     stride_k_tok: tl.int64,
     stride_k_head: tl.int64,
     stride_k_dim: tl.int64,
@@ -168,12 +260,18 @@ def _store_kv_nf4_kernel(
     K_PAIRS_PAD: tl.constexpr,
     K_PAIR_LEVELS: tl.constexpr,
     K_SEARCH_STEPS: tl.constexpr,
+    K_RELATIVE_BITS: tl.constexpr,
+    K_RELATIVE_BYTES: tl.constexpr,
+    K_RELATIVE_BYTES_PAD: tl.constexpr,
     V_GROUP: tl.constexpr,
     V_SCALE_OFFSET: tl.constexpr,
     V_GROUPS_PAD: tl.constexpr,
     V_PAIRS_PAD: tl.constexpr,
     V_PAIR_LEVELS: tl.constexpr,
     V_SEARCH_STEPS: tl.constexpr,
+    V_RELATIVE_BITS: tl.constexpr,
+    V_RELATIVE_BYTES: tl.constexpr,
+    V_RELATIVE_BYTES_PAD: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -183,19 +281,48 @@ def _store_kv_nf4_kernel(
     block = slot // BLOCK_SIZE
     cell_ptr = cache_ptr + block * stride_c_block + head * stride_c_head + (slot % BLOCK_SIZE) * stride_c_tok
     _quantize_row(
-        key_ptr + token * stride_k_tok + head * stride_k_head, stride_k_dim, cell_ptr,
-        levels_ptr, midpoints_ptr, HEAD_DIM, K_GROUP, K_SCALE_OFFSET, K_GROUPS_PAD, K_PAIRS_PAD,
-        K_PAIR_LEVELS, K_SEARCH_STEPS,
+        key_ptr + token * stride_k_tok + head * stride_k_head,
+        stride_k_dim,
+        cell_ptr,
+        levels_ptr,
+        midpoints_ptr,
+        k_ladder_ptr,
+        HEAD_DIM,
+        K_GROUP,
+        K_SCALE_OFFSET,
+        K_GROUPS_PAD,
+        K_PAIRS_PAD,
+        K_PAIR_LEVELS,
+        K_SEARCH_STEPS,
+        K_RELATIVE_BITS,
+        K_RELATIVE_BYTES,
+        K_RELATIVE_BYTES_PAD,
     )
     _quantize_row(
-        value_ptr + token * stride_v_tok + head * stride_v_head, stride_v_dim, cell_ptr + VALUE_OFFSET,
-        levels_ptr, midpoints_ptr, HEAD_DIM, V_GROUP, V_SCALE_OFFSET, V_GROUPS_PAD, V_PAIRS_PAD,
-        V_PAIR_LEVELS, V_SEARCH_STEPS,
+        value_ptr + token * stride_v_tok + head * stride_v_head,
+        stride_v_dim,
+        cell_ptr + VALUE_OFFSET,
+        levels_ptr,
+        midpoints_ptr,
+        v_ladder_ptr,
+        HEAD_DIM,
+        V_GROUP,
+        V_SCALE_OFFSET,
+        V_GROUPS_PAD,
+        V_PAIRS_PAD,
+        V_PAIR_LEVELS,
+        V_SEARCH_STEPS,
+        V_RELATIVE_BITS,
+        V_RELATIVE_BYTES,
+        V_RELATIVE_BYTES_PAD,
     )
 
 
 def _row_constexprs(fmt: RowFormat, prefix: str) -> dict[str, int]:
+    """The store kernel's constexprs for one row, all from its RowFormat."""
     pairs_pad = next_power_of_2(fmt.group_size // 2)
+    bits = relative_bits(fmt)
+    relative_bytes = fmt.scale_bytes - 1 if bits else 0  # a TWO_LEVEL row's scale bytes after its row code
     return {
         f"{prefix}_GROUP": fmt.group_size,
         f"{prefix}_SCALE_OFFSET": fmt.scale_offset,
@@ -203,6 +330,9 @@ def _row_constexprs(fmt: RowFormat, prefix: str) -> dict[str, int]:
         f"{prefix}_PAIRS_PAD": pairs_pad,
         f"{prefix}_PAIR_LEVELS": pairs_pad.bit_length() - 1,
         f"{prefix}_SEARCH_STEPS": fmt.search_steps,
+        f"{prefix}_RELATIVE_BITS": bits,
+        f"{prefix}_RELATIVE_BYTES": relative_bytes,
+        f"{prefix}_RELATIVE_BYTES_PAD": next_power_of_2(max(1, relative_bytes)),
     }
 
 
@@ -226,8 +356,9 @@ def _check_cache(kv_cache: torch.Tensor, layout: CellLayout) -> None:
     check_paged_cache(kv_cache, layout)
     require_scheme(layout)
     if kv_cache.stride(-1) != 1:
-        raise ValueError(f"kv_cache cells must be contiguous (stride 1 in the last dim), "
-                         f"got {kv_cache.stride()}")
+        raise ValueError(
+            f"kv_cache cells must be contiguous (stride 1 in the last dim), got {kv_cache.stride()}"
+        )
 
 
 def store_kv_nf4(
@@ -249,19 +380,32 @@ def store_kv_nf4(
     _check_rows("key_rot", key_rot, num_kv_heads, layout.head_dim)
     _check_rows("value_rot", value_rot, num_kv_heads, layout.head_dim)
     if slot_mapping.dtype not in (torch.int32, torch.int64) or slot_mapping.dim() != 1:
-        raise TypeError(f"slot_mapping must be a 1-D int32/int64 tensor, got {slot_mapping.dtype} "
-                        f"{tuple(slot_mapping.shape)}")
+        raise TypeError(
+            f"slot_mapping must be a 1-D int32/int64 tensor, got {slot_mapping.dtype} "
+            f"{tuple(slot_mapping.shape)}"
+        )
     num_tokens = slot_mapping.shape[0]
     if num_tokens > min(key_rot.shape[0], value_rot.shape[0]):
-        raise ValueError(f"slot_mapping has {num_tokens} slots but key_rot/value_rot have "
-                         f"{key_rot.shape[0]}/{value_rot.shape[0]} tokens")
+        raise ValueError(
+            f"slot_mapping has {num_tokens} slots but key_rot/value_rot have "
+            f"{key_rot.shape[0]}/{value_rot.shape[0]} tokens"
+        )
     _check_device(kv_cache, key_rot=key_rot, value_rot=value_rot, slot_mapping=slot_mapping)
     if num_tokens == 0:
         return
     levels, midpoints = nf4_tables(kv_cache.device)
+    ladders = ladder_table(layout.key, kv_cache.device), ladder_table(layout.value, kv_cache.device)
     _store_kv_nf4_kernel[(num_tokens, num_kv_heads)](
-        key_rot, value_rot, kv_cache, slot_mapping, levels, midpoints,
-        *key_rot.stride(), *value_rot.stride(), *kv_cache.stride()[:3],
+        key_rot,
+        value_rot,
+        kv_cache,
+        slot_mapping,
+        levels,
+        midpoints,
+        *ladders,
+        *key_rot.stride(),
+        *value_rot.stride(),
+        *kv_cache.stride()[:3],
         BLOCK_SIZE=block_size,
         HEAD_DIM=layout.head_dim,
         VALUE_OFFSET=layout.value_offset,
@@ -297,6 +441,8 @@ def _load_kv_nf4_kernel(
     block_table_ptr,  # [num_seqs, max_blocks_per_seq] int32/int64
     seq_lens_ptr,  # [num_seqs] int32/int64
     levels_ptr,  # [NUM_LEVELS] fp32
+    k_ladder_ptr,  # fp32 relative ladder of the K rows (unread for per-group rows)
+    v_ladder_ptr,  # fp32 relative ladder of the V rows (unread for per-group rows)
     key_out_ptr,  # [num_seqs, max_seq_len, num_kv_heads, head_dim] fp32/fp16 (bf16 as int16)
     value_out_ptr,  # [num_seqs, max_seq_len, num_kv_heads, head_dim] like key_out
     max_seq_len,
@@ -312,8 +458,10 @@ def _load_kv_nf4_kernel(
     VALUE_OFFSET: tl.constexpr,
     K_GROUP: tl.constexpr,
     K_SCALE_OFFSET: tl.constexpr,
+    K_RELATIVE_BITS: tl.constexpr,
     V_GROUP: tl.constexpr,
     V_SCALE_OFFSET: tl.constexpr,
+    V_RELATIVE_BITS: tl.constexpr,
     HALF_PAD: tl.constexpr,
     TILE_N: tl.constexpr,
     ROW_ALIGN: tl.constexpr,
@@ -331,14 +479,46 @@ def _load_kv_nf4_kernel(
     out = seq * stride_o_seq + pos.to(tl.int64) * stride_o_tok + head * stride_o_head  # [TILE_N]
     mask = (pos < max_seq_len)[:, None] & (tl.arange(0, HALF_PAD)[None, :] < HEAD_DIM // 2)
     row_ok = valid[:, None]  # rows past seq_len are written as zeros
-    k_even, k_odd = dequant_pairs(cache_ptr + cell, valid, levels_ptr, HEAD_DIM, K_GROUP, K_SCALE_OFFSET,
-                                      HALF_PAD)
-    _store_pairs(key_out_ptr + out, 1, tl.where(row_ok, k_even, 0.0), tl.where(row_ok, k_odd, 0.0),
-                 mask, HALF_PAD, OUT_KIND)
-    v_even, v_odd = dequant_pairs(cache_ptr + VALUE_OFFSET + cell, valid, levels_ptr, HEAD_DIM, V_GROUP,
-                                  V_SCALE_OFFSET, HALF_PAD)
-    _store_pairs(value_out_ptr + out, 1, tl.where(row_ok, v_even, 0.0), tl.where(row_ok, v_odd, 0.0),
-                 mask, HALF_PAD, OUT_KIND)
+    k_even, k_odd = dequant_pairs(
+        cache_ptr + cell,
+        valid,
+        levels_ptr,
+        k_ladder_ptr,
+        HEAD_DIM,
+        K_GROUP,
+        K_SCALE_OFFSET,
+        K_RELATIVE_BITS,
+        HALF_PAD,
+    )
+    _store_pairs(
+        key_out_ptr + out,
+        1,
+        tl.where(row_ok, k_even, 0.0),
+        tl.where(row_ok, k_odd, 0.0),
+        mask,
+        HALF_PAD,
+        OUT_KIND,
+    )
+    v_even, v_odd = dequant_pairs(
+        cache_ptr + VALUE_OFFSET + cell,
+        valid,
+        levels_ptr,
+        v_ladder_ptr,
+        HEAD_DIM,
+        V_GROUP,
+        V_SCALE_OFFSET,
+        V_RELATIVE_BITS,
+        HALF_PAD,
+    )
+    _store_pairs(
+        value_out_ptr + out,
+        1,
+        tl.where(row_ok, v_even, 0.0),
+        tl.where(row_ok, v_odd, 0.0),
+        mask,
+        HALF_PAD,
+        OUT_KIND,
+    )
 
 
 def load_kv_nf4(
@@ -361,11 +541,15 @@ def load_kv_nf4(
     if out_dtype not in _OUT_KINDS:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     if block_table.dtype not in (torch.int32, torch.int64) or block_table.dim() != 2:
-        raise TypeError(f"block_table must be 2-D int32/int64 [num_seqs, max_blocks_per_seq], got "
-                        f"{block_table.dtype} {tuple(block_table.shape)}")
+        raise TypeError(
+            f"block_table must be 2-D int32/int64 [num_seqs, max_blocks_per_seq], got "
+            f"{block_table.dtype} {tuple(block_table.shape)}"
+        )
     if seq_lens.dtype not in (torch.int32, torch.int64) or seq_lens.shape != block_table.shape[:1]:
-        raise TypeError(f"seq_lens must be int32/int64 [{block_table.shape[0]}] (one per block_table row), "
-                        f"got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+        raise TypeError(
+            f"seq_lens must be int32/int64 [{block_table.shape[0]}] (one per block_table row), "
+            f"got {seq_lens.dtype} {tuple(seq_lens.shape)}"
+        )
     if block_table.stride(-1) != 1:
         raise ValueError("block_table rows must be contiguous")
     _check_device(kv_cache, block_table=block_table, seq_lens=seq_lens)
@@ -374,27 +558,42 @@ def load_kv_nf4(
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max()) if num_seqs else 0
     if max_seq_len > block_table.shape[1] * block_size:
-        raise ValueError(f"max_seq_len={max_seq_len} exceeds the block table's capacity "
-                         f"{block_table.shape[1]} x {block_size}")
+        raise ValueError(
+            f"max_seq_len={max_seq_len} exceeds the block table's capacity "
+            f"{block_table.shape[1]} x {block_size}"
+        )
     shape = (num_seqs, max_seq_len, num_kv_heads, layout.head_dim)
     key = torch.empty(shape, dtype=out_dtype, device=kv_cache.device)
     value = torch.empty(shape, dtype=out_dtype, device=kv_cache.device)
     if key.numel() == 0:
         return key, value
-    key_out, value_out = (key.view(torch.int16), value.view(torch.int16)) if out_dtype == torch.bfloat16 \
-        else (key, value)
+    key_out, value_out = (
+        (key.view(torch.int16), value.view(torch.int16)) if out_dtype == torch.bfloat16 else (key, value)
+    )
     levels, _ = nf4_tables(kv_cache.device)
+    ladders = ladder_table(layout.key, kv_cache.device), ladder_table(layout.value, kv_cache.device)
     grid = (num_seqs, triton.cdiv(max_seq_len, _LOAD_TILE_N), num_kv_heads)
     _load_kv_nf4_kernel[grid](
-        kv_cache, block_table, seq_lens, levels, key_out, value_out, max_seq_len,
-        *kv_cache.stride()[:3], block_table.stride(0), *key.stride()[:3],
+        kv_cache,
+        block_table,
+        seq_lens,
+        levels,
+        *ladders,
+        key_out,
+        value_out,
+        max_seq_len,
+        *kv_cache.stride()[:3],
+        block_table.stride(0),
+        *key.stride()[:3],
         BLOCK_SIZE=block_size,
         HEAD_DIM=layout.head_dim,
         VALUE_OFFSET=layout.value_offset,
         K_GROUP=layout.key.group_size,
         K_SCALE_OFFSET=layout.key.scale_offset,
+        K_RELATIVE_BITS=relative_bits(layout.key),
         V_GROUP=layout.value.group_size,
         V_SCALE_OFFSET=layout.value.scale_offset,
+        V_RELATIVE_BITS=relative_bits(layout.value),
         HALF_PAD=next_power_of_2(layout.head_dim // 2),
         TILE_N=_LOAD_TILE_N,
         ROW_ALIGN=alignment(*kv_cache.stride()[:3]),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -31,7 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from vllm_nf4kv.tools.kv_calibration import KEY_OFFSETS, OPTIONS, calibrate, make_hook
-from vllm_nf4kv.tools.kv_formats import KVFormat, bits_label, parse_format, shipped_spec
+from vllm_nf4kv.tools.kv_formats import KVFormat, StoredRows, bits_label, parse_format, shipped_spec
+
+STORED = "nf4"  # the candidate that is exactly what --kv-cache-dtype nf4 stores, calibration included
 
 # The default table: references first, then the candidates for the shipped format.
 DEFAULT_CANDIDATES: tuple[str, ...] = (
@@ -40,6 +43,7 @@ DEFAULT_CANDIDATES: tuple[str, ...] = (
     "bf16",  # --kv-cache-dtype auto for a bf16 model
     "fp8",
     "int4tok",  # int4_per_token_head emulation
+    STORED,  # what the server stores (the model's calibration from --calibration or its default file)
     "nf4-g64-fp32-s1-norot",  # the plain NF4 design: absmax per 64 values, no rotation
     # rotation, group size, scale code and scale search
     "nf4-g64-fp32-s1",
@@ -94,7 +98,9 @@ class Candidate:
 
 
 def parse_candidate(spec: str) -> Candidate:
-    """``KEY[/VALUE][+option...]`` -> :class:`Candidate` (ValueError names the grammar)."""
+    """``KEY[/VALUE][+option...]`` or ``nf4`` -> :class:`Candidate` (ValueError names the grammar)."""
+    if spec == STORED:
+        return Candidate(STORED, StoredRows("nf4 keys", "key"), StoredRows("nf4 values", "value"))
     body, *options = spec.split("+")
     unknown = [o for o in options if o not in OPTIONS]
     if unknown:
@@ -135,6 +141,11 @@ def run(args: argparse.Namespace) -> dict:
             "max_position": calibration.max_position,
         }
 
+    stored_scale, stored_calibration = None, None
+    if any(c.spec == STORED for c in candidates):
+        stored_scale, stored_calibration = served_key_scale(args.calibration, loaded.model.config)
+        log(f"{STORED}: {stored_calibration}")
+
     results = []
     for candidate in candidates:
         runs = [
@@ -143,7 +154,10 @@ def run(args: argparse.Namespace) -> dict:
                 perplexity(
                     loaded.model,
                     windows,
-                    make_hook(candidate.key, candidate.value, candidate.options, calibration, seed),
+                    make_hook(
+                        candidate.key, candidate.value, candidate.options, calibration, seed,
+                        stored_scale if candidate.spec == STORED else None,
+                    ),
                 )
                 / baseline
                 - 1.0
@@ -175,9 +189,37 @@ def run(args: argparse.Namespace) -> dict:
         "shipped": shipped_spec(loaded.head_dim),
         "baseline_ppl": baseline,
         "calibration": calibration_info,
+        "stored_calibration": stored_calibration,
         "skipped": skipped,
         "results": results,
     }
+
+
+def served_key_scale(requested: str | None, hf_config) -> tuple[dict[int, torch.Tensor] | None, str]:
+    """The key smoothing a server of this model applies (by HF layer index), and where it is from.
+
+    ``requested``: ``--calibration`` (a file, or ``none``); default: the model's file at
+    the location servers look in. The file's vLLM layer names (``model.layers.12...``) map to
+    Hugging Face layer indices by their number.
+    """
+    from vllm_nf4kv import calibration as cal
+
+    if requested == cal.DISABLED:
+        return None, "uncalibrated (--calibration none)"
+    fingerprint = cal.model_fingerprint(hf_config)
+    path = requested or cal.default_path(fingerprint)
+    if requested is None and not path.exists():
+        return None, f"uncalibrated (no file at {path}; `{cal.CALIBRATE_COMMAND} MODEL` makes one)"
+    loaded = cal.load(path)
+    if loaded.fingerprint != fingerprint:
+        raise ValueError(f"{path} was made for another model ({loaded.model}); see `{cal.CALIBRATE_COMMAND}`")
+    scales = {}
+    for name, layer in loaded.layers.items():
+        match = re.search(r"\.(\d+)\.", name)
+        if match is None:
+            raise ValueError(f"{path}: cannot tell the layer index of {name!r}")
+        scales[int(match.group(1))] = layer.key_scale
+    return scales, f"calibrated from {path}"
 
 
 def format_table(report: dict) -> str:
@@ -186,6 +228,11 @@ def format_table(report: dict) -> str:
         f"{report['tokens']} tokens in windows of {report['ctx']}; baseline fp32 (no KV quantization) "
         f"ppl {report['baseline_ppl']:.4f}; head_dim {report['head_dim']}",
     ]
+    if report.get("stored_calibration"):
+        lines.append(
+            f"{STORED} = what --kv-cache-dtype nf4 stores ({report['shipped']}), "
+            f"{report['stored_calibration']}"
+        )
     if report["calibration"]:
         cal = report["calibration"]
         lines.append(
@@ -256,6 +303,12 @@ def add_parser(subparsers) -> None:
         type=int,
         default=None,
         help="+kofflf: the longest context its offsets must hold for (default: max_position_embeddings)",
+    )
+    parser.add_argument(
+        "--calibration",
+        default=None,
+        help=f"the calibration file the {STORED!r} candidate applies, or 'none' "
+        "(default: the model's file where servers look for it, if any)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--progress", action="store_true", help="log each candidate to stderr as it finishes")

@@ -95,11 +95,17 @@ def load_model(model_dir: str | pathlib.Path) -> LoadedModel:
 
 
 def token_windows(tokenizer, text_path: str | pathlib.Path, tokens: int, ctx: int) -> torch.Tensor:
-    """The first ``tokens`` tokens of a text as non-overlapping windows ``[tokens // ctx, ctx]``."""
+    """The first tokens of a text as non-overlapping windows ``[tokens // ctx, ctx]``.
+
+    Each window opens as the tokenizer opens a prompt (Gemma: with BOS, without which its
+    attention behaves unlike served traffic), as ``engine_eval.token_windows`` does.
+    """
     if ctx < 2 or tokens < ctx:
         raise ValueError(f"need --ctx >= 2 and --tokens >= --ctx, got tokens={tokens} ctx={ctx}")
+    prefix = torch.tensor(tokenizer("", add_special_tokens=True).input_ids, dtype=torch.long)
+    step = ctx - prefix.numel()
     text = pathlib.Path(text_path).read_text(encoding="utf-8")
-    wanted = (tokens // ctx) * ctx
+    wanted = (tokens // ctx) * step
     chars = 8 * wanted  # a prefix is enough: English runs at ~4-5 characters a token
     while True:
         ids = tokenizer(text[:chars], add_special_tokens=False, return_tensors="pt").input_ids[0]
@@ -108,7 +114,8 @@ def token_windows(tokenizer, text_path: str | pathlib.Path, tokens: int, ctx: in
         chars *= 2
     if ids.numel() < wanted:
         raise ValueError(f"{text_path} has only {ids.numel()} tokens; lower --tokens below {wanted}")
-    return ids[:wanted].view(-1, ctx)
+    body = ids[:wanted].view(-1, step)
+    return torch.cat([prefix.expand(body.shape[0], -1), body], dim=1)
 
 
 @torch.inference_mode()

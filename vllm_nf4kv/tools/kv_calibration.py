@@ -22,7 +22,7 @@ Key offsets (at most one per candidate):
   position, but the attention kernel must add ``q·R(p) m`` to each logit
   (cos/sin of the key's position): an upper bound for what offsets can buy.
 
-Channel weights: ``kqw`` (keys stored as ``k * d``, ``d = (E[q^2]/E[k^2])^(1/4)``
+Channel weights: ``kqw`` (keys stored as ``k * d``, ``d = (E[q^2]/E[k^2])^(1/4)``; ``kqw8``: power 1/8
 per RoPE pair, read as ``k_hat / d``, i.e. ``1/d`` folded into the query) and
 ``vow`` (values weighted by the squared column norms of ``o_proj`` the same way).
 
@@ -41,7 +41,8 @@ import torch
 
 from vllm_nf4kv.tools.kv_formats import KVFormat
 
-OPTIONS = ("koff", "kofflf", "kpre", "kqw", "vow")
+OPTIONS = ("koff", "kofflf", "kpre", "kqw", "kqw8", "vow")
+KEY_WEIGHT_POWERS = {"kqw": 0.25, "kqw8": 0.125}  # d = (E[q^2] / E[k^2]) ** power
 KEY_OFFSETS = ("koff", "kofflf", "kpre")  # at most one per candidate
 DITHER = 1e-6  # relative size of the --repeats perturbation
 
@@ -53,7 +54,7 @@ class Calibration:
     text: str
     tokens: int
     ctx: int
-    inv_freq: torch.Tensor  # [head_dim / 2] RoPE frequencies
+    inv_freq: torch.Tensor | None  # [head_dim / 2] RoPE frequencies (None: not one plain RoPE)
     max_position: int  # the longest context the kofflf offsets must hold for
     key_mean: dict[int, torch.Tensor]  # post-RoPE E[k]
     key_pre_mean: dict[int, torch.Tensor]  # pre-RoPE E[k]
@@ -64,6 +65,8 @@ class Calibration:
 
     def low_frequency_pairs(self) -> torch.Tensor:
         """``[head_dim]`` bool: channels of the RoPE pairs that turn by at most pi/3 over max_position."""
+        if self.inv_freq is None:
+            raise ValueError("kofflf needs one plain RoPE (this model has none or several)")
         slow = self.inv_freq * self.max_position <= math.pi / 3
         return torch.cat([slow, slow])
 
@@ -74,18 +77,20 @@ class Calibration:
         if kind == "kofflf":
             return (self.key_mean[layer] * self.low_frequency_pairs())[:, None, :]
         if kind == "kpre":
+            if self.inv_freq is None:
+                raise ValueError("kpre needs one plain RoPE (this model has none or several)")
             return apply_rope(self.key_pre_mean[layer][:, None, :], positions, self.inv_freq)
         raise ValueError(f"unknown key offset {kind!r}; expected one of {KEY_OFFSETS}")
 
-    def key_weights(self, layer: int, centred: bool) -> torch.Tensor:
-        """``d = (E[q^2] / E[k^2]) ** (1/4)`` per channel, shared by each RoPE pair (i, i + D/2).
+    def key_weights(self, layer: int, centred: bool, power: float = 0.25) -> torch.Tensor:
+        """``d = (E[q^2] / E[k^2]) ** power`` per channel, shared by each RoPE pair (i, i + D/2).
 
         For white quantization noise this minimises the error of ``q·k``. Pair sums
         ``x_i + x_{i+D/2}`` are invariant under RoPE, so ``d`` does not depend on position.
         """
         key_sq = self.key_sq[layer] - self.key_mean[layer] ** 2 if centred else self.key_sq[layer]
         ratio = _pair_mean(self.query_sq[layer]) / _pair_mean(key_sq).clamp_min(1e-12)
-        return _unit_geomean(ratio.clamp_min(1e-12) ** 0.25)
+        return _unit_geomean(ratio.clamp_min(1e-12) ** power)
 
     def value_weights(self, layer: int) -> torch.Tensor:
         """``d = (|W_o column|^2 / E[v^2]) ** (1/4)``: the same argument for the error after o_proj."""
@@ -119,6 +124,7 @@ def make_hook(
     options: frozenset[str],
     calibration: Calibration | None,
     dither_seed: int = 0,
+    key_scale: dict[int, torch.Tensor] | None = None,
 ):
     """The K/V hook that fake-quantizes one candidate (see :mod:`vllm_nf4kv.tools.hf_hooks`).
 
@@ -126,6 +132,9 @@ def make_hook(
     below bf16 precision, yet enough to flip the codes of values that sit on a
     decision boundary. Repeating a candidate under a few seeds shows how much of
     a ΔPPL difference is the luck of those flips (``--repeats``).
+
+    ``key_scale`` (layer -> ``[num_kv_heads, head_dim]``): the served calibration's key
+    smoothing (:mod:`vllm_nf4kv.calibration`), keys stored as ``k * d`` and read back ``/ d``.
     """
     unknown = set(options) - set(OPTIONS)
     offsets = [o for o in KEY_OFFSETS if o in options]
@@ -136,13 +145,19 @@ def make_hook(
     if options and calibration is None:
         raise ValueError(f"options {sorted(options)} need calibration statistics: pass --calib-text")
     offset_kind = offsets[0] if offsets else None
-    key_weighted, value_weighted = "kqw" in options, "vow" in options
+    key_powers = [KEY_WEIGHT_POWERS[o] for o in options if o in KEY_WEIGHT_POWERS]
+    if len(key_powers) > 1:
+        raise ValueError(f"use at most one key weighting of {list(KEY_WEIGHT_POWERS)}, got {sorted(options)}")
+    key_weighted, value_weighted = bool(key_powers), "vow" in options
     generator = torch.Generator().manual_seed(dither_seed)
 
     def hook(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
         if dither_seed:
             key = key * (1 + DITHER * torch.randn(key.shape, generator=generator, dtype=key.dtype))
             value = value * (1 + DITHER * torch.randn(value.shape, generator=generator, dtype=value.dtype))
+        if key_scale is not None:
+            d = key_scale[layer].to(key.device, key.dtype)[None, :, None, :]
+            return key_format(key * d) / d, value_format(value)
         if calibration is None:
             return key_format(key), value_format(value)
         added_back = None
@@ -157,7 +172,8 @@ def make_hook(
             if offset_kind == "kpre":  # position-dependent: the reader has to add it back
                 added_back = offset
         if key_weighted:
-            weights = calibration.key_weights(layer, offset_kind == "koff").to(key.dtype)[None, :, None, :]
+            weights = calibration.key_weights(layer, offset_kind == "koff", key_powers[0])
+            weights = weights.to(key.dtype)[None, :, None, :]
             key_hat = key_format(key * weights) / weights
         else:
             key_hat = key_format(key)
@@ -178,7 +194,7 @@ def calibrate(
     """One pass over calibration windows ``[n, ctx]``: the statistics every option needs."""
     from vllm_nf4kv.tools.hf_hooks import kv_hook
 
-    inv_freq = _rope_inv_freq(model)
+    inv_freq = _rope_inv_freq(model)  # None without a single plain RoPE: kpre / kofflf then refuse
     sums: dict[str, dict[int, torch.Tensor]] = {"k": {}, "kpre": {}, "k2": {}, "q2": {}, "v2": {}}
     count = [0]
 
@@ -189,7 +205,8 @@ def calibrate(
         group = query.shape[1] // key.shape[1]  # query heads per KV head (repeat_kv order)
         positions = torch.arange(key.shape[2], device=key.device)
         add("k", layer, key)
-        add("kpre", layer, apply_rope(key.double(), positions, inv_freq, inverse=True))
+        if inv_freq is not None:
+            add("kpre", layer, apply_rope(key.double(), positions, inv_freq, inverse=True))
         add("k2", layer, key**2)
         add("v2", layer, value**2)
         add("q2", layer, (query**2).unflatten(1, (key.shape[1], group)).mean(2))
@@ -222,17 +239,18 @@ def calibrate(
     )
 
 
-def _rope_inv_freq(model: torch.nn.Module) -> torch.Tensor:
-    """The RoPE frequencies of a HF model (one rotary embedding, no attention scaling)."""
-    for module in model.modules():
-        inv_freq = getattr(module, "inv_freq", None)
-        if isinstance(inv_freq, torch.Tensor):
-            if float(getattr(module, "attention_scaling", 1.0)) != 1.0:
-                raise ValueError(
-                    "key offsets support plain RoPE only (this model scales its rotary embedding)"
-                )
-            return inv_freq.detach().double().cpu()
-    raise ValueError("key offsets need a RoPE model (no module with inv_freq found)")
+def _rope_inv_freq(model: torch.nn.Module) -> torch.Tensor | None:
+    """The RoPE frequencies of a HF model with exactly one plain rotary embedding, else None.
+
+    Gemma 3 has two (local and global bases) and keeps them in buffers named per layer type;
+    the position-dependent offsets are then unavailable, the static options still work.
+    """
+    found = [
+        module for module in model.modules() if isinstance(getattr(module, "inv_freq", None), torch.Tensor)
+    ]
+    if len(found) != 1 or float(getattr(found[0], "attention_scaling", 1.0)) != 1.0:
+        return None
+    return found[0].inv_freq.detach().double().cpu()
 
 
 def _o_proj(model: torch.nn.Module, layer: int) -> torch.nn.Module:

