@@ -98,7 +98,7 @@ class LayerCalibration:
     num_kv_heads: int
     head_dim: int
     key_scale: torch.Tensor  # fp32 [num_kv_heads, head_dim], geometric mean 1 per head
-    power: float = 0.25  # the smoothing strength calibrate chose for this layer (0: none)
+    power: float = KEY_SMOOTHING_POWER  # the smoothing strength calibrate chose for this layer (0: none)
     error_ratio: float = 1.0  # its attention error on the calibration windows over no smoothing's
 
 

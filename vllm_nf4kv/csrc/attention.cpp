@@ -263,10 +263,8 @@ void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tenso
                const at::Tensor& out) {
   TORCH_CHECK(query.dim() == 3, "query must be [num_tokens, num_heads, head_dim], got ", query.sizes());
   const int64_t head_dim = query.size(2);
-  const RowGeometry key_row =
-      row_geometry(head_dim, key_group, key_relative_bits, ladder_of(key_ladder, key_relative_bits));
-  const RowGeometry value_row =
-      row_geometry(head_dim, value_group, value_relative_bits, ladder_of(value_ladder, value_relative_bits));
+  const RowGeometry key_row = row_geometry(head_dim, key_group, key_relative_bits, key_ladder);
+  const RowGeometry value_row = row_geometry(head_dim, value_group, value_relative_bits, value_ladder);
   const Batch batch = check_batch(query, cache, block_table, seq_lens, query_start_loc, scale, causal,
                                   sliding_window, key_row, value_row, out);
   const Rotation rotation(signs_of(signs, batch.g.head_dim), batch.g.head_dim);

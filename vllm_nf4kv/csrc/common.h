@@ -160,6 +160,11 @@ inline const float* ladder_of(const at::Tensor& ladder, int64_t relative_bits) {
   return table_of(ladder, int64_t{1} << relative_bits, "ladder");
 }
 
+// A row as the ops are handed it: (group, relative_bits, ladder tensor), checked.
+inline RowGeometry row_geometry(int64_t head_dim, int64_t group, int64_t relative_bits, const at::Tensor& ladder) {
+  return row_geometry(head_dim, group, relative_bits, ladder_of(ladder, relative_bits));
+}
+
 inline void check_cache(const at::Tensor& cache, int64_t cell_bytes) {
   TORCH_CHECK(cache.dtype() == at::kByte && cache.dim() == 4 && cache.size(3) == cell_bytes &&
                   cache.is_contiguous(),

@@ -28,9 +28,8 @@ void store(const at::Tensor& key, const at::Tensor& value, const at::Tensor& cac
   const int64_t num_tokens = std::min(key.size(0), slot_mapping.size(0));
   const int64_t num_heads = key.size(1), head_dim = key.size(2);
   const CellGeometry cell =
-      cell_geometry(row_geometry(head_dim, key_group, key_relative_bits, ladder_of(key_ladder, key_relative_bits)),
-                    row_geometry(head_dim, value_group, value_relative_bits,
-                                 ladder_of(value_ladder, value_relative_bits)));
+      cell_geometry(row_geometry(head_dim, key_group, key_relative_bits, key_ladder),
+                    row_geometry(head_dim, value_group, value_relative_bits, value_ladder));
   check_cache(cache, cell.cell_bytes);
   TORCH_CHECK(cache.size(1) == num_heads, "cache has ", cache.size(1), " KV heads, key has ", num_heads);
   const int64_t num_blocks = cache.size(0), block_size = cache.size(2);
