@@ -29,9 +29,11 @@ $(VENV)/.installed: pyproject.toml scripts/vllm_cpu_dist/pyproject.toml
 	  print("vllm-nf4kv: CPU kernels built, AVX-512" if ops.has_avx512() else "vllm-nf4kv: CPU kernels built")'
 	touch $@
 
-assets: $(MODEL)/config.json $(ASSETS)/models/gemma3-270m/config.json
+QWEN := $(ASSETS)/models/qwen2.5-coder-0.5b
 
-$(MODEL)/config.json $(ASSETS)/models/gemma3-270m/config.json &: scripts/get_assets.sh scripts/convert_gguf.py | $(VENV)/.installed
+assets: $(MODEL)/config.json $(ASSETS)/models/gemma3-270m/config.json $(QWEN)/config.json
+
+$(MODEL)/config.json $(ASSETS)/models/gemma3-270m/config.json $(QWEN)/config.json &: scripts/get_assets.sh scripts/convert_gguf.py | $(VENV)/.installed
 	ASSETS=$(ASSETS) PY=$(PY) bash scripts/get_assets.sh
 
 # KV_MEMORY (bytes) sizes the KV cache. On vLLM CPU, VLLM_CPU_KVCACHE_SPACE (GiB) wins over

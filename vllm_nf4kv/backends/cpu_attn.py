@@ -117,9 +117,9 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
         cache = self._cache(kv_cache)
         n = slot_mapping.shape[0]
         key, value = key[:n], value[:n]
-        smoother = self.smoothing.for_layer(layer)
-        if smoother is not None:  # k * d; forward reads with q / d (vllm_nf4kv.calibration)
-            key = smoother.keys(key)
+        transform = self.smoothing.for_layer(layer)
+        if transform is not None:  # (k - c) * d and v - mu; forward reads with q / d, adds mu (calibration)
+            key, value = transform.keys(key), transform.values(value)
         if not self.use_kernels:
             write_paged(cache, key, value, slot_mapping, self.layout)
             return
@@ -146,9 +146,9 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
         if calibration.ACTIVE_CAPTURE:  # vllm-nf4kv calibrate is measuring
             shape = (-1, self.num_kv_heads, self.head_size)
             calibration.observe(layer, query, key.view(shape)[:n], value.view(shape)[:n])
-        smoother = self.smoothing.for_layer(layer)
-        if smoother is not None:
-            query = smoother.queries(query)
+        transform = self.smoothing.for_layer(layer)
+        if transform is not None:
+            query = transform.queries(query)
         cache = self._cache(kv_cache)
         metadata = (attn_metadata.query_start_loc, attn_metadata.seq_lens, attn_metadata.block_table)
         window = self.sliding_window if self.sliding_window > 0 else None
@@ -161,6 +161,8 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
                 rotate(query, ACCUMULATE), cache, self.layout, *metadata, self.scale,
                 attn_metadata.causal, window,
             )
-            result = unrotate(rotated, output.dtype)
+            result = unrotate(rotated, torch.float32 if transform is not None else output.dtype)
+        if transform is not None:
+            result = transform.outputs(result)
         output.view(-1, self.num_heads, self.head_size)[:n] = result
         return output

@@ -1,8 +1,9 @@
-"""The key smoothing an nf4 attention layer applies, found once per engine (both backends).
+"""The calibration an nf4 attention layer applies, found once per engine (both backends).
 
 The impl is built inside vLLM's ``Attention.__init__`` without its layer's name, so the
-engine's calibration is resolved (and a wrong file refused) in ``__init__``, at startup,
-and each layer's own ``d`` is looked up by ``layer.layer_name`` on its first call.
+engine's calibration is resolved (a wrong file, or one over the quality bound, refused) in
+``__init__``, at startup, and each layer's own transform is looked up by ``layer.layer_name``
+on its first call.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from vllm_nf4kv.calibration import Calibration, KeySmoother, local_heads, resolve
+from vllm_nf4kv.calibration import Calibration, KVTransform, accepts_quality_risk, local_heads, resolve
 
 logger = logging.getLogger("vllm.nf4kv")
 
@@ -18,7 +19,7 @@ _LOGGED: set[str] = set()
 
 
 def layer_smoothing(num_heads: int, num_kv_heads: int, head_size: int) -> LayerSmoothing:
-    """The smoothing of the layer being built (``get_current_vllm_config``): checked, logged once."""
+    """The calibration of the layer being built (``get_current_vllm_config``): checked, logged once."""
     from vllm.config import get_current_vllm_config
 
     try:
@@ -28,12 +29,14 @@ def layer_smoothing(num_heads: int, num_kv_heads: int, head_size: int) -> LayerS
     if model_config is None:  # an impl built outside an engine (the backend tests): nothing to serve
         return LayerSmoothing(None, num_heads, num_kv_heads, num_kv_heads, head_size)
     config = get_current_vllm_config()
-    resolved = resolve(getattr(config, "additional_config", None), model_config.hf_text_config)
+    additional_config = getattr(config, "additional_config", None)
+    resolved = resolve(additional_config, model_config.hf_text_config, model_config.max_model_len)
     if resolved.reason not in _LOGGED:
         _LOGGED.add(resolved.reason)
         logger.info("nf4 KV cache: %s", resolved.reason)
     total = model_config.get_total_num_kv_heads()
-    return LayerSmoothing(resolved.calibration, num_heads, num_kv_heads, total, head_size)
+    accept = accepts_quality_risk(additional_config)
+    return LayerSmoothing(resolved.calibration, num_heads, num_kv_heads, total, head_size, accept)
 
 
 def _tensor_parallel() -> tuple[int, int]:
@@ -46,7 +49,7 @@ def _tensor_parallel() -> tuple[int, int]:
 
 
 class LayerSmoothing:
-    """One impl's smoothing: looked up on its first call, then a :class:`KeySmoother` or None."""
+    """One impl's calibration: looked up on its first call, then a :class:`KVTransform` or None."""
 
     def __init__(
         self,
@@ -55,22 +58,26 @@ class LayerSmoothing:
         num_kv_heads: int,
         total_kv_heads: int,
         head_size: int,
+        accept_risk: bool = False,
     ) -> None:
         self.calibration = calibration
+        self.accept_risk = accept_risk  # the quality gate is waived (quality_gate)
         self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
         self.total_kv_heads = total_kv_heads
-        self._smoother: KeySmoother | None = None
+        self._transform: KVTransform | None = None
         self._resolved = calibration is None
 
-    def for_layer(self, layer: Any) -> KeySmoother | None:
+    def for_layer(self, layer: Any) -> KVTransform | None:
         if self._resolved:
-            return self._smoother
+            return self._transform
         assert self.calibration is not None
         entry = self.calibration.layer(layer.layer_name, self.total_kv_heads, self.head_size)
         rank, size = _tensor_parallel()
         heads = local_heads(self.num_kv_heads, self.total_kv_heads, rank, size)
-        scale = entry.key_scale[heads]
-        # a layer calibrate left unsmoothed (d = 1) costs nothing: x * 1.0 is x, so skipping is exact
-        self._smoother = None if bool((scale == 1).all()) else KeySmoother(scale, self.num_heads)
+        transform = KVTransform(
+            entry.key_scale[heads], entry.key_offset[heads], entry.value_offset[heads], self.num_heads
+        )
+        # a layer calibrate left as it was (d = 1, no offsets) costs nothing: skipping is exact
+        self._transform = None if transform.is_identity else transform
         self._resolved = True
-        return self._smoother
+        return self._transform

@@ -111,9 +111,9 @@ class NF4TritonAttentionImpl(AttentionImpl):
         from vllm_nf4kv.kernels.triton_store import store_kv_nf4
         from vllm_nf4kv.reference import prepare_rows
 
-        smoother = self.smoothing.for_layer(layer)
-        if smoother is not None:  # k * d; forward reads with q / d (vllm_nf4kv.calibration)
-            key = smoother.keys(key)
+        transform = self.smoothing.for_layer(layer)
+        if transform is not None:  # (k - c) * d and v - mu; forward reads with q / d, adds mu (calibration)
+            key, value = transform.keys(key), transform.values(value)
         key, value = prepare_rows(key), prepare_rows(value)  # sanitize, rotate (docs/format.md)
         store_kv_nf4(kv_cache.view(torch.uint8), key, value, slot_mapping, self.layout)
 
@@ -142,9 +142,9 @@ class NF4TritonAttentionImpl(AttentionImpl):
         if calibration.ACTIVE_CAPTURE:  # vllm-nf4kv calibrate is measuring
             shape = (n, self.num_kv_heads, self.head_size)
             calibration.observe(layer, query, key[:n].view(shape), value[:n].view(shape))
-        smoother = self.smoothing.for_layer(layer)
-        if smoother is not None:
-            query = smoother.queries(query)
+        transform = self.smoothing.for_layer(layer)
+        if transform is not None:
+            query = transform.queries(query)
         query = rotate(query, dtype).contiguous()
         result = nf4_paged_attention(
             query,
@@ -157,5 +157,10 @@ class NF4TritonAttentionImpl(AttentionImpl):
             max_query_len=attn_metadata.max_query_len,
             max_seq_len=attn_metadata.max_seq_len,
         )
-        output.view(-1, self.num_heads, self.head_size)[:n] = unrotate(result[:n], output.dtype)
+        if transform is None:
+            output.view(-1, self.num_heads, self.head_size)[:n] = unrotate(result[:n], output.dtype)
+        else:
+            output.view(-1, self.num_heads, self.head_size)[:n] = transform.outputs(
+                unrotate(result[:n], torch.float32)
+            )
         return output

@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -141,9 +142,9 @@ def run(args: argparse.Namespace) -> dict:
             "max_position": calibration.max_position,
         }
 
-    stored_scale, stored_calibration = None, None
+    stored_layers, stored_calibration = None, None
     if any(c.spec == STORED for c in candidates):
-        stored_scale, stored_calibration = served_key_scale(args.calibration, loaded.model.config)
+        stored_layers, stored_calibration = served_calibration(args.calibration, loaded.model.config)
         log(f"{STORED}: {stored_calibration}")
 
     results = []
@@ -156,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
                     windows,
                     make_hook(
                         candidate.key, candidate.value, candidate.options, calibration, seed,
-                        stored_scale if candidate.spec == STORED else None,
+                        stored_layers if candidate.spec == STORED else None,
                     ),
                 )
                 / baseline
@@ -195,8 +196,8 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def served_key_scale(requested: str | None, hf_config) -> tuple[dict[int, torch.Tensor] | None, str]:
-    """The key smoothing a server of this model applies (by HF layer index), and where it is from.
+def served_calibration(requested: str | None, hf_config) -> tuple[dict[int, Any] | None, str]:
+    """The calibration a server of this model applies (by HF layer index), and where it is from.
 
     ``requested``: ``--calibration`` (a file, or ``none``); default: the model's file at
     the location servers look in. The file's vLLM layer names (``model.layers.12...``) map to
@@ -213,13 +214,13 @@ def served_key_scale(requested: str | None, hf_config) -> tuple[dict[int, torch.
     loaded = cal.load(path)
     if loaded.fingerprint != fingerprint:
         raise ValueError(f"{path} was made for another model ({loaded.model}); see `{cal.CALIBRATE_COMMAND}`")
-    scales = {}
+    layers = {}
     for name, layer in loaded.layers.items():
         match = re.search(r"\.(\d+)\.", name)
         if match is None:
             raise ValueError(f"{path}: cannot tell the layer index of {name!r}")
-        scales[int(match.group(1))] = layer.key_scale
-    return scales, f"calibrated from {path}"
+        layers[int(match.group(1))] = layer
+    return layers, f"calibrated from {path}"
 
 
 def format_table(report: dict) -> str:

@@ -1,13 +1,16 @@
-"""``vllm-nf4kv calibrate MODEL``: measure the nf4 key smoothing of one model through vLLM.
+"""``vllm-nf4kv calibrate MODEL``: measure what nf4 needs for one model through vLLM, and its error.
 
 Runs the model in an in-process vLLM engine with ``--kv-cache-dtype nf4`` (uncalibrated)
 over a fixed built-in public-domain text (Lincoln's 1862 annual message, not one of the
-texts the format is evaluated on), while the nf4 backend records the queries and keys
-vLLM's attention layers hand it: RoPE, QK-norm, sliding windows and head layout are
-vLLM's own. Each RoPE pair's statistics are averaged over its two channels (vLLM's own
-``rotary_emb`` says which channels pair), so the smoothing holds at any context length.
-Writes the file the engines load (:mod:`vllm_nf4kv.calibration`), by default where they
-look for it. Deterministic: the same model and arguments give the same file.
+texts the format is evaluated on), while the nf4 backend records the queries, keys and
+values vLLM's attention layers hand it: RoPE, QK-norm, biases, sliding windows and head
+layout are vLLM's own. Per layer it measures the key smoothing (each RoPE pair's statistics
+averaged over its two channels, vLLM's own ``rotary_emb`` says which, so it holds at any
+context length), the key and value offsets (keys turned back through vLLM's own RoPE table;
+one set per context length, :func:`context_lengths`) and the attention error of what will be
+served, which the quality gate reads. Writes the file the engines load
+(:mod:`vllm_nf4kv.calibration`), by default where they look for it. Deterministic: the same
+model and arguments give the same file.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import torch
 
 DEFAULT_TOKENS = 4096
 DEFAULT_CTX = 1024
-SMOOTHING_MARGIN = 0.85  # smooth a layer only if that cuts its attention error to <= 85% (choose_smoothing)
+SMOOTHING_MARGIN = 0.85  # smooth a layer only if that cuts its attention error to <= 85% (choose_transform)
+OFFSET_MARGIN = 0.95  # give a layer offsets only if they cut its attention error to <= 95%
+SHORTEST_CONTEXT = 2048  # the shortest context length a file holds its own offsets for
 TEXT_NAME = "Lincoln, annual message of 1862 (built in)"
 
 
@@ -33,8 +38,13 @@ def builtin_text() -> str:
     return resources.files("vllm_nf4kv").joinpath("data/calibration_text.txt").read_text()
 
 
-def _rope_layout(model: Any) -> dict[str, tuple[int, int, bool]]:
-    """layer name -> (head_dim, rotary_dim, is_neox_style) of every attention with a rotary embedding."""
+def _rope_layout(model: Any) -> dict[str, tuple[int, int, bool, torch.Tensor | None]]:
+    """layer name -> (head_dim, rotary_dim, is_neox_style, cos_sin_cache) of every attention with RoPE.
+
+    ``cos_sin_cache`` (vLLM's ``[max_position, rotary_dim]`` table, cos then sin) is None where a
+    rotary embedding keeps none (then the pairs still say how statistics pair, but keys get no
+    offset: where the key bias sits at each position is unknown).
+    """
     found = {}
     for module in model.modules():
         attn, rope = getattr(module, "attn", None), getattr(module, "rotary_emb", None)
@@ -42,8 +52,24 @@ def _rope_layout(model: Any) -> dict[str, tuple[int, int, bool]]:
             continue
         if not hasattr(rope, "is_neox_style") or not hasattr(rope, "rotary_dim"):
             continue
-        found[attn.layer_name] = (int(attn.head_size), int(rope.rotary_dim), bool(rope.is_neox_style))
+        table = getattr(rope, "cos_sin_cache", None)
+        plain = isinstance(table, torch.Tensor) and table.dim() == 2 and table.shape[1] == rope.rotary_dim
+        cache = table.detach().double().cpu().clone() if plain else None
+        found[attn.layer_name] = (int(attn.head_size), int(rope.rotary_dim), bool(rope.is_neox_style), cache)
     return found
+
+
+def layer_ropes(layout: dict[str, tuple[int, int, bool, torch.Tensor | None]]) -> dict[str, Any]:
+    """The :class:`~vllm_nf4kv.calibration.LayerRope` of each layer whose RoPE table is known."""
+    from vllm_nf4kv import calibration as cal
+
+    ropes = {}
+    for name, (head_dim, rotary_dim, neox, cache) in layout.items():
+        if cache is not None:
+            half = rotary_dim // 2
+            pairs = cal.rope_pair_channels(head_dim, rotary_dim, neox)
+            ropes[name] = cal.LayerRope(cache[:, :half], cache[:, half:], pairs)
+    return ropes
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None):
@@ -64,71 +90,153 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 @dataclass
 class ScoredWindow:
-    """One calibration window, with what every smoothing strength is compared against."""
+    """One calibration window, with the attention output every choice is compared against."""
 
     query: torch.Tensor
     key: torch.Tensor
-    served_values: torch.Tensor  # the shipped value rows' round trip (smoothing leaves values alone)
+    value: torch.Tensor
     exact: torch.Tensor  # the attention output without KV quantization
 
 
+@dataclass(frozen=True)
+class Transform:
+    """What a layer may store: keys ``(k - c) * d``, values ``v - mu`` (each ``[Hkv, D]``)."""
+
+    key_scale: torch.Tensor
+    key_offset: torch.Tensor
+    value_offset: torch.Tensor
+    power: float = 0.0
+
+
 def scored_windows(samples: Any) -> list[ScoredWindow]:
-    from vllm_nf4kv.format import KV_CACHE_DTYPE, format_for
-    from vllm_nf4kv.reference import fake_quantize_rows
-
-    windows = []
-    for q, k, v in samples.windows:
-        layout = format_for(KV_CACHE_DTYPE, k.shape[-1])
-        exact = causal_attention(q, k, v, samples.scale, samples.sliding_window)
-        windows.append(ScoredWindow(q, k, fake_quantize_rows(v, layout.value), exact))
-    return windows
+    return [
+        ScoredWindow(q, k, v, causal_attention(q, k, v, samples.scale, samples.sliding_window))
+        for q, k, v in samples.windows
+    ]
 
 
-def attention_error(samples: Any, windows: list[ScoredWindow], key_scale: torch.Tensor) -> float:
-    """Squared error of the layer's attention output when its cache holds nf4 rows of ``k * d``.
+def output_energy(windows: list[ScoredWindow]) -> float:
+    return sum(float(window.exact.double().square().sum()) for window in windows)
 
-    The served arithmetic: keys stored as ``k * d`` (the shipped key rows), read with ``q / d``,
-    i.e. ``q · (fake_quantize(k * d) / d)``; values as the shipped value rows.
+
+def attention_error(samples: Any, windows: list[ScoredWindow], transform: Transform) -> float:
+    """Squared error of the layer's attention output when its cache holds what ``transform`` stores.
+
+    The served arithmetic: the shipped key rows of ``(k - c) * d`` read with ``q / d`` (the
+    offset ``c`` drops out of softmax, so it is added back here only to compare), the shipped
+    value rows of ``v - mu`` with ``mu`` added to the output.
     """
     from vllm_nf4kv.format import KV_CACHE_DTYPE, format_for
     from vllm_nf4kv.reference import fake_quantize_rows
 
     total = 0.0
+    d, c, mu = transform.key_scale, transform.key_offset, transform.value_offset
     for window in windows:
-        row = format_for(KV_CACHE_DTYPE, window.key.shape[-1]).key
-        key = fake_quantize_rows(window.key * key_scale, row) / key_scale
-        served = causal_attention(
-            window.query, key, window.served_values, samples.scale, samples.sliding_window
-        )
+        layout = format_for(KV_CACHE_DTYPE, window.key.shape[-1])
+        key = fake_quantize_rows((window.key - c) * d, layout.key) / d + c
+        value = fake_quantize_rows(window.value - mu, layout.value) + mu
+        served = causal_attention(window.query, key, value, samples.scale, samples.sliding_window)
         total += float((served - window.exact).double().square().sum())
     return total
 
 
-def choose_smoothing(
-    samples: Any, sum_q2: torch.Tensor, sum_k2: torch.Tensor
-) -> tuple[float, torch.Tensor, float]:
-    """The smoothing of one layer: ``(power, d, error ratio)``, scored by the layer's attention error.
+@dataclass(frozen=True)
+class LayerStatistics:
+    """One layer's sums from the capture, as means: ``[Hkv, D]`` each."""
 
-    Every strength of ``KEY_SMOOTHING_POWERS`` is tried on the calibration windows; the best
-    is kept only if it cuts the error to at most ``SMOOTHING_MARGIN`` of no smoothing's, else
-    the layer is not smoothed (power 0, ``d = 1``). Why the margin: where keys have no outlier
-    channels (SmolLM2) the ratios only scatter, 0.88-1.1 for every strength, and smoothing
-    such layers cost perplexity through vLLM (+2.1% vs +1.5% on Moby Dick); where they have
-    (Gemma-3-270m's QK-norm keys) the best strength cuts the error to 0.05-0.75.
-    Returns the chosen error over no smoothing's (1.0 when not smoothed).
+    query_sq: torch.Tensor
+    key_sq: torch.Tensor
+    key_mean: torch.Tensor
+    key_offset: torch.Tensor  # c from key_offset(), zeros where the layer's RoPE is unknown
+    value_mean: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The transform calibrate keeps for one layer and how it scored."""
+
+    transform: Transform
+    error_ratio: float  # its attention error over the uncalibrated one's
+    attention_error: float  # relative: squared error over the exact output's energy
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One candidate transform and its squared attention error on the calibration windows."""
+
+    error: float
+    transform: Transform
+
+
+def best_smoothing(
+    samples: Any,
+    windows: list[ScoredWindow],
+    stats: LayerStatistics,
+    offsets: bool,
+    pairs: torch.Tensor | None,
+) -> tuple[Scored, Scored]:
+    """The best smoothing strength with or without offsets, and the same offsets unsmoothed.
+
+    A strength is kept only if it cuts the error to at most ``SMOOTHING_MARGIN`` of no
+    smoothing's (why: where keys have no outlier channels, as in SmolLM2, the ratios only
+    scatter, 0.88-1.1 for every strength, and smoothing such layers cost perplexity through
+    vLLM: +2.1% vs +1.5% on Moby Dick; with Gemma-3-270m's QK-norm keys the best strength cuts
+    the error to 0.05-0.75).
     """
     from vllm_nf4kv import calibration as cal
 
-    windows = scored_windows(samples)
-    options = []
+    zeros = torch.zeros(stats.key_sq.shape)
+    c = stats.key_offset.float() if offsets else zeros
+    mu = stats.value_mean.float() if offsets else zeros
+    # E[(k - c)^2] per channel, pair-averaged like the query statistics
+    key_sq = (stats.key_sq - 2 * c.double() * stats.key_mean + c.double().square()).clamp_min(0)
+    if pairs is not None:
+        key_sq = cal.pair_mean(key_sq, pairs)
+    scored = []
     for power in cal.KEY_SMOOTHING_POWERS:
-        key_scale = cal.key_smoothing(sum_q2, sum_k2, power)
-        options.append((attention_error(samples, windows, key_scale), power, key_scale))
-    unsmoothed = next(option for option in options if option[1] == 0.0)
-    best = min(options, key=lambda option: option[0])  # the first minimum: the weaker smoothing on ties
-    if unsmoothed[0] <= 0 or best[0] > SMOOTHING_MARGIN * unsmoothed[0]:
-        return 0.0, unsmoothed[2], 1.0
-    return best[1], best[2], best[0] / unsmoothed[0]
+        transform = Transform(cal.key_smoothing(stats.query_sq, key_sq, power), c, mu, power)
+        scored.append(Scored(attention_error(samples, windows, transform), transform))
+    plain = scored[0]  # power 0: no smoothing
+    best = min(scored, key=lambda option: option.error)  # the first minimum: the weaker on ties
+    return (best if best.error <= SMOOTHING_MARGIN * plain.error else plain), plain
+
+
+def choose_transform(
+    samples: Any,
+    windows: list[ScoredWindow],
+    stats: LayerStatistics,
+    pairs: torch.Tensor | None,
+    without: tuple[Scored, Scored],
+) -> Chosen:
+    """A layer's offsets and smoothing strength, scored by the layer's attention error.
+
+    ``without``: :func:`best_smoothing` without offsets (the same for every context length).
+    Offsets (key ``c`` and value ``mu`` together) are kept only if they cut the error to at
+    most ``OFFSET_MARGIN`` of none's: on biased keys (Qwen2) they cut it to a few percent; on
+    centred ones they change next to nothing, and nothing is changed for nothing.
+    """
+    with_offsets, _ = best_smoothing(samples, windows, stats, True, pairs)
+    best_without, uncalibrated = without
+    chosen = with_offsets if with_offsets.error <= OFFSET_MARGIN * best_without.error else best_without
+    energy = output_energy(windows)
+    t = chosen.transform
+    served_as_is = t.power == 0 and not bool(t.key_offset.any()) and not bool(t.value_offset.any())
+    ratio = 1.0 if served_as_is or uncalibrated.error <= 0 else chosen.error / uncalibrated.error
+    return Chosen(t, ratio, chosen.error / energy if energy > 0 else 0.0)
+
+
+def context_lengths(longest: int) -> list[int]:
+    """The context lengths a file holds offsets for: 2,048, 4,096, ... up to the model's longest.
+
+    Shorter contexts get offsets that remove more of a key bias (RoPE turns it less over
+    them): Qwen2.5-Coder-0.5B loses +3.0% on Moby Dick with offsets made for 32,768 positions,
+    +1.0% with those for 2,048.
+    """
+    lengths, length = [], SHORTEST_CONTEXT
+    while length < longest:
+        lengths.append(length)
+        length *= 2
+    return lengths + [longest]
 
 
 def _windows(tokenizer: Any, text: str, tokens: int, ctx: int) -> list[list[int]]:
@@ -154,10 +262,11 @@ def calibrate(model: str, tokens: int = DEFAULT_TOKENS, ctx: int = DEFAULT_CTX, 
     llm = LLM(
         model=model,
         kv_cache_dtype="nf4",
-        additional_config={"nf4kv": {"calibration": cal.DISABLED}},  # measure what vLLM hands over
+        # measure what vLLM hands over; the quality gate would refuse a model that needs calibrating
+        additional_config={"nf4kv": {"calibration": cal.DISABLED, "accept_quality_risk": True}},
         enable_prefix_caching=False,
         max_model_len=ctx + 1,  # the prompt and the one token generate() insists on
-        max_num_seqs=1,  # one whole window per step: what the capture keeps as samples
+        max_num_seqs=1,  # one whole window per step, from position 0: what the capture assumes
         max_num_batched_tokens=max(ctx + 1, 2048),
         enforce_eager=True,
         kv_cache_memory_bytes=256 << 20,
@@ -165,8 +274,9 @@ def calibrate(model: str, tokens: int = DEFAULT_TOKENS, ctx: int = DEFAULT_CTX, 
     )
     hf_config = llm.llm_engine.vllm_config.model_config.hf_text_config
     rope = llm.apply_model(_rope_layout)[0]
+    ropes = layer_ropes(rope)
     windows = _windows(llm.get_tokenizer(), builtin_text(), tokens, ctx)
-    capture = cal.Capture()
+    capture = cal.Capture(ropes)
     cal.ACTIVE_CAPTURE.append(capture)
     try:
         params = SamplingParams(max_tokens=1, temperature=0.0)
@@ -175,20 +285,52 @@ def calibrate(model: str, tokens: int = DEFAULT_TOKENS, ctx: int = DEFAULT_CTX, 
         cal.ACTIVE_CAPTURE.remove(capture)
     if not capture.sum_k2:
         raise RuntimeError("no attention layer reported its keys: is the nf4 backend serving this model?")
-    layers = {}
+    longest = min((r.cos.shape[0] for r in ropes.values()), default=0)
+    contexts = context_lengths(longest or int(getattr(hf_config, "max_position_embeddings", 0) or ctx))
+    by_context: dict[int, dict[str, Any]] = {length: {} for length in contexts}
     for name in sorted(capture.sum_k2):
-        sum_q2, sum_k2 = capture.sum_q2[name], capture.sum_k2[name]
-        heads, head_dim = sum_k2.shape
+        count = capture.tokens[name]
+        query_sq, key_sq = capture.sum_q2[name] / count, capture.sum_k2[name] / count
+        key_mean, value_mean = capture.sum_k[name] / count, capture.sum_v[name] / count
+        heads, head_dim = key_sq.shape
+        pairs = None
         if name in rope:
             pairs = cal.rope_pairs(head_dim, rope[name][1], rope[name][2])
-            sum_q2, sum_k2 = cal.pair_mean(sum_q2, pairs), cal.pair_mean(sum_k2, pairs)
-        power, key_scale, ratio = choose_smoothing(capture.samples[name], sum_q2, sum_k2)
-        layers[name] = cal.LayerCalibration(heads, head_dim, key_scale, power, ratio)
+            query_sq = cal.pair_mean(query_sq, pairs)
+        samples = capture.samples[name]
+        scored = scored_windows(samples)
+        stats = LayerStatistics(query_sq, key_sq, key_mean, torch.zeros(heads, head_dim), value_mean)
+        without = best_smoothing(samples, scored, stats, False, pairs)
+        for length in contexts:
+            if name in ropes:
+                r = ropes[name]
+                pre_rope_mean = capture.sum_k_pre_rope[name] / count
+                offset = cal.key_offset(pre_rope_mean, r.cos[:length], r.sin[:length], r.pairs)
+            elif name in rope:  # RoPE without a table we can read: no key offset
+                offset = torch.zeros(heads, head_dim)
+            else:  # no RoPE: keys do not turn, their mean is the offset
+                offset = key_mean.float()
+            stats = LayerStatistics(query_sq, key_sq, key_mean, offset, value_mean)
+            chosen = choose_transform(samples, scored, stats, pairs, without)
+            t = chosen.transform
+            by_context[length][name] = cal.LayerCalibration(
+                heads, head_dim, t.key_scale, t.key_offset, t.value_offset,
+                power=t.power, error_ratio=chosen.error_ratio, attention_error=chosen.attention_error,
+            )  # fmt: skip
+    for length, layers in by_context.items():
+        centred = sum(bool(layer.key_offset.any()) for layer in layers.values())
+        log(
+            f"contexts up to {length}: {centred} of {len(layers)} layers with offsets; smoothing strength, "
+            f"attention error (vs uncalibrated) per layer: "
+            + ", ".join(
+                f"{layer.power:g} {layer.attention_error:.4f} ({layer.error_ratio:.2f})"
+                for layer in layers.values()
+            )
+        )
     log(
-        f"calibrated {len(layers)} attention layers on {sum(len(w) for w in windows)} tokens "
-        f"({len(rope)} with RoPE pairs) in {time.monotonic() - started:.0f} s; smoothing strength (attention "
-        f"error vs none) per layer: "
-        + ", ".join(f"{layer.power:g} ({layer.error_ratio:.2f})" for layer in layers.values())
+        f"calibrated {len(capture.sum_k2)} attention layers on {sum(len(w) for w in windows)} tokens "
+        f"({len(rope)} with RoPE pairs) for contexts up to {', '.join(map(str, contexts))} "
+        f"in {time.monotonic() - started:.0f} s"
     )
     del llm
     return cal.Calibration(
@@ -198,7 +340,7 @@ def calibrate(model: str, tokens: int = DEFAULT_TOKENS, ctx: int = DEFAULT_CTX, 
         tokens=sum(len(w) for w in windows),
         ctx=ctx,
         powers=cal.KEY_SMOOTHING_POWERS,
-        layers=layers,
+        by_context=by_context,
     )
 
 
@@ -218,9 +360,14 @@ def main(args: argparse.Namespace) -> int:
     if args.if_missing and not args.out:
         found = existing_default(args.model)
         if found is not None:
-            print(f"vllm-nf4kv: calibration of {args.model} already at {found}", file=sys.stderr)
-            print(found)
-            return 0
+            try:
+                cal.load(found)
+            except ValueError as error:  # an older file version: servers would refuse it, so replace it
+                print(f"vllm-nf4kv: {error}; calibrating again", file=sys.stderr)
+            else:
+                print(f"vllm-nf4kv: calibration of {args.model} already at {found}", file=sys.stderr)
+                print(found)
+                return 0
     result = calibrate(args.model, args.tokens, args.ctx, log=lambda msg: print(msg, file=sys.stderr))
     out = Path(args.out) if args.out else cal.default_path(result.fingerprint)
     result.write(out)
@@ -231,7 +378,7 @@ def main(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "calibrate",
-        help="measure the nf4 key smoothing of a model through vLLM",
+        help="measure the nf4 key offsets and smoothing of a model through vLLM, and its error",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -244,7 +391,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--if-missing",
         action="store_true",
-        help="do nothing when the model already has a file at the default location (make serve)",
+        help="do nothing when the model already has a current file at the default location (make serve)",
     )
     parser.add_argument(
         "--tokens", type=int, default=DEFAULT_TOKENS, help=f"tokens measured (default {DEFAULT_TOKENS})"

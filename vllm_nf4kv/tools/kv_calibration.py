@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -124,7 +125,7 @@ def make_hook(
     options: frozenset[str],
     calibration: Calibration | None,
     dither_seed: int = 0,
-    key_scale: dict[int, torch.Tensor] | None = None,
+    served: dict[int, Any] | None = None,
 ):
     """The K/V hook that fake-quantizes one candidate (see :mod:`vllm_nf4kv.tools.hf_hooks`).
 
@@ -133,8 +134,9 @@ def make_hook(
     decision boundary. Repeating a candidate under a few seeds shows how much of
     a ΔPPL difference is the luck of those flips (``--repeats``).
 
-    ``key_scale`` (layer -> ``[num_kv_heads, head_dim]``): the served calibration's key
-    smoothing (:mod:`vllm_nf4kv.calibration`), keys stored as ``k * d`` and read back ``/ d``.
+    ``served`` (layer -> :class:`vllm_nf4kv.calibration.LayerCalibration`): what a server with
+    that calibration stores, keys as ``(k - c) * d`` read back ``/ d + c``, values as ``v - mu``
+    read back ``+ mu`` (the same logits and outputs as the server's, which never adds ``c``).
     """
     unknown = set(options) - set(OPTIONS)
     offsets = [o for o in KEY_OFFSETS if o in options]
@@ -155,9 +157,13 @@ def make_hook(
         if dither_seed:
             key = key * (1 + DITHER * torch.randn(key.shape, generator=generator, dtype=key.dtype))
             value = value * (1 + DITHER * torch.randn(value.shape, generator=generator, dtype=value.dtype))
-        if key_scale is not None:
-            d = key_scale[layer].to(key.device, key.dtype)[None, :, None, :]
-            return key_format(key * d) / d, value_format(value)
+        if served is not None:
+            entry = served[layer]
+            d, c, mu = (
+                x.to(key.device, key.dtype)[None, :, None, :]
+                for x in (entry.key_scale, entry.key_offset, entry.value_offset)
+            )
+            return key_format((key - c) * d) / d + c, value_format(value - mu) + mu
         if calibration is None:
             return key_format(key), value_format(value)
         added_back = None
