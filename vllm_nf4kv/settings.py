@@ -55,8 +55,8 @@ CALIBRATION = Setting(
     "NF4KV_CALIBRATION",
     "a file from `vllm-nf4kv calibrate`, or `none`",
     "the model's file in `~/.cache/vllm-nf4kv/calibration/` if there is one, else none",
-    "Per-model key smoothing for `--kv-cache-dtype nf4` ([format.md](format.md#calibration)); a file "
-    "made for another model is refused at startup",
+    "Per-model key and value offsets and key smoothing for `--kv-cache-dtype nf4` "
+    "([format.md](format.md#calibration)); a file made for another model is refused at startup",
 )
 ACCEPT_QUALITY_RISK = Setting(
     "accept_quality_risk",
