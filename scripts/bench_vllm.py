@@ -71,13 +71,14 @@ def served_calibration(llm) -> str:
 
 
 def provenance() -> str:
-    """The git revision (with `+changes` when the tree differs) and the CPU model."""
+    """The git revision (with `+changes` when the code that makes the numbers differs) and the CPU."""
     import subprocess
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
-    revision = git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain") else "")
+    changed = git("status", "--porcelain", "--", "vllm_nf4kv", "scripts")
+    revision = git("rev-parse", "--short", "HEAD") + ("+changes" if changed else "")
     cpu = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
          if line.startswith("model name")),
