@@ -45,6 +45,18 @@ def model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_dir() -> Path:
+    """Gemma-3-270m base: head_dim 256, QK-norm, sliding and global layers (test_gemma.py)."""
+    return _require(ASSETS / "models" / "gemma3-270m" / "config.json").parent
+
+
+@pytest.fixture(scope="session")
+def qwen_dir() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct: Qwen2, key and value biases (test_qwen.py)."""
+    return _require(ASSETS / "models" / "qwen2.5-coder-0.5b" / "config.json").parent
+
+
+@pytest.fixture(scope="session")
 def model_shape(model_dir) -> dict[str, int]:
     """What the KV cache of the test model holds per token, from its config.json."""
     config = json.loads((model_dir / "config.json").read_text())

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ASSETS
 from serve_process import KV_BYTES, Server, launch, server_env, stop, wait_ready
 
 pytestmark = pytest.mark.slow
@@ -39,14 +38,6 @@ TEXT_CHARS = 4_600  # ~1,000 Gemma tokens of State of the Union
 CALIBRATE = str(Path(sys.executable).with_name("vllm-nf4kv"))
 MAX_NLL_COST = 0.045  # nats per token, calibrated nf4 over auto (see the docstring)
 AUTO_NLL_RANGE = (2.0, 3.0)  # auto's mean NLL on that text (measured 2.75; without <bos> ~3.2)
-
-
-@pytest.fixture(scope="module")
-def gemma_dir() -> Path:
-    path = ASSETS / "models" / "gemma3-270m"
-    if not (path / "config.json").exists():
-        pytest.fail(f"{path} is missing: run `make assets` (scripts/get_assets.sh)")
-    return path
 
 
 def _complete(server: Server, prompt: str, **fields) -> dict:

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ASSETS
 from serve_process import launch, server_env, stop
 
 from vllm_nf4kv import calibration as cal
@@ -35,14 +34,6 @@ pytestmark = pytest.mark.slow
 MAX_NLL_COST = 0.05
 MIN_UNCALIBRATED_COST = 0.5
 REFUSAL_TIMEOUT_S = 240
-
-
-@pytest.fixture(scope="module")
-def qwen_dir() -> Path:
-    path = ASSETS / "models" / "qwen2.5-coder-0.5b"
-    if not (path / "config.json").exists():
-        pytest.fail(f"{path} is missing: run `make assets` (scripts/get_assets.sh)")
-    return path
 
 
 def _engine(model: Path, **nf4kv):

@@ -149,7 +149,7 @@ def compare(one: dict, other: dict) -> dict:
 def test_tensor_parallel_2_splits_kv_heads_and_keeps_nf4_quality(padded_model, passages, tmp_path):
     runs = {
         (dtype, tp): measure(
-            padded_model, tmp_path / f"{dtype}-tp{tp}.log", passages,
+            padded_model, tmp_path / f"{dtype}-tp{tp}.log", passages, "--dtype", "float32",
             *(("--tensor-parallel-size", str(tp)) if tp > 1 else ()), dtype=dtype,
         )
         for dtype in ("auto", "nf4")
