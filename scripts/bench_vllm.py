@@ -77,7 +77,7 @@ def provenance() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
-    changed = git("status", "--porcelain", "--", "vllm_nf4kv", "scripts")
+    changed = git("status", "--porcelain", "--", "vllm_nf4kv", "scripts/bench_vllm.py")
     revision = git("rev-parse", "--short", "HEAD") + ("+changes" if changed else "")
     cpu = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

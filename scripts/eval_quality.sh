@@ -3,9 +3,13 @@
 #
 #   bash scripts/eval_quality.sh [DTYPES...]      # default: auto fp8 nf4
 #   env: PORT (18731), KV_MEMORY (268435456), LIMIT (unset = all docs), CONCURRENT (4), OUT (.assets/quality),
-#        MODEL (.assets/models/smollm2-135m), NAME (smollm2), DOC (docs/quality.md), PNG (docs/img/quality.png)
-#   Gemma: MODEL=.assets/models/gemma3-270m NAME=gemma3 OUT=.assets/quality-gemma \
+#        MODEL (.assets/models/smollm2-135m), NAME (smollm2), DOC (docs/quality.md), PNG (docs/img/quality.png),
+#        TITLE (SmolLM2-135M: the plot's title)
+#   Gemma: MODEL=.assets/models/gemma3-270m NAME=gemma3 OUT=.assets/quality-gemma TITLE=Gemma-3-270m \
 #          DOC=docs/quality-gemma.md PNG=docs/img/quality-gemma.png bash scripts/eval_quality.sh
+#   Qwen:  MODEL=.assets/models/qwen2.5-coder-0.5b NAME=qwen OUT=.assets/quality-qwen \
+#          TITLE=Qwen2.5-Coder-0.5B DOC=docs/quality-qwen.md PNG=docs/img/quality-qwen.png \
+#          bash scripts/eval_quality.sh
 #
 # nf4 serves with the model's calibration (made first, once, as `make serve` does).
 #
@@ -19,6 +23,7 @@ MODEL=${MODEL:-.assets/models/smollm2-135m}
 NAME=${NAME:-smollm2}
 DOC=${DOC:-docs/quality.md}
 PNG=${PNG:-docs/img/quality.png}
+TITLE=${TITLE:-SmolLM2-135M}
 PORT=${PORT:-18731}
 KV_MEMORY=${KV_MEMORY:-268435456}
 CONCURRENT=${CONCURRENT:-4}
@@ -59,4 +64,5 @@ for dtype in "${DTYPES[@]}"; do
   echo "== $dtype: lm_eval took $(( $(date +%s) - start )) s"
   stop_server
 done
-"$VENV/bin/python" scripts/render_quality.py --results "$OUT" --kv-memory "$KV_MEMORY" --doc "$DOC" --png "$PNG"
+"$VENV/bin/python" scripts/render_quality.py --results "$OUT" --kv-memory "$KV_MEMORY" --doc "$DOC" --png "$PNG" \
+  --model-title "$TITLE"

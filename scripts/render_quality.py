@@ -82,7 +82,7 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: dict[str, dict], path: Path) -> None:
+def plot(rows: dict[str, dict], path: Path, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +113,7 @@ def plot(rows: dict[str, dict], path: Path) -> None:
         ax.set_title(title)
         ax.axhline(0, color="black", linewidth=0.5)
     axes[0].legend()
-    fig.suptitle("SmolLM2-135M, vLLM 0.32 CPU, lm-eval local-completions, same KV budget")
+    fig.suptitle(f"{model}, vLLM 0.32 CPU, lm-eval local-completions, same KV budget")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--kv-memory", type=int, default=268435456)
     parser.add_argument("--doc", default=str(REPO / "docs/quality.md"))
     parser.add_argument("--png", default=str(REPO / "docs/img/quality.png"))
+    parser.add_argument("--model-title", default="SmolLM2-135M", help="the model's name in the plot title")
     args = parser.parse_args()
 
     rows = load(Path(args.results))
@@ -132,7 +133,7 @@ def main() -> None:
         raise SystemExit(f"no results under {args.results}")
     md = table(rows)
     print(md)
-    plot(rows, Path(args.png))
+    plot(rows, Path(args.png), args.model_title)
     doc = Path(args.doc)
     if doc.exists() and BEGIN in doc.read_text():
         text = doc.read_text()
