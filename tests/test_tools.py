@@ -146,6 +146,32 @@ def test_shipped_spec_is_what_nf4_stores(head_dim):
         assert not torch.equal(emulated(x), fake_quantize_rows(x, other))
 
 
+def test_ablation_nf4_candidate_stores_what_a_calibrated_server_stores():
+    """``ablate``'s ``nf4`` with a calibration: keys ``q((k - c) d) / d + c``, values ``q(v - mu) + mu``.
+
+    With a coarse stand-in quantizer (rounding) the hook's output is that arithmetic exactly;
+    without the offsets it would round the biased rows instead.
+    """
+    from vllm_nf4kv.calibration import LayerCalibration
+    from vllm_nf4kv.tools.kv_calibration import make_hook
+
+    gen = torch.Generator().manual_seed(0)
+    heads, dim = 2, 8
+    d = torch.rand(heads, dim, generator=gen) + 0.5
+    c, mu = torch.randn(heads, dim, generator=gen) * 30, torch.randn(heads, dim, generator=gen) * 10
+    served = {3: LayerCalibration(heads, dim, d, c, mu)}
+    hook = make_hook(torch.round, torch.round, frozenset(), None, served=served)
+    query = torch.randn(1, 4, 5, dim, generator=gen)  # HF layout [batch, heads, tokens, dim]
+    key = torch.randn(1, heads, 5, dim, generator=gen) * 2 + c[None, :, None, :]
+    value = torch.randn(1, heads, 5, dim, generator=gen) * 2 + mu[None, :, None, :]
+    key_hat, value_hat = hook(3, query, key, value)
+    per_head = (lambda x: x[None, :, None, :])  # noqa: E731
+    want_key = torch.round((key - per_head(c)) * per_head(d)) / per_head(d) + per_head(c)
+    assert torch.equal(key_hat, want_key)
+    assert torch.equal(value_hat, torch.round(value - per_head(mu)) + per_head(mu))
+    assert not torch.equal(key_hat, torch.round(key * per_head(d)) / per_head(d))
+
+
 def test_bucketize_matches_reference_encoder():
     x = torch.cat([torch.linspace(-1, 1, 10001), nf4_midpoints(), torch.tensor([-1.0, 0.0, 1.0])])
     assert torch.equal(torch.bucketize(x, nf4_midpoints()), nf4_encode(x).long())
