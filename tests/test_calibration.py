@@ -289,6 +289,7 @@ def test_resolve_finds_the_default_file_and_refuses_another_models(tmp_path, mon
         cal.resolve({"nf4kv": {"calibration": str(other)}}, config)
     monkeypatch.setenv(CALIBRATION.env_var, "none")
     assert cal.resolve({}, config).calibration is None  # the variable, when the config is silent
+    assert cal.resolve({"nf4kv": {"calibration": None}}, config).calibration is None  # or null
     with pytest.raises(ValueError, match="must be a file path or"):
         cal.resolve({"nf4kv": {"calibration": 3}}, config)
 

@@ -321,7 +321,9 @@ def resolve(additional_config: Any, hf_config: Any, max_model_len: int = 0) -> R
     """What ``--additional-config`` or the default location gives for this model, checked."""
     from vllm_nf4kv.settings import CALIBRATION, nf4kv_section
 
-    requested = nf4kv_section(additional_config).get(CALIBRATION.key, os.environ.get(CALIBRATION.env_var))
+    requested = nf4kv_section(additional_config).get(CALIBRATION.key)
+    if requested is None:  # absent or null: the variable, as for every other setting
+        requested = os.environ.get(CALIBRATION.env_var)
     if requested is not None and not isinstance(requested, str):
         raise ValueError(
             f"--additional-config nf4kv.{CALIBRATION.key} must be a file path or "
