@@ -28,7 +28,7 @@ import torch
 
 DEFAULT_TOKENS = 4096
 DEFAULT_CTX = 1024
-SMOOTHING_MARGIN = 0.85  # smooth a layer only if that cuts its attention error to <= 85% (choose_transform)
+SMOOTHING_MARGIN = 0.85  # smooth a layer only if that cuts its attention error to <= 85% (best_smoothing)
 OFFSET_MARGIN = 0.95  # give a layer offsets only if they cut its attention error to <= 95%
 SHORTEST_CONTEXT = 2048  # the shortest context length a file holds its own offsets for
 TEXT_NAME = "Lincoln, annual message of 1862 (built in)"
