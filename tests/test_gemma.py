@@ -86,7 +86,9 @@ def test_calibrated_gemma_serves_nf4_close_to_auto(gemma_dir, sotu, tmp_path):
         env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
     )
     assert made.returncode == 0, made.stderr[-3000:]
-    layers = json.loads(calibration.read_text())["layers"]
+    contexts = {c["max_position"]: c["layers"] for c in json.loads(calibration.read_text())["contexts"]}
+    assert sorted(contexts) == [2048, 4096, 8192, 16384, 32768]  # offsets per context, up to Gemma's 32k
+    layers = contexts[2048]  # what a server of --max-model-len 2048 (serve_process) serves
     assert len(layers) == 18 and layers["model.layers.5.self_attn.attn"]["num_kv_heads"] == 1
     # QK-norm keys: smoothing cuts most layers' attention error well past the margin
     assert sum(layer["power"] > 0 for layer in layers.values()) >= 12, made.stderr[-2000:]
