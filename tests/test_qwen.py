@@ -8,7 +8,7 @@ quality gate refuses what would damage the model (``vllm_nf4kv/quality_gate.py``
 
 * a real ``vllm serve --kv-cache-dtype nf4`` of the model without a calibration stops at
   startup, naming the layers, the command and the way out;
-* calibrated, nf4 costs about 1% perplexity through an in-process engine (``MAX_NLL_COST``);
+* calibrated, nf4 costs about 1-2% perplexity through an in-process engine (``MAX_NLL_COST``);
 * a file measured without offsets (OFFSET_MARGIN 0: calibrate never keeps them) records
   attention errors above the bound, and an engine given it refuses to start.
 
@@ -29,10 +29,10 @@ from vllm_nf4kv import calibration as cal
 pytestmark = pytest.mark.slow
 
 # Calibrated nf4 over auto, mean NLL per token on 2,048 tokens of Moby Dick in windows of 1,024
-# (measured 0.010 nats, +1.0% PPL; uncalibrated 1.27, +255%): the bound tells them apart with room
-# for the bf16 matmuls of other CPUs.
+# (measured 0.021 nats with this test's 2,048-token calibration, 0.010 with the default 4,096;
+# uncalibrated 1.27 nats, +255% PPL, measured once with accept_quality_risk): the bound tells them
+# apart with room for the bf16 matmuls of other CPUs.
 MAX_NLL_COST = 0.05
-MIN_UNCALIBRATED_COST = 0.5
 REFUSAL_TIMEOUT_S = 240
 
 
@@ -89,10 +89,8 @@ def test_calibrated_nf4_holds_and_a_damaging_file_is_refused(qwen_dir, moby_dick
 
     auto = _mean_nll(_engine(qwen_dir), moby_dick)
     nf4 = _mean_nll(_engine(qwen_dir, calibration=str(path)), moby_dick)
-    risky = _mean_nll(_engine(qwen_dir, calibration=cal.DISABLED, accept_quality_risk=True), moby_dick)
-    print(f"\nmean NLL: auto {auto:.4f}, nf4 calibrated {nf4:.4f}, nf4 uncalibrated {risky:.4f}")
+    print(f"\nmean NLL: auto {auto:.4f}, nf4 calibrated {nf4:.4f}")
     assert nf4 - auto < MAX_NLL_COST
-    assert risky - auto > MIN_UNCALIBRATED_COST  # what the gate and the offsets are for
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tool, "OFFSET_MARGIN", 0.0)  # smoothing only, as before the offsets
