@@ -1,7 +1,7 @@
 """A model with key and value biases: Qwen2.5-Coder-0.5B-Instruct (Qwen2) and the quality gate.
 
 Qwen2 adds a bias to its keys and values, enormous in the first layers (``k_proj.bias`` up to
-|b| 158 against token-dependent parts of a few units). Uncalibrated nf4 spends every scale on
+|b| 211 against token-dependent parts of a few units). Uncalibrated nf4 spends every scale on
 that bias: +255% perplexity on Moby Dick through vLLM. ``vllm-nf4kv calibrate`` measures the key
 and value offsets that remove it exactly (docs/format.md, "Key and value offsets"), and the
 quality gate refuses what would damage the model (``vllm_nf4kv/quality_gate.py``):
