@@ -167,7 +167,8 @@ def check_nf4_quality_after_loading() -> None:
     What it replaces: ``vllm.model_executor.model_loader.base_loader
     .process_weights_after_loading`` (the name ``BaseModelLoader.load_model`` calls, so every
     loader built on it) with a wrapper that calls it, then ``quality_gate.check_loaded_model``.
-    Versions: vLLM 0.32-0.33. Upstream: none (no hook hands a backend its layer's weights).
+    Versions: vLLM 0.32, 0.33 and 0.34 (the same name and call in each). Upstream: none (no hook
+    hands a backend its layer's weights).
     Removed by: a backend hook that sees the layer's projections after loading.
     """
     from vllm.model_executor.model_loader import base_loader
