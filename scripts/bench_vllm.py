@@ -1,7 +1,7 @@
 """Capacity and quality of auto / fp8 / nf4 through real vLLM engines, as markdown.
 
     .venv/bin/python scripts/bench_vllm.py [--model DIR] [--tokens 4096] [--window 1024]
-        [--calibration FILE] [--texts moby_dick.txt,sotu_2000_2021.txt] [--out docs/results/....md]
+        [--calibration FILE] [--text-files moby_dick.txt,sotu_2000_2021.txt] [--out docs/results/....md]
 
 Every dtype runs with the same ``--kv-cache-memory-bytes``; perplexity comes
 from ``prompt_logprobs`` (the K/V of each window are written to and read back

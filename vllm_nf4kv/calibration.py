@@ -29,7 +29,8 @@ Subtracting a constant ``c`` from every key of a head shifts all of one query's 
 ``q · c``, which softmax ignores, so keys are stored as ``(k - c) * d`` with no add-back;
 values are stored as ``v - mu`` and ``mu`` is added to the output (the weights sum to 1).
 Both are exact by construction. RoPE turns a key bias with the position, so ``c`` is chosen
-per channel to hold at every position up to ``max_position`` (:func:`key_offset`).
+per channel to hold at every position of the context length served (:func:`key_offset`,
+:meth:`Calibration.for_context`).
 
 A file made for another model or head layout is refused at startup, and so is a file whose
 measured attention error is above :data:`MAX_ATTENTION_ERROR` in any layer (the quality gate,
@@ -315,6 +316,7 @@ class Resolved:
 
     calibration: Calibration | None
     reason: str
+    accept_risk: bool = False  # accept_quality_risk: the quality gate is waived (quality_gate.py)
 
 
 def resolve(additional_config: Any, hf_config: Any, max_model_len: int = 0) -> Resolved:
@@ -330,7 +332,8 @@ def resolve(additional_config: Any, hf_config: Any, max_model_len: int = 0) -> R
             f'"{DISABLED}", got {requested!r}'
         )
     accept = accepts_quality_risk(additional_config)
-    return _resolve(requested or None, model_fingerprint(hf_config), int(max_model_len), accept)
+    resolved = _resolve(requested or None, model_fingerprint(hf_config), int(max_model_len), accept)
+    return replace(resolved, accept_risk=accept)
 
 
 def accepts_quality_risk(additional_config: Any) -> bool:

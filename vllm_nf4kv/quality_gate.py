@@ -17,9 +17,7 @@ from typing import Any
 
 import torch
 
-from vllm_nf4kv.calibration import CALIBRATE_COMMAND, accept_hint
-
-WORST_LAYERS_SHOWN = 3
+from vllm_nf4kv.calibration import CALIBRATE_COMMAND, WORST_LAYERS_SHOWN, accept_hint
 
 
 def key_bias(module: Any) -> torch.Tensor | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from vllm_nf4kv.calibration import Calibration, KVTransform, accepts_quality_risk, local_heads, resolve
+from vllm_nf4kv.calibration import Calibration, KVTransform, local_heads, resolve
 
 logger = logging.getLogger("vllm.nf4kv")
 
@@ -35,8 +35,9 @@ def layer_smoothing(num_heads: int, num_kv_heads: int, head_size: int) -> LayerS
         _LOGGED.add(resolved.reason)
         logger.info("nf4 KV cache: %s", resolved.reason)
     total = model_config.get_total_num_kv_heads()
-    accept = accepts_quality_risk(additional_config)
-    return LayerSmoothing(resolved.calibration, num_heads, num_kv_heads, total, head_size, accept)
+    return LayerSmoothing(
+        resolved.calibration, num_heads, num_kv_heads, total, head_size, resolved.accept_risk
+    )
 
 
 def _tensor_parallel() -> tuple[int, int]:

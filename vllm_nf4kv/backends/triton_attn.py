@@ -157,10 +157,8 @@ class NF4TritonAttentionImpl(AttentionImpl):
             max_query_len=attn_metadata.max_query_len,
             max_seq_len=attn_metadata.max_seq_len,
         )
-        if transform is None:
-            output.view(-1, self.num_heads, self.head_size)[:n] = unrotate(result[:n], output.dtype)
-        else:
-            output.view(-1, self.num_heads, self.head_size)[:n] = transform.outputs(
-                unrotate(result[:n], torch.float32)
-            )
+        result = unrotate(result[:n], torch.float32 if transform is not None else output.dtype)
+        if transform is not None:  # + mu on the fp32 output
+            result = transform.outputs(result)
+        output.view(-1, self.num_heads, self.head_size)[:n] = result
         return output
