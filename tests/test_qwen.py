@@ -2,7 +2,7 @@
 
 Qwen2 adds a bias to its keys and values, enormous in the first layers (``k_proj.bias`` up to
 |b| 211 against token-dependent parts of a few units). Uncalibrated nf4 spends every scale on
-that bias: +255% perplexity on Moby Dick through vLLM. ``vllm-nf4kv calibrate`` measures the key
+that bias: +173% perplexity on Moby Dick through vLLM (docs/results/vllm-cpu-qwen.md). ``vllm-nf4kv calibrate`` measures the key
 and value offsets that remove it exactly (docs/format.md, "Key and value offsets"), and the
 quality gate refuses what would damage the model (``vllm_nf4kv/quality_gate.py``):
 
@@ -29,9 +29,9 @@ from vllm_nf4kv import calibration as cal
 pytestmark = pytest.mark.slow
 
 # Calibrated nf4 over auto, mean NLL per token on 2,048 tokens of Moby Dick in windows of 1,024
-# (measured 0.021 nats with this test's 2,048-token calibration, 0.010 with the default 4,096;
-# uncalibrated 1.27 nats, +255% PPL, measured once with accept_quality_risk): the bound tells them
-# apart with room for the bf16 matmuls of other CPUs.
+# (measured 0.021 nats with this test's 2,048-token calibration; uncalibrated 1.27 nats, measured
+# by an earlier version of this test with accept_quality_risk): the bound tells them apart with
+# room for the bf16 matmuls of other CPUs.
 MAX_NLL_COST = 0.05
 REFUSAL_TIMEOUT_S = 240
 

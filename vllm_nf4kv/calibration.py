@@ -24,7 +24,8 @@ serves the model with ``--kv-cache-dtype nf4``:
 
 Why offsets: models whose projections add a bias to keys and values (the Qwen2 family) store
 keys dominated by one large vector; after the Hadamard rotation it sets every scale and the
-token-dependent part falls between two NF4 levels (Qwen2.5-Coder-0.5B: +255% perplexity).
+token-dependent part falls between two NF4 levels (Qwen2.5-Coder-0.5B: +173% perplexity on Moby
+Dick through vLLM, docs/results/vllm-cpu-qwen.md).
 Subtracting a constant ``c`` from every key of a head shifts all of one query's logits by
 ``q · c``, which softmax ignores, so keys are stored as ``(k - c) * d`` with no add-back;
 values are stored as ``v - mu`` and ``mu`` is added to the output (the weights sum to 1).
@@ -469,7 +470,8 @@ class KVTransform:
 # windows, per layer) a server accepts. Measured with what is served (docs/format.md, "Quality
 # gate"): every layer of SmolLM2-135M, Gemma-3-270m and calibrated Qwen2.5-Coder-0.5B, at every
 # context set, is at most 0.09 (Qwen's layer 0 with offsets for 32,768 positions: +3.0%
-# perplexity at 1,024 tokens; typically 0.005-0.02); uncalibrated Qwen2.5-Coder-0.5B, +255%,
+# perplexity at 1,024 tokens in a one-off probe, docs/format.md; typically 0.005-0.02);
+# uncalibrated Qwen2.5-Coder-0.5B, +173% to +929%,
 # has layers at 0.33, 0.33 and 1.5. 0.2 sits between, with room on both sides.
 MAX_ATTENTION_ERROR = 0.2
 WORST_LAYERS_SHOWN = 3
