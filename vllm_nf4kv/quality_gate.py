@@ -6,7 +6,8 @@
 * Without one, :func:`check_loaded_model`, once the weights are loaded: a model whose
   projections add a bias to its keys (the Qwen2 family) loses far more than fp8 would with
   uncalibrated nf4 (Qwen2.5-Coder-0.5B: +173% perplexity on Moby Dick through vLLM,
-  docs/results/vllm-cpu-qwen.md), and only the offsets ``vllm-nf4kv calibrate`` measures fix that (docs/format.md, "Quality gate").
+  docs/results/vllm-cpu-qwen.md), and only the offsets ``vllm-nf4kv calibrate`` measures fix
+  that (docs/format.md, "Quality gate").
 
 Both are waived by ``accept_quality_risk`` (settings.py).
 """
