@@ -4,7 +4,8 @@ Qwen2 adds a bias to its keys and values, enormous in the first layers (``k_proj
 |b| 211 against token-dependent parts of a few units). Uncalibrated nf4 spends every scale on
 that bias: +173% perplexity on Moby Dick through vLLM (docs/results/vllm-cpu-qwen.md).
 ``vllm-nf4kv calibrate`` measures the key and value offsets that remove it exactly (docs/format.md,
-"Key and value offsets"), and the quality gate refuses what would damage the model (``vllm_nf4kv/quality_gate.py``):
+"Key and value offsets"), and the quality gate refuses what would damage the model
+(``vllm_nf4kv/quality_gate.py``):
 
 * a real ``vllm serve --kv-cache-dtype nf4`` of the model without a calibration stops at
   startup, naming the layers, the command and the way out;
