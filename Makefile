@@ -10,7 +10,7 @@ MODEL := $(ASSETS)/models/smollm2-135m
 PORT ?= 8000
 KV_MEMORY ?= 1073741824
 
-.PHONY: install assets serve test test-fast test-vllm033 lint clean
+.PHONY: install assets serve test test-fast test-vllm033 test-vllm034 test-cuda-wheels lint clean
 
 install: $(VENV)/.installed
 
@@ -61,14 +61,25 @@ test: install assets lint
 test-fast: install assets
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m 'not slow' $(PYTEST_ARGS)
 
-# The vLLM 0.33 (CUDA wheel) registration path at config level, on CPU. Slow to
-# build (a CUDA torch), so not part of `make test`; run before a release.
-.venv-033/.installed: scripts/setup_vllm033_venv.sh pyproject.toml
-	VENV=.venv-033 bash scripts/setup_vllm033_venv.sh
+# The CUDA wheels of vLLM 0.33 and 0.34 at config level, on CPU (no engine runs: the
+# wheels' kernels are CUDA builds): registration and the self-checks, --kv-cache-dtype nf4
+# validation, create_engine_config, backend routing, customize_spec, the TTL block pool
+# and scheduler, settings. torch (a CUDA build, ~5.5 GB) is installed once into
+# .venv-cuda-base and shared (scripts/setup_vllm_cuda_venv.sh). .ci/run runs both.
+CUDA_WHEEL_TESTS := tests/test_cuda_wheel_registration.py tests/test_plugin_register.py \
+  tests/test_ttl_pool.py tests/test_ttl_pool_property.py tests/test_ttl_scheduler.py \
+  tests/test_ttl_config.py tests/test_settings.py tests/test_selection.py tests/test_format.py
 
-test-vllm033: .venv-033/.installed assets
-	VLLM_TARGET_DEVICE=cpu .venv-033/bin/python -m pytest -q tests/test_vllm033_registration.py \
-	  tests/test_plugin_register.py -k 'vllm033 or clean_registration or injected_failure'
+CUDA_WHEELS := 033 034
+
+$(CUDA_WHEELS:%=.venv-vllm%/.installed): .venv-vllm%/.installed: scripts/setup_vllm_cuda_venv.sh pyproject.toml
+	VERSION=$(shell echo $* | sed 's/^\(.\)/\1./').0 bash scripts/setup_vllm_cuda_venv.sh
+
+$(CUDA_WHEELS:%=test-vllm%): test-vllm%: .venv-vllm%/.installed assets
+	VLLM_TARGET_DEVICE=cpu OMP_NUM_THREADS=1 .venv-vllm$*/bin/python -m pytest -q -rs \
+	  -m 'not engine and not slow' $(CUDA_WHEEL_TESTS) $(PYTEST_ARGS)
+
+test-cuda-wheels: $(CUDA_WHEELS:%=test-vllm%)
 
 clean:
 	rm -rf $(VENV) $(ASSETS)

@@ -27,6 +27,11 @@ try:
 except pytest.skip.Exception:  # Triton not installed: its tests skip themselves
     pass
 
+# The CUDA wheel of vLLM at config level on CPU (make test-vllm033 / test-vllm034).
+import cuda_wheel_on_cpu  # noqa: E402
+
+cuda_wheel_on_cpu.allow_config_level()
+
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("ASSETS", REPO / ".assets"))
 MODEL_DIR = ASSETS / "models" / "smollm2-135m"

@@ -19,7 +19,9 @@ from typing import Any
 
 import vllm_nf4kv.plugin as plugin
 from vllm_nf4kv import patches, registration
+from vllm_nf4kv.backends import common, selection
 from vllm_nf4kv.format import KV_CACHE_DTYPE
+from vllm_nf4kv.ttl import pool as ttl_pool
 
 SETTINGS, NF4, TTL = (name for name, _ in plugin.FEATURES)
 RESULT_MARK = "register-faults: "  # the result line, among vLLM's log lines
@@ -52,7 +54,7 @@ def snapshot() -> dict[str, tuple[str, Any]]:
         "Scheduler.__init__": (TTL, Scheduler.__dict__["__init__"]),
         "Scheduler.add_request": (TTL, Scheduler.__dict__["add_request"]),
         "Scheduler.make_stats": (TTL, Scheduler.__dict__["make_stats"]),
-        "InputProcessor._validate_params": (TTL, InputProcessor.__dict__["_validate_params"]),
+        "InputProcessor._validate_params": (SETTINGS, InputProcessor.__dict__["_validate_params"]),
         "StatLoggerManager.__init__": (TTL, StatLoggerManager.__dict__["__init__"]),
         "ttl.engine flags": (TTL, (engine.SCHEDULER_HOOKED, engine.REQUESTS_HOOKED, engine.STATS_HOOKED)),
     }
@@ -127,6 +129,46 @@ def auto_config_builds(model_dir: str) -> bool:
     return True
 
 
+def ttl_refusals(model_dir: str) -> dict[str, str | None]:
+    """What a server TTL and a request TTL get now: the error, or None where they are taken."""
+    from types import SimpleNamespace
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_nf4kv.ttl import engine
+
+    refusals: dict[str, str | None] = {}
+    args = EngineArgs(
+        model=model_dir, enforce_eager=True, additional_config={"nf4kv": {"prefix_cache_ttl_s": 60}}
+    )
+    try:
+        args.create_engine_config()
+        refusals["server"] = None
+    except ValueError as error:
+        refusals["server"] = str(error)
+    processor = SimpleNamespace(vllm_config=SimpleNamespace(additional_config={}))
+    try:
+        engine.check_request_ttl(processor, 5)
+        refusals["request"] = None
+    except ValueError as error:
+        refusals["request"] = str(error)
+    return refusals
+
+
+def pre_034_ownership(block: Any, pool: Any) -> bool:
+    """The TTL pool's ownership test before vLLM 0.34 (``block.pool`` is the pool itself).
+
+    On 0.34, where ``block.pool`` is a weakref, it never matches: released blocks are
+    never tracked (the bug the self-check exists for). Elsewhere it is the real test.
+    """
+    owner = getattr(block, "pool", None)
+    return owner is None or owner is pool
+
+
+def never_owned(block: Any, pool: Any) -> bool:
+    return False
+
+
 def _same(a: Any, b: Any) -> bool:
     return a is b or (not callable(a) and not isinstance(a, classmethod) and a == b)
 
@@ -181,7 +223,20 @@ def break_import(module: str) -> Any:
     return inject
 
 
+def block_pool_is_weak() -> bool:
+    """Whether this vLLM's blocks name their pool through a weakref (0.34)."""
+    import weakref
+
+    from vllm.v1.core.block_pool import BlockPool
+
+    pool = BlockPool(num_gpu_blocks=2, enable_caching=True, hash_block_size=4)
+    return isinstance(pool.blocks[0].pool, weakref.ReferenceType)
+
+
 def main() -> None:
+    import cuda_wheel_on_cpu  # beside this script
+
+    cuda_wheel_on_cpu.allow_config_level()
     model_dir = sys.argv[1]
     before = snapshot()
     clean = register_once()
@@ -205,6 +260,18 @@ def main() -> None:
         "ttl.frontend import fails": ({TTL}, {"inject": break_import("vllm_nf4kv.ttl.frontend")}),
         "SchedulerStats import fails": ({TTL}, {"inject": break_import("vllm.v1.metrics.stats")}),
         "settings import fails": ({SETTINGS}, {"inject": break_import("vllm_nf4kv.settings")}),
+        "nf4 routed to vLLM's own kernels (self-check)": (
+            {NF4},
+            {"inject": replace(selection, "select_nf4_backend", lambda *args: "vllm.CPUAttentionBackend")},
+        ),
+        "nf4 pages sized as vLLM's (self-check)": (
+            {NF4},
+            {"inject": replace(common, "nf4_spec", lambda spec: spec)},
+        ),
+        "TTL pool tracks no released block (self-check)": (
+            {TTL},
+            {"inject": replace(ttl_pool, "owned_by", never_owned)},
+        ),
     }
     for name, (failed, kwargs) in others.items():
         cases.append((name, failed, kwargs))
@@ -219,8 +286,11 @@ def main() -> None:
                 "errors": outcome["errors"],
                 "wrong": differences(outcome["state"], failed, before, after),
                 "auto_config_builds": auto_config_builds(model_dir),
+                "ttl_refusals": ttl_refusals(model_dir),
             }
         )
+    ownership = register_once(inject=replace(ttl_pool, "owned_by", pre_034_ownership))
+    ownership = {"errors": ownership["errors"], "ttl_refusals": ttl_refusals(model_dir)}
     patches.undo_to(0)
     pristine = differences(snapshot(), {SETTINGS, NF4, TTL}, before, after)
     print(
@@ -232,6 +302,8 @@ def main() -> None:
                 "clean_nf4_accepted": after["nf4 accepted"][1],
                 "undone_all_wrong": pristine,
                 "cases": results,
+                "pre_034_ownership": ownership,
+                "block_pool_is_weak": block_pool_is_weak(),
             }
         )
     )

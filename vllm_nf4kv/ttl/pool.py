@@ -50,6 +50,7 @@ import contextlib
 import heapq
 import math
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -304,7 +305,7 @@ class TTLBlockPoolMixin(CachedBlockCountMixin):
         self._nf4kv_sweep(now, state.sweep_budget)
 
     def unpin_blocks(self, blocks: Iterable[Any], *args: Any, **kwargs: Any) -> None:
-        # HiSparse (vLLM 0.32, 0.33): a release to the tail of the free queue.
+        # HiSparse (vLLM 0.32 to 0.34): a release to the tail of the free queue.
         blocks = list(blocks)
         super().unpin_blocks(blocks, *args, **kwargs)  # type: ignore[misc]
         self._nf4kv_track_released(blocks, self._nf4kv.clock())
@@ -348,8 +349,7 @@ class TTLBlockPoolMixin(CachedBlockCountMixin):
         state = self._nf4kv
         for block in blocks:
             if block.ref_cnt == 0 and block.block_hash is not None and not block.is_null:
-                owner = getattr(block, "pool", None)  # deferred frees may hold other pools' blocks
-                if owner is None or owner is self:
+                if owned_by(block, self):  # deferred frees may hold other pools' blocks
                     state.track(block.block_id, now)
 
     def _nf4kv_sweep(self, now: float, budget: int | None) -> int:
@@ -380,6 +380,21 @@ class TTLBlockPoolMixin(CachedBlockCountMixin):
 
     def nf4kv_sweep(self, budget: int | None = None) -> int:
         return self._nf4kv_sweep(self._nf4kv.clock(), budget)
+
+
+def owned_by(block: Any, pool: Any) -> bool:
+    """Whether ``block`` is one of ``pool``'s own blocks.
+
+    ``KVCacheBlock.pool`` names the pool a block came from, for frees that mix
+    pools: the pool itself in vLLM 0.32 and 0.33, a ``weakref.ref`` to it in 0.34,
+    None where the block was built without one (always the pool's own).
+    """
+    owner = getattr(block, "pool", None)
+    if owner is None:
+        return True
+    if isinstance(owner, weakref.ReferenceType):
+        owner = owner()  # None once that pool is gone: not this one
+    return owner is pool
 
 
 _POOL_CLASSES: dict[tuple[type, bool], type] = {}
