@@ -19,16 +19,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # test_make_serve.py and test_gemma.py set their own).
 os.environ.setdefault("NF4KV_CALIBRATION", "none")
 
-# The Triton kernels are imported in the interpreter's mode before any test module imports
-# vLLM (which imports Triton), whatever subset or order of modules a run collects: Triton's
-# own helpers keep the mode of its first import (tests/triton_interpreted.py).
-try:
-    import triton_interpreted  # noqa: F401
-except pytest.skip.Exception:  # Triton not installed: its tests skip themselves
-    pass
-
-# The CUDA wheel of vLLM at config level on CPU (make test-vllm033 / test-vllm034).
+# cuda_wheel_on_cpu: the CUDA wheel of vLLM at config level on CPU (make test-vllm033 /
+# test-vllm034). triton_interpreted: the Triton kernels are imported in the interpreter's mode
+# before any test module imports vLLM (which imports Triton), whatever subset or order of
+# modules a run collects: Triton's own helpers keep the mode of its first import. Required:
+# a missing or broken Triton fails the run, never skips its tests.
 import cuda_wheel_on_cpu  # noqa: E402
+import triton_interpreted  # noqa: E402, F401
 
 cuda_wheel_on_cpu.allow_config_level()
 

@@ -499,6 +499,25 @@ def test_calibrated_engine_is_exact_and_prefix_hits_equal_cold_runs(
     assert plain[1] != cold[1]  # the transform reaches the cache: other codes, other logprobs
 
 
+def test_a_file_without_this_models_layer_names_is_refused_at_startup(model_dir, model_shape, tmp_path):
+    """The right model's file under other layer names (another vLLM's naming, a multimodal prefix).
+
+    Before: accepted at startup; the engine died on its first request (the layers were looked
+    up on their first call). Now every layer is looked up once the weights are loaded.
+    """
+    from transformers import AutoConfig
+
+    fingerprint = cal.model_fingerprint(AutoConfig.from_pretrained(model_dir).get_text_config())
+    kv_heads, dim = model_shape["kv_heads"], model_shape["head_dim"]
+    zeros = torch.zeros(kv_heads, dim)
+    entry = cal.LayerCalibration(kv_heads, dim, torch.ones(kv_heads, dim), zeros, zeros, 0.0, 1.0, 0.01)
+    layers = {f"language_model.model.layers.{i}.self_attn.attn": entry for i in range(model_shape["layers"])}
+    path = tmp_path / "renamed.json"
+    cal.Calibration(fingerprint, "smollm2", "t", 0, 0, (0.0,), {8192: layers}).write(path)
+    with pytest.raises(Exception, match="has no attention layer 'model.layers.0.self_attn.attn'"):
+        _engine(model_dir, str(path))
+
+
 @pytest.mark.slow
 def test_another_models_calibration_is_refused_at_startup(calibrated, model_dir, tmp_path):
     data = calibrated[0].to_json()

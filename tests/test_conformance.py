@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import triton_interpreted  # at import, before anything else imports Triton (see triton_interpreted)
 from paged_cases import fill_cache
 
 from vllm_nf4kv import cpu_kernels, reference
@@ -30,11 +31,6 @@ from vllm_nf4kv.kernel_limits import CPU_LIMITS, CUDA_LIMITS
 from vllm_nf4kv.paged_attention import paged_attention
 from vllm_nf4kv.reference_attention import ATTENTION_TOLERANCE, paged_attention_reference
 from vllm_nf4kv.rotation import rotate, unrotate
-
-try:  # at import, before anything else imports Triton (see triton_interpreted)
-    import triton_interpreted
-except pytest.skip.Exception:  # no Triton installed: its cases skip, the others run
-    triton_interpreted = None
 
 FORMATS = {
     **{f"{KV_CACHE_DTYPE}-d{d}": format_for(KV_CACHE_DTYPE, d) for d in (64, 128, 256)},
@@ -71,8 +67,6 @@ def cpp_portable():
 
 @pytest.fixture(scope="session")
 def triton_kernels():
-    if triton_interpreted is None:
-        pytest.skip("Triton is not installed")
     return triton_interpreted
 
 

@@ -1,10 +1,10 @@
-"""The vLLM 0.33 path (``register_kv_cache_dtype``), at config level, without a GPU.
+"""The CUDA wheels' path (``register_kv_cache_dtype``, vLLM 0.33 and 0.34), at config level.
 
-The CUDA wheel of vLLM 0.33 cannot run an engine on a CPU machine, but
-everything up to the engine can run with ``VLLM_TARGET_DEVICE=cpu``: the dtype
-hook, ``--kv-cache-dtype nf4`` validation, ``create_engine_config``, backend
-selection, and the CUDA backend's spec. Run with ``make test-vllm033`` (it
-builds ``.venv-033``); on vLLM 0.32 these tests are skipped.
+The CUDA wheel cannot run an engine on a CPU machine, but everything up to the
+engine can run with ``VLLM_TARGET_DEVICE=cpu``: the dtype hook, ``--kv-cache-dtype
+nf4`` validation, ``create_engine_config``, backend selection, and the CUDA
+backend's spec. Run with ``make test-vllm033`` / ``make test-vllm034`` (they build
+``.venv-vllm033`` / ``.venv-vllm034``); on vLLM 0.32 (no hook) the module is skipped.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import pytest
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
-cache_module = pytest.importorskip("vllm.config.cache")
+from vllm.config import cache as cache_module  # noqa: E402
+
 if not hasattr(cache_module, "register_kv_cache_dtype"):
-    pytest.skip("vLLM without register_kv_cache_dtype (0.32): see make test-vllm033", allow_module_level=True)
+    pytest.skip("vLLM without register_kv_cache_dtype (0.32): see make test-vllm034", allow_module_level=True)
 
 import torch  # noqa: E402
 

@@ -161,10 +161,23 @@ def test_registry_names_what_each_dtype_stores():
     assert (split.value_offset, split.cell_bytes) == (64 + 8, 64 + 8 + 64 + 4)
 
 
+def vllm_int4_per_token_head_cell(head_dim: int) -> int:
+    """K + V bytes per token and KV head that vLLM's own int4_per_token_head spec asks for."""
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVQuantMode
+
+    spec = FullAttentionSpec(
+        block_size=16, num_kv_heads=1, head_size=head_dim, dtype=torch.uint8,
+        kv_quant_mode=KVQuantMode.INT4_PER_TOKEN_HEAD,
+    )  # fmt: skip
+    return TritonAttentionBackend.customize_spec(spec).state_content_bytes
+
+
 @pytest.mark.parametrize("head_dim", range(16, 513, 16))
-def test_never_more_bytes_than_int4_per_token_head(head_dim):
-    assert fmt.int4_per_token_head_bytes(64) == 36  # codes + one fp32 scale (vLLM 0.33's kernel)
-    assert fmt.format_for("nf4", head_dim).cell_bytes <= 2 * fmt.int4_per_token_head_bytes(head_dim)
+def test_never_more_bytes_than_vllms_int4_per_token_head(head_dim):
+    vllm_cell = vllm_int4_per_token_head_cell(head_dim)
+    assert 2 * fmt.int4_per_token_head_bytes(head_dim) == vllm_cell  # our figure is vLLM's (tools, docs)
+    assert fmt.format_for("nf4", head_dim).cell_bytes <= vllm_cell
 
 
 # ---------------------------------------------------------------- ue5m3 scale codes

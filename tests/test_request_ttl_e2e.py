@@ -147,6 +147,20 @@ def test_bad_request_ttl_is_http_400(server, value, message):
     assert message in json.dumps(answer), answer
 
 
+@pytest.mark.parametrize(
+    ("key", "suggestion"),
+    [("nf4kv_prefix_tl_s", "did you mean 'nf4kv_prefix_ttl_s'?"), ("nf4kv_prefix_retain_s", "known: ")],
+)
+def test_unknown_request_key_is_http_400(server, key, suggestion):
+    """vLLM passes vllm_xargs through unchecked: a typo would leave the TTL silently off."""
+    body = {"model": "smollm2", "prompt": prompt("typo"), "max_tokens": 1, "vllm_xargs": {key: 0}}
+    status, answer = server.post("/v1/completions", body)
+    assert status == 400, answer
+    text = json.dumps(answer)
+    assert f"'{key}' is not a vllm-nf4kv request key" in text and suggestion in text, answer
+    assert "nf4kv_prefix_ttl_s" in text
+
+
 @pytest.mark.parametrize(("kv_cache_dtype", "server_ttl_s"), [("nf4", None), ("auto", 3600)])
 def test_engine_request_ttls_any_dtype_with_or_without_a_server_ttl(model_dir, kv_cache_dtype, server_ttl_s):
     """In-process engines; with no server TTL, vLLM's classes stay in place until a request sets one."""

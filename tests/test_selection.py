@@ -74,3 +74,25 @@ def test_every_refused_feature_is_named_at_once_with_the_flag_to_change():
     for part in ("kv_cache_dtype 'fp8'", "ALiBi slopes", "logits soft-capping", "attention sinks",
                  "--kv-cache-dtype auto or fp8"):
         assert part in message, message
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cuda"])
+def test_kv_sharing_layers_are_refused(kind):
+    """Gemma 3n / 4 layers that read another layer's cache (before: accepted, silently wrong logits)."""
+    with pytest.raises(ValueError, match="KV-cache sharing \\(this layer reads 'model.layers.3.attn'"):
+        _layer(kind, kv_sharing_target_layer_name="model.layers.3.attn")
+
+
+@pytest.mark.parametrize(
+    "impl",
+    [
+        "vllm_nf4kv.backends.cpu_attn.NF4CPUAttentionImpl",
+        "vllm_nf4kv.backends.triton_attn.NF4TritonAttentionImpl",
+    ],
+)
+def test_the_impls_pass_kv_sharing_to_the_refusal(impl):
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    cls = resolve_obj_by_qualname(impl)
+    with pytest.raises(ValueError, match="KV-cache sharing"):
+        cls(4, 64, 0.125, 2, None, None, "nf4", kv_sharing_target_layer_name="model.layers.3.attn")

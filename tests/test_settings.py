@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vllm_nf4kv import settings
-from vllm_nf4kv.settings import SETTINGS, check_environment, nf4kv_section
+from vllm_nf4kv.settings import SETTINGS, check_environment, nf4kv_section, unknown_request_key
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
@@ -72,3 +72,12 @@ def test_typo_stops_vllms_startup(model_dir, monkeypatch):
     monkeypatch.setenv("NF4KV_MAX_REQUEST_TTL", "60")
     with pytest.raises(ValueError, match="did you mean 'NF4KV_MAX_REQUEST_TTL_S'"):
         EngineArgs(model=str(model_dir), enforce_eager=True).create_engine_config()
+
+
+def test_unknown_request_keys_are_named_with_the_closest_known_one():
+    assert unknown_request_key({"nf4kv_prefix_ttl_s": 60, "other_plugin_key": 1}) is None
+    key, error = unknown_request_key({"top_k": 3, "nf4kv_prefix_tl_s": 60})
+    assert key == "nf4kv_prefix_tl_s"
+    assert "did you mean 'nf4kv_prefix_ttl_s'?" in str(error)
+    key, error = unknown_request_key({"NF4KV_PREFIX_TTL_S": 60})  # a key is matched exactly
+    assert key == "NF4KV_PREFIX_TTL_S" and "known: nf4kv_prefix_ttl_s" in str(error)

@@ -470,3 +470,82 @@ def test_kv_memory_of_a_hybrid_model_counts_shared_tensors_once():
     actual, bf16 = kv_memory(config)
     assert actual == 2 * 10 * page  # the allocation once, not four layers' pages
     assert bf16 == 2 * 10 * 16 * 256 * 2 * 2
+
+
+# -- content that stays or moves keeps its request TTLs (vLLM's hash promotions and moves) ----
+
+CACHE_BLOCK = 2 * BLOCK_SIZE  # a cache block of two hash blocks, as hybrid models have
+
+
+def merged_hash(request):
+    """The prefix-cache key of the request's first cache block (two hash blocks)."""
+    from vllm.v1.core.kv_cache_utils import resolve_block_hashes
+
+    return resolve_block_hashes(request.block_hashes, BLOCK_SIZE, CACHE_BLOCK)[0]
+
+
+def test_a_partial_block_promoted_to_full_keeps_its_request_ttl(vllm_parts):
+    """vLLM replaces a held block's partial hash with the full one as its request fills it.
+
+    Before: the replacement counted as new content, the TTL-0 request's tokens lost their
+    TTL and stayed a hit for good (10 s later here).
+    """
+    from vllm_nf4kv.ttl.pool import request_ttl_scope
+
+    pool, clock, state = make_pool(vllm_parts, ttl=None, request_ttls=True)
+    _, request = vllm_parts
+    private = request(range(6))  # the prompt ends inside the cache block: a partial entry
+    with request_ttl_scope(pool, 0.0):
+        blocks = pool.get_new_blocks(1)
+        pool.cache_partial_block(private, blocks[0], 4, 0, CACHE_BLOCK)
+    assert blocks[0].block_hash is not None
+    private.append_output_token_ids([6, 7])  # decoding fills the block
+    pool.cache_full_blocks(private, blocks, 0, 1, CACHE_BLOCK, 0)  # partial -> full
+    pool.free_blocks(blocks)
+    clock.now = 10.0
+    assert pool.get_cached_block(merged_hash(private), [0]) is None
+    assert state.expired_by_request == 1
+
+
+def test_a_moved_cache_entry_keeps_the_tightest_request_ttl(vllm_parts):
+    """vLLM moves a cache entry to a private copy (``move_block_hashes``, Mamba align mode).
+
+    A TTL-0 request hit the source's content; the copy is allocated outside any TTL scope.
+    Before: the copy started with no request TTL and stayed a hit 10 s later.
+    """
+    pool, clock, state = make_pool(vllm_parts, ttl=None, request_ttls=True)
+    _, request = vllm_parts
+    owner, _ = run_with_ttl(pool, request(range(8)), None)  # the owner keeps its blocks
+    private, hits = run_with_ttl(pool, request(range(8)), 0.0)  # a TTL-0 request hits them
+    assert hits == 2
+    pool.free_blocks(reversed(private))
+    source = owner[1]
+    (copy,) = pool.get_new_blocks(1)
+    pool.move_block_hashes(source, copy)  # the owner writes on into `source`
+    assert copy.block_hash is not None and source.block_hash is None
+    pool.free_blocks([copy])  # the prefix cache holds the copy
+    clock.now = 10.0
+    assert run_with_ttl(pool, request(range(8)), None)[1] == 1  # block 0: still held by the owner
+    assert state.expired_by_request == 1
+
+
+# -- memory: one queue per TTL in use, whatever TTL values clients send ---------------------
+
+
+def test_distinct_request_ttls_keep_the_queues_bounded(vllm_parts):
+    """Before: a queue emptied when its block was reused kept its entry until its first
+    deadline (here days away): 2,000 distinct TTLs left 2,000 queues and heap entries."""
+    from vllm_nf4kv.ttl.pool import STALE_HEAP_ENTRIES
+
+    num_blocks = 8
+    pool, clock, state = make_pool(vllm_parts, ttl=None, request_ttls=True, num_blocks=num_blocks)
+    _, request = vllm_parts
+    for i in range(2000):
+        blocks, _ = run_with_ttl(pool, request([i] * BLOCK_SIZE), 86_400.0 + i / 8)  # one block each
+        pool.free_blocks(blocks)
+        clock.now += 0.001
+    assert len(state.queues) == len(state.queue_bound) <= num_blocks
+    assert len(state.queue_bounds) <= 2 * len(state.queue_bound) + STALE_HEAP_ENTRIES
+    assert len(state.released) == len(state.request_ttl) == num_blocks - 1  # the null block aside
+    clock.now = 86_400.0 + 2000 / 8 + 10  # every TTL has passed: all of them still expire
+    assert pool.nf4kv_sweep() == num_blocks - 1 and not state.queues

@@ -160,13 +160,16 @@ def undo_on_failure_kv_cache_dtype_hook() -> None:
 
 
 def check_nf4_quality_after_loading() -> None:
-    """Refuse uncalibrated nf4 on a model with key biases once its weights are loaded.
+    """Check nf4's calibration against the loaded model: every layer covered, biased keys calibrated.
 
     Why: whether a model's projections add a bias to its keys is known only from its
-    loaded weights, and attention backends see neither (``quality_gate``).
+    loaded weights, and attention backends see neither (``quality_gate``); a layer's name
+    (what its calibration is looked up by) is known to its impl only on its first call, too
+    late for a file that lacks it.
     What it replaces: ``vllm.model_executor.model_loader.base_loader
     .process_weights_after_loading`` (the name ``BaseModelLoader.load_model`` calls, so every
-    loader built on it) with a wrapper that calls it, then ``quality_gate.check_loaded_model``.
+    loader built on it) with a wrapper that calls it, then
+    ``backends.smoothing.resolve_model_layers`` and ``quality_gate.check_loaded_model``.
     Versions: vLLM 0.32, 0.33 and 0.34 (the same name and call in each). Upstream: none (no hook
     hands a backend its layer's weights).
     Removed by: a backend hook that sees the layer's projections after loading.
@@ -180,9 +183,11 @@ def check_nf4_quality_after_loading() -> None:
 
     @functools.wraps(original)
     def process_weights_then_check(model: Any, model_config: Any, target_device: Any) -> None:
+        from vllm_nf4kv.backends.smoothing import resolve_model_layers
         from vllm_nf4kv.quality_gate import check_loaded_model
 
         original(model, model_config, target_device)
+        resolve_model_layers(model)
         check_loaded_model(model)
 
     process_weights_then_check._nf4kv_quality_gate = True  # type: ignore[attr-defined]
@@ -266,21 +271,22 @@ def validate_engine_config() -> None:
     _replace(EngineArgs, "create_engine_config", create_engine_config)
 
 
-def validate_request_ttl() -> None:
+def validate_request_args() -> None:
     """Target: ``vllm.v1.engine.input_processor.InputProcessor._validate_params``.
 
-    Why: a bad request TTL (negative, NaN, not a number, above the server's
-    ``max_request_ttl_s``) must be the client's error (HTTP 400 with the reason)
-    before the request reaches the engine, never a server error or a silently
-    ignored setting; so must a request TTL on a server where the prefix-cache TTL
-    feature is unavailable (its self-check failed, or a hook is missing: then no
-    request TTL could apply). ``_validate_params`` is where vLLM checks every
+    Why: what a request sets in ``vllm_xargs`` must be right or the client's error
+    (HTTP 400 with the reason) before the request reaches the engine, never a server
+    error or a silently ignored setting: an unknown ``nf4kv_*`` key (a typo, named with
+    the closest known one), a bad request TTL (negative, NaN, not a number, above the
+    server's ``max_request_ttl_s``), and any request TTL where the prefix-cache TTL
+    feature is unavailable (its self-check failed, or a hook is missing). vLLM passes
+    ``vllm_xargs`` through unchecked; ``_validate_params`` is where it checks every
     request's ``SamplingParams`` in the front end (API server and offline ``LLM``),
-    with the engine's ``vllm_config`` at hand. Part of the settings validation,
-    not of the TTL feature, so it stays in place when the TTL is refused.
-    How: wraps it; afterwards the request TTL in ``params.extra_args`` goes
-    through ``ttl.config.parse_request_ttl`` (or the refusal above), and a
-    ``ValueError`` becomes vLLM's ``VLLMValidationError`` (a 400).
+    with the engine's ``vllm_config`` at hand. Part of the settings validation, not of
+    the TTL feature, so it stays in place when the TTL is refused.
+    How: wraps it; afterwards ``settings.unknown_request_key`` and
+    ``ttl.engine.check_request_ttl`` look at ``params.extra_args``, and a ``ValueError``
+    becomes vLLM's ``VLLMValidationError`` (a 400).
     Versions: 0.32, 0.33 and 0.34 (``_validate_params(params, supported_tasks)``).
     Removed by: a vLLM hook for plugins to validate ``extra_args`` (none yet).
     """
@@ -291,20 +297,26 @@ def validate_request_ttl() -> None:
     if _ttl_patched(original):
         return
     _check_signature(original, ["self", "params", "supported_tasks"], "InputProcessor._validate_params")
-    from vllm_nf4kv.ttl.config import REQUEST_KEY
+    from vllm_nf4kv.settings import REQUEST_TTL_KEY, unknown_request_key
     from vllm_nf4kv.ttl.engine import check_request_ttl
 
     @functools.wraps(original)
     def _validate_params(self: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
         result = original(self, params, *args, **kwargs)
         extra_args = getattr(params, "extra_args", None)
-        if extra_args and extra_args.get(REQUEST_KEY) is not None:
-            try:
-                check_request_ttl(self, extra_args[REQUEST_KEY])
-            except ValueError as error:
-                raise VLLMValidationError(
-                    str(error), parameter=f"vllm_xargs.{REQUEST_KEY}", value=extra_args[REQUEST_KEY]
-                ) from None
+        if not extra_args:
+            return result
+        key = REQUEST_TTL_KEY
+        try:
+            unknown = unknown_request_key(extra_args)
+            if unknown is not None:
+                key, error = unknown
+                raise error
+            if extra_args.get(key) is not None:
+                check_request_ttl(self, extra_args[key])
+        except ValueError as error:
+            value = extra_args[key]
+            raise VLLMValidationError(str(error), parameter=f"vllm_xargs.{key}", value=value) from None
         return result
 
     setattr(_validate_params, _TTL_PATCH_MARK, True)
@@ -497,7 +509,7 @@ def install_ttl() -> None:
     where the scheduler patch is missing is refused at startup by
     ``ttl.engine.check_config``, and so is ``max_request_ttl_s`` where the
     ``add_request`` patch is missing (request TTLs are then refused per request by
-    :func:`validate_request_ttl`). Anything else that goes wrong raises, and
+    :func:`validate_request_args`). Anything else that goes wrong raises, and
     ``plugin.register`` undoes the whole feature.
     """
     from vllm_nf4kv.ttl import engine

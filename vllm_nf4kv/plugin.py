@@ -49,7 +49,7 @@ def _settings_validation() -> None:
     from vllm_nf4kv import patches
 
     patches.validate_engine_config()
-    patches.validate_request_ttl()
+    patches.validate_request_args()
 
 
 def _nf4_cache_dtype() -> None:

@@ -78,13 +78,32 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
-def _unknown(where: str, name: str, known: list[str]) -> ValueError:
+# What a request may set in ``vllm_xargs`` (vLLM's ``SamplingParams.extra_args``); any other
+# key with this prefix is refused with HTTP 400 (``patches.validate_request_args``).
+REQUEST_PREFIX = "nf4kv_"
+REQUEST_TTL_KEY = "nf4kv_prefix_ttl_s"  # docs/ttl.md "Request TTLs"
+REQUEST_KEYS: tuple[str, ...] = (REQUEST_TTL_KEY,)
+
+
+def _unknown(where: str, name: str, known: list[str], what: str = "setting") -> ValueError:
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     suggestion = f"did you mean {close[0]!r}? " if close else ""
     return ValueError(
-        f"{where} {name!r} is not a vllm-nf4kv setting; {suggestion}"
+        f"{where} {name!r} is not a vllm-nf4kv {what}; {suggestion}"
         f"known: {', '.join(known)} (docs/configuration.md)"
     )
+
+
+def unknown_request_key(extra_args: Mapping[str, Any]) -> tuple[str, ValueError] | None:
+    """The first ``nf4kv_*`` key of a request's ``vllm_xargs`` that is not one of ours, and why.
+
+    vLLM passes ``vllm_xargs`` through unchecked, so a typo (``nf4kv_prefix_tl_s``) would
+    leave the request's setting silently off, as an unknown server setting would.
+    """
+    for key in extra_args:
+        if isinstance(key, str) and key.lower().startswith(REQUEST_PREFIX) and key not in REQUEST_KEYS:
+            return key, _unknown("vllm_xargs key", key, list(REQUEST_KEYS), what="request key")
+    return None
 
 
 def nf4kv_section(additional_config: Any) -> Mapping[str, Any]:

@@ -92,6 +92,7 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
             "cpu", kv_cache_dtype=kv_cache_dtype, attn_type=attn_type, num_heads=num_heads,
             num_kv_heads=num_kv_heads, head_size=head_size, sliding_window=sliding_window,
             alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap, sinks=sinks,
+            kv_sharing_target_layer_name=kv_sharing_target_layer_name,
         )
         super().__init__(
             num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,

@@ -82,6 +82,7 @@ def check_layer(
     alibi_slopes: Any,
     logits_soft_cap: float | None,
     sinks: Any,
+    kv_sharing_target_layer_name: str | None = None,
 ) -> CellLayout:
     """Refuse what one attention layer asks for and ``kind``'s kernels cannot do; return its layout.
 
@@ -101,6 +102,10 @@ def check_layer(
         refused.append("logits soft-capping")
     if sinks is not None:
         refused.append("attention sinks")
+    if kv_sharing_target_layer_name is not None:
+        # Gemma 3n / 4: this layer reads another layer's cache (keys stored with that layer's
+        # calibration) and is called with key=None; neither the transform nor calibrate fits.
+        refused.append(f"KV-cache sharing (this layer reads {kv_sharing_target_layer_name!r}'s cache)")
     if sliding_window and sliding_window > 0 and not limits.sliding_window:
         refused.append("sliding windows")
     gqa = limits.gqa_refusal(num_heads, num_kv_heads)

@@ -3,7 +3,9 @@
 The impl is built inside vLLM's ``Attention.__init__`` without its layer's name, so the
 engine's calibration is resolved (a wrong file, or one over the quality bound, refused) in
 ``__init__``, at startup, and each layer's own transform is looked up by ``layer.layer_name``
-on its first call.
+once the model is loaded (:func:`resolve_model_layers`, from ``patches``): a file without
+this model's layer names (another vLLM's naming, a multimodal prefix, draft-model layers)
+stops startup instead of the first request.
 """
 
 from __future__ import annotations
@@ -82,3 +84,18 @@ class LayerSmoothing:
         self._transform = None if transform.is_identity else transform
         self._resolved = True
         return self._transform
+
+
+def resolve_model_layers(model: Any) -> int:
+    """Look up every nf4 attention layer's transform now; returns how many layers are nf4.
+
+    Raises the calibration's ``ValueError`` (the missing layer, the file, the command that
+    makes the right one) for the first layer the file does not cover.
+    """
+    count = 0
+    for module in model.modules():
+        smoothing = getattr(getattr(module, "impl", None), "smoothing", None)
+        if isinstance(smoothing, LayerSmoothing):
+            smoothing.for_layer(module)
+            count += 1
+    return count

@@ -89,6 +89,7 @@ class NF4TritonAttentionImpl(AttentionImpl):
             "cuda", kv_cache_dtype=kv_cache_dtype, attn_type=attn_type, num_heads=num_heads,
             num_kv_heads=num_kv_heads, head_size=head_size, sliding_window=sliding_window,
             alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap, sinks=sinks,
+            kv_sharing_target_layer_name=kv_sharing_target_layer_name,
         )
         self.num_heads = num_heads
         self.head_size = head_size

@@ -33,14 +33,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_nf4kv.settings import MAX_REQUEST_TTL, NAMESPACE, PREFIX_CACHE_TTL, nf4kv_section
+from vllm_nf4kv.settings import MAX_REQUEST_TTL, NAMESPACE, PREFIX_CACHE_TTL, REQUEST_TTL_KEY, nf4kv_section
 
 CONFIG_NAMESPACE = NAMESPACE
 CONFIG_KEY = PREFIX_CACHE_TTL.key
 ENV_VAR = PREFIX_CACHE_TTL.env_var
 MAX_REQUEST_KEY = MAX_REQUEST_TTL.key
 MAX_REQUEST_ENV_VAR = MAX_REQUEST_TTL.env_var
-REQUEST_KEY = "nf4kv_prefix_ttl_s"  # in a request's vllm_xargs (SamplingParams.extra_args)
+REQUEST_KEY = REQUEST_TTL_KEY  # in a request's vllm_xargs (SamplingParams.extra_args)
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,7 @@ def _activate(scheduler: Any, pool: Any) -> TTLState:
 
 
 def check_request_ttl(processor: Any, value: Any) -> None:
-    """Raise ValueError unless a request's TTL can apply here (``patches.validate_request_ttl``).
+    """Raise ValueError unless a request's TTL can apply here (``patches.validate_request_args``).
 
     ``processor`` is vLLM's ``InputProcessor``; the server's maximum is resolved once per instance.
     """
@@ -163,7 +163,7 @@ def check_request_ttl(processor: Any, value: Any) -> None:
 def request_ttl_of(request: Any) -> float | None:
     """The TTL a request set for itself (``SamplingParams.extra_args``), None for none.
 
-    The API server refused bad values already (``patches.validate_request_ttl``);
+    The API server refused bad values already (``patches.validate_request_args``);
     a value that still does not parse here (a request built around it) counts
     as 0, the privacy-safe reading, never as an error inside the engine.
     """

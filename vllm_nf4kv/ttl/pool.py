@@ -8,7 +8,9 @@ Semantics (docs/ttl.md):
 * a block's TTL is the tightest of the server-wide TTL and the *request TTLs*
   of every request that used its current content (allocated it or hit it):
   privacy wins, a longer TTL never loosens a shorter one; a block that gets new
-  content (reused, or its hash dropped) starts with no request TTL;
+  content (reused, or its hash dropped while free) starts with no request TTL,
+  while content that stays or moves keeps them (a held block's partial hash
+  promoted to a full one; vLLM's ``move_block_hashes`` to a private copy);
 * a free block holding a prefix-cache hash whose last use is older than its
   TTL (``now > last_use + ttl``) is *expired*: it is never a prefix hit again;
   it loses all its hashes and moves to the front of the free queue, where vLLM
@@ -26,7 +28,9 @@ least as many as an allocation takes), at each allocation and release and
 before stats. Every block is popped at most once per release, so sweeps cost
 O(1) per operation amortised plus O(log T) per map visited, T being the number
 of distinct TTLs in use (one for a server-wide TTL alone); there is never a
-full scan. Correctness does not wait for sweeps: a lookup that lands on an
+full scan. A map that empties is dropped (its heap entry goes stale, and stale
+entries are rebuilt away in bulk), so T and the heap stay O(free cached blocks)
+whatever TTL values clients send. Correctness does not wait for sweeps: a lookup that lands on an
 expired block expires it on the spot and looks again (lazy check).
 
 The policy is applied to one pool *instance* (the scheduler's) by switching its
@@ -57,6 +61,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_SWEEP_BUDGET = 256  # expired blocks handled per pool operation, at most
+# Heap entries of dropped queues tolerated (beyond one per live queue) before the heap is
+# rebuilt: memory stays O(free cached blocks) whatever TTL values clients send, and the
+# O(T) rebuild runs at most once per T + this many drops.
+STALE_HEAP_ENTRIES = 64
 
 # What the policy calls or overrides on vLLM's BlockPool and its free queue.
 REQUIRED_POOL_METHODS = (
@@ -85,7 +93,8 @@ class TTLState:
     released: dict[int, tuple[float, float]] = field(default_factory=dict)
     # the same blocks by TTL, oldest release first: TTL -> {block id: deadline}
     queues: dict[float, OrderedDict[int, float]] = field(default_factory=dict)
-    # one heap entry per queue: (a lower bound of its first deadline, TTL)
+    # a heap of (a lower bound of its first deadline, TTL): one entry per queue, plus at most
+    # 2 x queues + STALE_HEAP_ENTRIES stale ones of queues dropped since (skipped when popped)
     queue_bounds: list[tuple[float, float]] = field(default_factory=list)
     queue_bound: dict[float, float] = field(default_factory=dict)  # TTL -> its entry's bound
     # block id -> the tightest request TTL among the requests that used its content
@@ -146,8 +155,16 @@ class TTLState:
     def untrack(self, block_id: int) -> None:
         """The block is taken, re-released or dropped: no pending expiry."""
         entry = self.released.pop(block_id, None)
-        if entry is not None:
-            del self.queues[entry[1]][block_id]  # an empty queue keeps its heap entry
+        if entry is None:
+            return
+        ttl = entry[1]
+        queue = self.queues[ttl]
+        del queue[block_id]
+        if not queue:  # one queue per TTL in use, never more: distinct request TTLs come and go
+            del self.queues[ttl], self.queue_bound[ttl]  # its heap entry is stale now
+            if len(self.queue_bounds) > 2 * len(self.queue_bound) + STALE_HEAP_ENTRIES:
+                self.queue_bounds[:] = [(bound, t) for t, bound in self.queue_bound.items()]
+                heapq.heapify(self.queue_bounds)
 
     def use(self, block_id: int, ttl: float) -> None:
         """A request with TTL ``ttl`` uses the block's content: the tightest bound wins."""
@@ -291,8 +308,21 @@ class TTLBlockPoolMixin(CachedBlockCountMixin):
             state.count_expired(state.by_request(block_id))  # e.g. reused before a sweep reached it
         removed = super()._remove_cached_block_hashes(block, *args, **kwargs)  # type: ignore[misc]
         if block.block_hash is None:
-            state.forget_content(block_id)  # its content is no prefix any more
+            if block.ref_cnt == 0:
+                state.forget_content(block_id)  # evicted: its content is no prefix any more
+            else:
+                # Held: its content stays with the request writing it (a partial block promoted
+                # to full, the source of a move), and so do the TTLs of the requests that used it.
+                state.untrack(block_id)
         return removed
+
+    def move_block_hashes(self, src_block: Any, dst_block: Any, *args: Any, **kwargs: Any) -> None:
+        # vLLM (Mamba align mode): the cache entry moves to a private copy, and so does every
+        # request TTL that applied to the content (the copy also keeps its own allocation's).
+        ttl = self._nf4kv.request_ttl.get(src_block.block_id)
+        super().move_block_hashes(src_block, dst_block, *args, **kwargs)  # type: ignore[misc]
+        if ttl is not None:
+            self._nf4kv.use(dst_block.block_id, ttl)
 
     # -- releases and reuse -------------------------------------------------
 
