@@ -68,7 +68,8 @@ test-fast: install assets
 # .venv-cuda-base and shared (scripts/setup_vllm_cuda_venv.sh). .ci/run runs both.
 CUDA_WHEEL_TESTS := tests/test_cuda_wheel_registration.py tests/test_plugin_register.py \
   tests/test_ttl_pool.py tests/test_ttl_pool_property.py tests/test_ttl_scheduler.py \
-  tests/test_ttl_config.py tests/test_settings.py tests/test_selection.py tests/test_format.py
+  tests/test_ttl_config.py tests/test_settings.py tests/test_selection.py tests/test_format.py \
+  tests/test_patch_index.py
 
 CUDA_WHEELS := 033 034
 

@@ -2,7 +2,7 @@
 
 Run by ``tests/test_plugin_register.py`` (a fresh interpreter: the test process
 has the plugin registered already). For each change ``k`` that a clean
-``register()`` makes (every ``patches._replace`` / ``_set_item`` / ``on_undo``),
+``register()`` makes (every ``journal.replace`` / ``set_item`` / ``on_undo``),
 and for a few failures of other kinds, it resets vLLM, makes that change raise,
 calls ``register()`` and records: whether it raised, the errors it logged, which
 vLLM attributes differ from what they should be (the failing feature's as
@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 import vllm_nf4kv.plugin as plugin
-from vllm_nf4kv import patches, registration
+from vllm_nf4kv import journal, registration
 from vllm_nf4kv.backends import common, selection
 from vllm_nf4kv.format import KV_CACHE_DTYPE
 from vllm_nf4kv.ttl import pool as ttl_pool
@@ -87,11 +87,11 @@ def counting(original: Any, fail_at: int | None, seen: list[str], feature: list[
 
 def register_once(fail_at: int | None = None, inject: Any = None) -> dict[str, Any]:
     """Reset vLLM, install the fault, call register(); what happened."""
-    patches.undo_to(0)
+    journal.undo_to(0)
     plugin._REGISTERED = False
     seen: list[str] = []
     current = [""]
-    originals = {name: getattr(patches, name) for name in ("_replace", "_set_item", "on_undo")}
+    originals = {name: getattr(journal, name) for name in ("replace", "set_item", "on_undo")}
     features = plugin.FEATURES
 
     def tracked(name: str, step: Any) -> Any:
@@ -103,7 +103,7 @@ def register_once(fail_at: int | None = None, inject: Any = None) -> dict[str, A
 
     plugin.FEATURES = tuple((name, tracked(name, step)) for name, step in features)
     for name, original in originals.items():
-        setattr(patches, name, counting(original, fail_at, seen, current))
+        setattr(journal, name, counting(original, fail_at, seen, current))
     restore = inject() if inject else None
     errors = Errors()
     logging.getLogger("vllm.nf4kv").addHandler(errors)
@@ -115,7 +115,7 @@ def register_once(fail_at: int | None = None, inject: Any = None) -> dict[str, A
     finally:
         logging.getLogger("vllm.nf4kv").removeHandler(errors)
         for name, original in originals.items():
-            setattr(patches, name, original)
+            setattr(journal, name, original)
         plugin.FEATURES = features
         if restore:
             restore()
@@ -291,7 +291,7 @@ def main() -> None:
         )
     ownership = register_once(inject=replace(ttl_pool, "owned_by", pre_034_ownership))
     ownership = {"errors": ownership["errors"], "ttl_refusals": ttl_refusals(model_dir)}
-    patches.undo_to(0)
+    journal.undo_to(0)
     pristine = differences(snapshot(), {SETTINGS, NF4, TTL}, before, after)
     print(
         RESULT_MARK

@@ -126,6 +126,8 @@ def test_no_ttl_keeps_vllms_own_classes(model_dir, kv_cache_dtype):
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.core.sched.scheduler import Scheduler
 
+    from vllm_nf4kv import journal
+
     llm = _engine(model_dir, kv_cache_dtype)
     try:
         scheduler = llm.llm_engine.engine_core.engine_core.scheduler
@@ -133,7 +135,7 @@ def test_no_ttl_keeps_vllms_own_classes(model_dir, kv_cache_dtype):
         llm.generate([text, text], SamplingParams(max_tokens=2), use_tqdm=False)
         assert type(scheduler.kv_cache_manager) is KVCacheManager
         assert type(scheduler.kv_cache_manager.block_pool) is BlockPool
-        assert not hasattr(Scheduler.make_stats, "_nf4kv_ttl_patch")
+        assert not journal.is_wrapper(Scheduler.make_stats)
         # nf4 adds its memory gauges to the stats; any other dtype keeps vLLM's make_stats
         assert ("make_stats" in vars(scheduler)) == (kv_cache_dtype == "nf4")
     finally:

@@ -314,7 +314,8 @@ def test_request_ttls_off_ignore_the_scope(vllm_parts):
 
 def test_register_installs_each_patch_once():
     import vllm_nf4kv.plugin as plugin
-    from vllm_nf4kv import patches
+    from vllm_nf4kv import journal, patches
+    from vllm_nf4kv.ttl import patches as ttl_patches
 
     plugin.register()
     from vllm.engine.arg_utils import EngineArgs
@@ -331,15 +332,16 @@ def test_register_installs_each_patch_once():
         EngineArgs.create_engine_config,
         InputProcessor._validate_params,
     )
-    assert all(getattr(t, "_nf4kv_ttl_patch", False) for t in targets)
+    assert all(journal.is_wrapper(t) for t in targets)
     assert engine.SCHEDULER_HOOKED and engine.REQUESTS_HOOKED and engine.STATS_HOOKED
-    assert not hasattr(Scheduler.make_stats, "_nf4kv_ttl_patch")  # only ever per instance
-    mark = patches.journal_mark()
-    patches.install_ttl()  # again: nothing is wrapped twice
+    assert not journal.is_wrapper(Scheduler.make_stats)  # only ever per instance
+    mark = journal.mark()
+    ttl_patches.install_ttl()  # again: nothing is wrapped twice
     patches.validate_engine_config()
-    assert patches.journal_mark() == mark  # nothing changed twice
+    patches.validate_request_args()
+    assert journal.mark() == mark  # nothing changed twice
     for target in targets:
-        assert not getattr(target.__wrapped__, "_nf4kv_ttl_patch", False)
+        assert not journal.is_wrapper(target.__wrapped__)
 
 
 def test_pools_not_built_by_the_scheduler_stay_vllms():

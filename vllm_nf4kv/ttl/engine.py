@@ -1,4 +1,4 @@
-"""Glue between vLLM's engine objects and the TTL policy (called from ``patches``).
+"""Glue between vLLM's engine objects and the TTL policy (called from ``ttl.patches``).
 
 * :func:`check_config`: resolve and validate the TTL from a ``VllmConfig``
   (a clear ``ValueError`` at startup, before any model is loaded);
@@ -12,7 +12,7 @@
 
 With no TTL set and no request that sets one, the scheduler keeps vLLM's own
 ``BlockPool`` and ``KVCacheManager`` classes and its own ``make_stats``; an
-nf4 engine only adds its memory gauges to the stats (``patches.ttl_stats_on_scheduler``).
+nf4 engine only adds its memory gauges to the stats (:func:`wrap_make_stats`).
 
 Request TTLs reach the pool through the scheduler's KV-cache manager: its
 instance gets a subclass of its own class (:func:`ttl_manager_class`) whose
@@ -22,11 +22,12 @@ request's TTL, so the blocks that allocation hits or takes carry it.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
 from vllm_nf4kv.format import KV_CACHE_DTYPE
-from vllm_nf4kv.registration import SUPPORTED_VLLM
+from vllm_nf4kv.journal import SUPPORTED_VLLM
 from vllm_nf4kv.ttl.config import (
     CONFIG_NAMESPACE,
     MAX_REQUEST_KEY,
@@ -50,7 +51,7 @@ from vllm_nf4kv.ttl.pool import TTLState, enable_ttl, missing_features, request_
 logger = logging.getLogger("vllm.nf4kv.ttl")
 
 STATS_SWEEP_BUDGET = 4096  # expired blocks handled before each stats report, at most
-# Set by vllm_nf4kv.patches.install_ttl: which of its patches are in place on this vLLM.
+# Set by vllm_nf4kv.ttl.patches.install_ttl: which of its patches are in place on this vLLM.
 SCHEDULER_HOOKED = False  # Scheduler.__init__ applies the TTL
 REQUESTS_HOOKED = False  # request TTLs are applied (Scheduler.add_request)
 STATS_HOOKED = False  # the front end takes the nf4kv: payload out of SchedulerStats
@@ -132,9 +133,7 @@ def _report_stats(scheduler: Any) -> None:
         logger.debug("vllm-nf4kv: KV memory figures unavailable", exc_info=True)
         memory = (0, 0)
     scheduler._nf4kv_report = {"memory": memory, "expired_reported": (0, 0)}
-    from vllm_nf4kv.patches import ttl_stats_on_scheduler
-
-    ttl_stats_on_scheduler(scheduler)
+    wrap_make_stats(scheduler)
 
 
 def _activate(scheduler: Any, pool: Any) -> TTLState:
@@ -254,3 +253,34 @@ def attach_stats(scheduler: Any, stats: Any) -> None:
         )
         report["expired_reported"] = (state.expired_by_server, state.expired_by_request)
     stats.num_kv_fetch_reqs_by_stage.update(payload)
+
+
+def wrap_make_stats(scheduler: Any) -> None:
+    """Target: ``make_stats`` of ONE ``vllm.v1.core.sched.scheduler.Scheduler`` instance.
+
+    Why: the pool lives in the engine core, ``/metrics`` in the API server, and
+    a Prometheus metric set in the engine core never reaches ``/metrics`` under
+    a plain ``vllm serve``. ``SchedulerStats`` (a fixed dataclass, msgspec drops
+    extra attributes) is what already travels to the front end each step.
+    How: an instance attribute ``make_stats`` wrapping the class's method; it
+    adds ``nf4kv:*`` integer keys to the returned stats'
+    ``num_kv_fetch_reqs_by_stage`` (``dict[str, int]``, which vLLM's loggers
+    read by known stage names only); ``ttl.patches.ttl_stats_logger`` removes them in the
+    front end before vLLM's loggers run. Called by ``ttl.engine`` only for a
+    scheduler with a TTL (or an nf4 cache, for its memory gauges), so every
+    other engine keeps vLLM's own stats path, and only where
+    ``ttl.engine.STATS_HOOKED`` says the front end takes the keys out.
+    Versions: 0.32, 0.33 and 0.34. Removed by: an extension field for plugin stats
+    in ``SchedulerStats`` (none yet).
+    """
+    if "make_stats" in vars(scheduler):
+        return
+    original = type(scheduler).make_stats
+
+    @functools.wraps(original)
+    def make_stats(*args: Any, **kwargs: Any) -> Any:
+        stats = original(scheduler, *args, **kwargs)
+        attach_stats(scheduler, stats)
+        return stats
+
+    scheduler.make_stats = make_stats
