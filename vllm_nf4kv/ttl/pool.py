@@ -30,8 +30,8 @@ O(1) per operation amortised plus O(log T) per map visited, T being the number
 of distinct TTLs in use (one for a server-wide TTL alone); there is never a
 full scan. A map that empties is dropped (its heap entry goes stale, and stale
 entries are rebuilt away in bulk), so T and the heap stay O(free cached blocks)
-whatever TTL values clients send. Correctness does not wait for sweeps: a lookup that lands on an
-expired block expires it on the spot and looks again (lazy check).
+whatever TTL values clients send. Correctness does not wait for sweeps: a lookup
+that lands on an expired block expires it on the spot and looks again (lazy check).
 
 The policy is applied to one pool *instance* (the scheduler's) by switching its
 class to a subclass of its own class (:func:`enable_ttl`), so pools that vLLM
@@ -162,9 +162,13 @@ class TTLState:
         del queue[block_id]
         if not queue:  # one queue per TTL in use, never more: distinct request TTLs come and go
             del self.queues[ttl], self.queue_bound[ttl]  # its heap entry is stale now
-            if len(self.queue_bounds) > 2 * len(self.queue_bound) + STALE_HEAP_ENTRIES:
-                self.queue_bounds[:] = [(bound, t) for t, bound in self.queue_bound.items()]
-                heapq.heapify(self.queue_bounds)
+            self.compact_heap()
+
+    def compact_heap(self) -> None:
+        """Rebuild the heap once stale entries outnumber the live ones (plus a slack)."""
+        if len(self.queue_bounds) > 2 * len(self.queue_bound) + STALE_HEAP_ENTRIES:
+            self.queue_bounds[:] = [(bound, ttl) for ttl, bound in self.queue_bound.items()]
+            heapq.heapify(self.queue_bounds)
 
     def use(self, block_id: int, ttl: float) -> None:
         """A request with TTL ``ttl`` uses the block's content: the tightest bound wins."""
@@ -197,6 +201,7 @@ class TTLState:
                 heapq.heappush(bounds, (bound, ttl))
             else:
                 del self.queues[ttl], self.queue_bound[ttl]
+        self.compact_heap()  # fewer live queues: the bound on stale entries shrinks too
         return expired
 
     def forget_content(self, block_id: int) -> None:
