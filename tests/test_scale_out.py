@@ -6,19 +6,19 @@ other (two cores: ``VLLM_CPU_OMP_THREADS_BIND="0|1"`` gives each rank one):
 * ``--tensor-parallel-size 2`` on SmolLM2 padded to 4 KV heads with silent
   ones (``scripts/pad_kv_heads.py``: the same model, heads that split): each
   rank holds the pages of its own 2 KV heads, so the same KV bytes per rank
-  hold twice the tokens of one rank. Outputs are compared teacher-forced over
-  ~2,900 tokens, for nf4 and for vLLM's own ``auto`` cache, with the model in
-  fp32: there ``auto`` under tensor parallel equals one rank to 4e-9 nats, so
-  what differs is nf4's alone (in bf16, vLLM's tensor parallel adds the ranks'
+  hold twice the tokens of one rank. nf4's outputs are compared teacher-forced
+  over ~2,900 tokens with the model in fp32: there vLLM's own ``auto`` cache
+  under tensor parallel equals one rank to 4e-9 nats (measured, docs/scaling.md;
+  not re-run here), so what differs is nf4's alone (in bf16, vLLM's tensor parallel adds the ranks'
   partial sums in another order, which flips near-tied tokens by itself, and
   nf4's difference then depended on the CPU: 0.003 nats on one machine, 0.010
   on a Zen 4, against a bound of 0.01). Not bit for bit even in fp32: the
   ranks' sums still differ in the last bits, and a 4-bit code or scale byte on
   a rounding boundary then flips, another draw of the same quantization noise.
   What must hold is that nf4 under tensor parallel is as good as nf4 on one
-  rank: the same perplexity within ``MAX_NLL_DIFF`` and the same cost against
-  ``auto`` within ``MAX_COST_DIFF`` (docs/scaling.md has the figures; the
-  kernels' per-head invariance is tested bit for bit in test_cpu_kernels);
+  rank: the same perplexity within ``MAX_NLL_DIFF`` and the same most likely
+  token almost everywhere (docs/scaling.md has the figures; the kernels'
+  per-head invariance is tested bit for bit in test_cpu_kernels);
 * ``--pipeline-parallel-size 2``: the layers split and each stage holds its
   layers' pages. In fp32 the two stages compute exactly what one computes, so
   tokens and logprobs equal ``--pipeline-parallel-size 1`` bit for bit (nf4's
@@ -57,8 +57,9 @@ PASSAGES = 4  # teacher-forced texts of about 700 tokens each
 PASSAGE_CHARS = 3_000
 GREEDY_TOKENS = 24
 # nf4 under tensor parallel 2 vs one rank, fp32, teacher-forced, pooled (measured: docs/scaling.md)
-MAX_NLL_DIFF = 0.01  # nats per token (measured 0.0026 on Zen 4, twice; nf4's own cost is 0.016-0.019)
-MAX_COST_DIFF = 0.01  # nats per token of nf4's cost against auto (measured 0.0160 vs 0.0186)
+# nats per token: measured 0.0026075 on Zen 4 in five runs (2026-12-07, identical: fp32 is
+# deterministic here); nf4's own cost against auto is 0.016 (TP=1) / 0.019 (TP=2)
+MAX_NLL_DIFF = 0.01
 MIN_TOP1_AGREEMENT = 0.85  # positions with the same most likely next token (measured 0.94)
 TTL_S = 2.0
 MARGIN_S = 1.0
@@ -150,30 +151,27 @@ def compare(one: dict, other: dict) -> dict:
 
 
 def test_tensor_parallel_2_splits_kv_heads_and_keeps_nf4_quality(padded_model, passages, tmp_path):
+    """nf4 at TP=2 against TP=1, both fp32 (vLLM CPU's bf16 matmuls are not batch-invariant).
+
+    auto is not run: in fp32 its TP=2 and TP=1 agree to 4e-9 nats/token (docs/scaling.md), so it
+    bounds nothing here, and two more servers cost ~2.5 min of `make test`.
+    """
     runs = {
-        (dtype, tp): measure(
-            padded_model, tmp_path / f"{dtype}-tp{tp}.log", passages, "--dtype", "float32",
-            *(("--tensor-parallel-size", str(tp)) if tp > 1 else ()), dtype=dtype,
+        tp: measure(
+            padded_model, tmp_path / f"nf4-tp{tp}.log", passages, "--dtype", "float32",
+            *(("--tensor-parallel-size", str(tp)) if tp > 1 else ()),
         )
-        for dtype in ("auto", "nf4")
         for tp in (1, 2)
     }  # fmt: skip
-    nf4 = compare(runs["nf4", 1], runs["nf4", 2])
-    auto = compare(runs["auto", 1], runs["auto", 2])
-    against_auto = {tp: compare(runs["auto", tp], runs["nf4", tp]) for tp in (1, 2)}
-    cost = {tp: found["mean_nll"][1] - found["mean_nll"][0] for tp, found in against_auto.items()}
-    print(f"\nnf4, tensor parallel 2 vs 1: {nf4}\nauto, tensor parallel 2 vs 1: {auto}"
-          f"\nnf4's cost against auto (nats/token): TP=1 {cost[1]:.4f}, TP=2 {cost[2]:.4f}"
-          f"; top-1 agreement with auto: TP=1 {against_auto[1]['top1_agreement']:.3f}"
-          f"\nKV blocks per rank: " + ", ".join(f"{k}: {v['blocks']}" for k, v in runs.items()))  # fmt: skip
-    for dtype in ("auto", "nf4"):  # pages per KV head: half the heads per rank, twice the blocks
-        one, two = runs[dtype, 1]["blocks"], runs[dtype, 2]["blocks"]
-        assert abs(two - 2 * one) <= 1, (dtype, one, two)
+    nf4 = compare(runs[1], runs[2])
+    print(f"\nnf4, tensor parallel 2 vs 1: {nf4}\nKV blocks per rank: TP=1 {runs[1]['blocks']}, "
+          f"TP=2 {runs[2]['blocks']}")  # fmt: skip
+    # pages per KV head: half the heads per rank, twice the blocks
+    assert abs(runs[2]["blocks"] - 2 * runs[1]["blocks"]) <= 1, runs
     assert nf4["positions"] >= PASSAGES * 500
     assert nf4["mean_nll_diff"] <= MAX_NLL_DIFF, nf4
-    assert abs(cost[2] - cost[1]) <= MAX_COST_DIFF, cost
     assert nf4["top1_agreement"] >= MIN_TOP1_AGREEMENT, nf4
-    assert all(math.isfinite(lp) for _, logprobs in runs["nf4", 2]["greedy"] for lp in logprobs)
+    assert all(math.isfinite(lp) for _, logprobs in runs[2]["greedy"] for lp in logprobs)
 
 
 def test_pipeline_parallel_2_equals_one_stage_bit_for_bit(padded_model, passages, tmp_path):
