@@ -4,16 +4,23 @@
 Decode attention: ``nf4_paged_attention`` (one query token per sequence) against a
 **bf16 paged baseline written in Triton in this file** (``_bf16_paged_decode_kernel``):
 the same design as the NF4 kernel (GQA rows per program, ``TILE_N``-token tiles
-through the block table, split-K with the same split count and the same reduce
-kernel) reading bf16 pages ``[num_blocks, num_kv_heads, block_size, head_dim]``
-for K and V. So the ratio isolates the page format. For scale, a third column
+through the block table) with the split-K the NF4 kernel had before it became
+batch-invariant (a split count from the batch shape, a parallel reduce), reading
+bf16 pages ``[num_blocks, num_kv_heads, block_size, head_dim]`` for K and V, with
+no rotation and no calibration. So the ratio is what the page format, the in-kernel
+rotation and the fixed chunks cost or save together. For scale, a further column
 times torch SDPA on *contiguous* (unpaged) bf16 K/V, the best case for bf16.
 
 Each row prints the bytes-moved floor (cache bytes read: for NF4
 ``batch * ctx * kv_heads * cell_bytes``; for bf16 ``batch * ctx * kv_heads * 2 * 2 *
 head_dim``), achieved bandwidth (floor / time) and its share of the measured
-device-to-device copy bandwidth. The store kernel (quantize-on-write of already
-rotated K/V) is timed against the bytes it must move (K/V read + cells written).
+device-to-device copy bandwidth. The store kernel (calibration, rotation and
+quantize-on-write of model-space K/V) is timed against the bytes it must move (K/V
+read + cells written).
+
+``--check`` first runs every kernel against the reference on the device, checks that a
+decode query's bits do not depend on its batch, and replays the store + attention from a
+CUDA graph on new data against eager.
 
 Timing: ``triton.testing.do_bench_cudagraph`` (graph replay: no Python launch
 overhead; L2 is not flushed, so rows whose cache fits in L2, about 60 MB on
@@ -121,10 +128,48 @@ def _baseline_kernel():
             tl.store(sum_ptr + stat, l_i, mask=row_ok)
             tl.store(out_ptr + stat[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
 
-    return _bf16_paged_decode_kernel
+    @triton.jit
+    def _bf16_reduce_kernel(
+        out_ptr,  # [num_seqs, num_q_heads, head_dim]
+        acc_ptr,  # [num_seqs, num_q_heads, NUM_SPLITS, head_dim] fp32
+        max_ptr,  # [num_seqs, num_q_heads, NUM_SPLITS] fp32
+        sum_ptr,  # [num_seqs, num_q_heads, NUM_SPLITS] fp32
+        num_q_heads,
+        stride_o_tok: tl.int64,
+        stride_o_head: tl.int64,
+        HEAD_DIM: tl.constexpr,
+        HEAD_PAD: tl.constexpr,
+        NUM_SPLITS: tl.constexpr,
+        SPLITS_PAD: tl.constexpr,
+    ):
+        token = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1).to(tl.int64)
+        splits = tl.arange(0, SPLITS_PAD)
+        split_ok = splits < NUM_SPLITS
+        stat = (token * num_q_heads + head) * NUM_SPLITS
+        m = tl.load(max_ptr + stat + splits, mask=split_ok, other=float("-inf"))
+        l_s = tl.load(sum_ptr + stat + splits, mask=split_ok, other=0.0)
+        m_max = tl.max(m, axis=0)
+        w = tl.exp2(m - tl.where(m_max > float("-inf"), m_max, 0.0))
+        total = tl.sum(l_s * w, axis=0)
+        d = tl.arange(0, HEAD_PAD)
+        acc = tl.load(acc_ptr + (stat + splits)[:, None] * HEAD_DIM + d[None, :],
+                      mask=split_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+        out = tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + token * stride_o_tok + head * stride_o_head + d, out.to(out_ptr.dtype.element_ty),
+                 mask=d < HEAD_DIM)
+
+    return _bf16_paged_decode_kernel, _bf16_reduce_kernel
 
 
 _BASELINE = None
+
+
+def baseline_splits(batch: int, num_kv_heads: int, ctx: int) -> int:
+    """The bf16 baseline's split count: enough programs for ~4 per SM, no split under 256 keys."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
+    wanted = -(-4 * sms // (batch * num_kv_heads))
+    return max(1, min(16, wanted, -(-ctx // 256)))
 
 
 def bf16_paged_decode(
@@ -136,7 +181,8 @@ def bf16_paged_decode(
     softmax_scale: float,
     num_splits: int,
 ) -> torch.Tensor:
-    """Decode attention on bf16 pages with the NF4 kernel's tiles, grid and split-K reduce."""
+    """Decode attention on bf16 pages with the NF4 kernel's tiles and grid, split-K as NF4 did before
+    its chunks (a count from the batch shape, merged by a parallel reduce): no rotation, no calibration."""
     global _BASELINE
     from vllm_nf4kv.kernels import triton_attention
     from vllm_nf4kv.kernels.triton_codec import next_power_of_2
@@ -154,17 +200,17 @@ def bf16_paged_decode(
     grid = (num_seqs, num_kv_heads, num_splits)
     scale_log2 = softmax_scale * math.log2(math.e)
     strides = (*k_cache.stride()[:3], block_table.stride(0))
+    decode_kernel, reduce_kernel = _BASELINE
     if num_splits == 1:
-        _BASELINE[grid](query, k_cache, v_cache, block_table, seq_lens, out, out, out, scale_log2,
+        decode_kernel[grid](query, k_cache, v_cache, block_table, seq_lens, out, out, out, scale_log2,
                         num_q_heads, *strides, **common)
         return out
     acc = torch.empty((num_seqs, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=query.device)
     stats = torch.empty((2, num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=query.device)
-    _BASELINE[grid](query, k_cache, v_cache, block_table, seq_lens, acc, stats[0], stats[1], scale_log2,
-                    num_q_heads, *strides, **common)
-    starts = torch.arange(num_seqs + 1, dtype=torch.int32, device=query.device)
-    triton_attention._nf4_attention_reduce_kernel[(num_seqs, num_q_heads)](
-        out, acc, stats[0], stats[1], starts, num_seqs, num_q_heads, *out.stride()[:2],
+    decode_kernel[grid](query, k_cache, v_cache, block_table, seq_lens, acc, stats[0], stats[1], scale_log2,
+                        num_q_heads, *strides, **common)
+    reduce_kernel[(num_seqs, num_q_heads)](
+        out, acc, stats[0], stats[1], num_q_heads, *out.stride()[:2],
         HEAD_DIM=head_dim, HEAD_PAD=next_power_of_2(head_dim), NUM_SPLITS=num_splits,
         SPLITS_PAD=next_power_of_2(num_splits), num_warps=triton_attention._NUM_WARPS,
     )
@@ -177,7 +223,6 @@ def bf16_paged_decode(
 def _paged_nf4(gen: torch.Generator, layout, num_kv_heads: int, block_size: int, seq_lens: list[int],
                device: str):
     from vllm_nf4kv.kernels.triton_store import store_kv_nf4
-    from vllm_nf4kv.rotation import rotate
 
     blocks_per_seq = max(-(-s // block_size) for s in seq_lens)
     num_blocks = blocks_per_seq * len(seq_lens) + 1
@@ -190,7 +235,7 @@ def _paged_nf4(gen: torch.Generator, layout, num_kv_heads: int, block_size: int,
         slots = table[seq].long()[pos // block_size] * block_size + pos % block_size
         k = torch.randn(seq_len, num_kv_heads, layout.head_dim, generator=gen).to(device)
         v = torch.randn(seq_len, num_kv_heads, layout.head_dim, generator=gen).to(device)
-        store_kv_nf4(cache, rotate(k), rotate(v), slots, layout)
+        store_kv_nf4(cache, k, v, slots, layout)
     return cache, table
 
 
@@ -201,11 +246,12 @@ def run_checks(device: str = "cuda", quick: bool = False) -> bool:
     interpreter (bf16 dots there run as fp16: the interpreter's bf16 ``tl.dot`` is broken).
     """
     from vllm_nf4kv import reference
+    from vllm_nf4kv.calibration import KVTransform
     from vllm_nf4kv.format import format_for
     from vllm_nf4kv.kernels.triton_attention import nf4_paged_attention
     from vllm_nf4kv.kernels.triton_store import load_kv_nf4, store_kv_nf4
     from vllm_nf4kv.reference_attention import ATTENTION_TOLERANCE, paged_attention_reference
-    from vllm_nf4kv.rotation import rotate
+    from vllm_nf4kv.rotation import rotate, unrotate
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -218,31 +264,31 @@ def run_checks(device: str = "cuda", quick: bool = False) -> bool:
         print(f"| {name} | {'ok' if passed else 'FAIL'} | {detail} |", flush=True)
 
     print("| check | result | detail |\n| --- | --- | --- |")
-    # store: bit-exact against the CPU reference codec (the stated ground truth)
+    # store: bit-exact against the CPU reference (model-space rows in, calibration applied inside)
     for head_dim in (64, 128, 256, 96)[: 2 if quick else 4]:
         for dtype in (torch.bfloat16, torch.float16, torch.float32)[: 1 if quick else 3]:
             layout = format_for("nf4", head_dim)
             tokens, heads, block_size = (24, 2, 16) if quick else (2048, 8, 16)
             x = torch.randn(2, tokens, heads, head_dim, generator=gen)
-            x = x * torch.exp2(torch.randint(-8, 9, (2, tokens, heads, 1), generator=gen).float())
-            key_rot, value_rot = rotate(x[0]).to(dtype), rotate(x[1]).to(dtype)
+            x = (x * torch.exp2(torch.randint(-8, 9, (2, tokens, heads, 1), generator=gen).float())).to(dtype)
+            transform = KVTransform(torch.rand(heads, head_dim, generator=gen) + 0.5,
+                                    torch.randn(heads, head_dim, generator=gen),
+                                    torch.randn(heads, head_dim, generator=gen), heads)
             num_blocks = tokens // block_size + 4
             slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
             slots[::97] = -1
-            cache = torch.zeros(num_blocks, heads, block_size, layout.cell_bytes, dtype=torch.uint8,
-                                device=device)
-            store_kv_nf4(cache, key_rot.to(device), value_rot.to(device), slots.to(device), layout)
-            valid = slots >= 0
-            key_rows = reference.quantize_rows(key_rot[valid], layout.key)
-            cells = torch.cat([key_rows, reference.quantize_rows(value_rot[valid], layout.value)], -1)
-            expected = torch.zeros(cache.shape, dtype=torch.uint8)
-            s = slots[valid]
-            expected[s // block_size, :, s % block_size] = cells
-            got = cache.cpu()
-            bad_cells = int((got != expected).any(-1).sum())
-            groups = 2 * int(valid.sum()) * heads * layout.key.num_groups
-            report(f"store d{head_dim} {str(dtype)[6:]}", bad_cells == 0,
-                   f"{bad_cells} of {int(valid.sum()) * heads} cells differ ({groups} groups)")
+            for calibrated in (False, True):
+                cache = torch.zeros(num_blocks, heads, block_size, layout.cell_bytes, dtype=torch.uint8,
+                                    device=device)
+                tables = transform.store_tables(torch.device(device)) if calibrated else {}
+                store_kv_nf4(cache, x[0].to(device), x[1].to(device), slots.to(device), layout, **tables)
+                expected = torch.zeros(cache.shape, dtype=torch.uint8)
+                rows = (transform.keys(x[0]), transform.values(x[1])) if calibrated else (x[0], x[1])
+                reference.write_paged(expected, *rows, slots, layout)
+                bad_cells = int((cache.cpu() != expected).any(-1).sum())
+                valid = int((slots >= 0).sum())
+                report(f"store d{head_dim} {str(dtype)[6:]}{' calibrated' if calibrated else ''}",
+                       bad_cells == 0, f"{bad_cells} of {valid * heads} cells differ")
     # load: exact in fp32, rounded to nearest even in bf16
     for head_dim, block_size in ((128, 16), (64, 128), (256, 32)):
         layout = format_for("nf4", head_dim)
@@ -258,17 +304,17 @@ def run_checks(device: str = "cuda", quick: bool = False) -> bool:
                 equal &= torch.equal(value[seq, :seq_len], rv.to(out_dtype))
             report(f"load d{head_dim} bs{block_size} {str(out_dtype)[6:]}", equal, "vs reference.read_paged")
     # attention: decode, prefill, chunked prefill, splits, GQA, dtypes
-    cases = [  # head_dim, kv_heads, gqa, block_size, seq_lens, q_lens, dtype, splits
+    cases = [  # head_dim, kv_heads, gqa, block_size, seq_lens, q_lens, dtype, split
         (128, 8, 4, 16, [8192, 1, 333, 4096], [1, 1, 1, 1], torch.bfloat16, None),
-        (128, 8, 4, 16, [8192, 1, 333, 4096], [1, 1, 1, 1], torch.bfloat16, 16),
-        (128, 2, 8, 128, [3000, 517], [1, 1], torch.float16, 5),
-        (64, 4, 1, 16, [1000, 70, 2049], [1, 1, 1], torch.float32, 3),
+        (128, 8, 4, 16, [8192, 1, 333, 4096], [1, 1, 1, 1], torch.bfloat16, True),
+        (128, 2, 8, 128, [3000, 517], [1, 1], torch.float16, True),
+        (64, 4, 1, 16, [1000, 70, 2049], [1, 1, 1], torch.float32, False),
         (256, 2, 4, 32, [600, 1], [1, 1], torch.bfloat16, None),
         (128, 8, 4, 16, [1500, 700, 64, 5], [1500, 300, 1, 5], torch.bfloat16, None),
         (64, 2, 8, 128, [2000, 129], [257, 129], torch.float16, None),
-        (96, 2, 3, 16, [777, 40], [100, 40], torch.float32, 2),
+        (96, 2, 3, 16, [777, 40], [100, 40], torch.float32, True),
     ]
-    for head_dim, kv_heads, gqa, block_size, seq_lens, q_lens, dtype, splits in cases:
+    for head_dim, kv_heads, gqa, block_size, seq_lens, q_lens, dtype, split in cases:
         if quick:  # same shapes of batch, 10x shorter
             seq_lens, q_lens = [max(1, n // 10) for n in seq_lens], [max(1, n // 10) for n in q_lens]
             kv_heads = 1
@@ -276,16 +322,21 @@ def run_checks(device: str = "cuda", quick: bool = False) -> bool:
         cache, table = _paged_nf4(gen, layout, kv_heads, block_size, seq_lens, device)
         qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
         lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-        query = rotate(torch.randn(sum(q_lens), kv_heads * gqa, head_dim, generator=gen).to(device)).to(dtype)
+        query = torch.randn(sum(q_lens), kv_heads * gqa, head_dim, generator=gen).to(device).to(dtype)
         scale = head_dim**-0.5
         out = nf4_paged_attention(query, cache, table, qsl, lens, layout, scale, max_query_len=max(q_lens),
-                                  max_seq_len=max(seq_lens), num_splits=splits)
-        expected = paged_attention_reference(query, cache, table, qsl, lens, layout, scale).float()
+                                  split=split)
+        expected = unrotate(paged_attention_reference(rotate(query), cache, table, qsl, lens, layout, scale))
         err = (out.float() - expected).abs().max().item()
         atol, rtol = ATTENTION_TOLERANCE[dtype]
         passed = bool(torch.isclose(out.float(), expected, atol=atol, rtol=rtol).all())
-        name = f"attention d{head_dim} gqa{gqa} bs{block_size} {str(dtype)[6:]} q{max(q_lens)} splits{splits}"
+        name = f"attention d{head_dim} gqa{gqa} bs{block_size} {str(dtype)[6:]} q{max(q_lens)} split {split}"
         report(name, passed, f"max abs err {err:.2e} (atol {atol}, rtol {rtol})")
+        if max(q_lens) == 1 and split is None:  # the same queries split and whole: the same bits
+            other = nf4_paged_attention(query, cache, table, qsl, lens, layout, scale, split=False)
+            again = nf4_paged_attention(query, cache, table, qsl, lens, layout, scale, split=True)
+            report(f"{name}: split == whole", torch.equal(other, again), "bit for bit (batch invariance)")
+    report_invariance_and_graphs(report, device, gen, quick)
     # the bf16 baseline used for timing must be right too
     half = torch.bfloat16 if device == "cuda" else torch.float16
     q = torch.randn(4, 32, 128, generator=gen).to(device, half)
@@ -303,6 +354,59 @@ def run_checks(device: str = "cuda", quick: bool = False) -> bool:
             worst = max(worst, (torch.einsum("hk,khd->hd", p, v) - out[i].float()).abs().max().item())
         report(f"bf16 baseline splits{splits}", worst < 2e-2, f"max abs err {worst:.2e}")
     return ok
+
+
+def report_invariance_and_graphs(report, device: str, gen: torch.Generator, quick: bool) -> None:
+    """On the device: a decode query's bits alone vs in a mixed batch (tensor-core rows must not mix),
+    and the store + attention captured in a CUDA graph, replayed on other data, equal to eager."""
+    from vllm_nf4kv.format import format_for
+    from vllm_nf4kv.kernels.triton_attention import nf4_paged_attention
+    from vllm_nf4kv.kernels.triton_store import store_kv_nf4
+
+    layout, kv_heads, gqa, block_size = format_for("nf4", 128), 2, 4, 16
+    seq_lens = [900, 333, 70] if quick else [9000, 3333, 700]
+    cache, table = _paged_nf4(gen, layout, kv_heads, block_size, seq_lens, device)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    q_lens = [1, seq_lens[1] // 3, 1]
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    query = torch.randn(sum(q_lens), kv_heads * gqa, 128, generator=gen).to(device).to(torch.bfloat16)
+    scale = 128**-0.5
+    mixed = nf4_paged_attention(query, cache, table, qsl, lens, layout, scale)
+    one = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    same = True
+    for seq, token in ((0, 0), (2, sum(q_lens) - 1)):
+        for split in (False, True):
+            alone = nf4_paged_attention(query[token:token + 1], cache, table[seq:seq + 1], one,
+                                        lens[seq:seq + 1], layout, scale, split=split)
+            same &= torch.equal(alone[0], mixed[token])
+    report("decode alone == in a mixed batch", same, "bf16, split and whole, bit for bit")
+    if device != "cuda":
+        return
+    # CUDA graph: capture with static buffers, change the data, replay, compare with eager
+    static = {"query": query[:3].clone(), "lens": lens.clone(), "table": table.clone(),
+              "kv": torch.randn(3, kv_heads, 128, device=device, dtype=torch.bfloat16),
+              "slots": torch.tensor([5, 17, 40], device=device)}
+    starts = torch.arange(4, dtype=torch.int32, device=device)
+
+    def step() -> torch.Tensor:
+        store_kv_nf4(cache, static["kv"], static["kv"], static["slots"], layout)
+        return nf4_paged_attention(static["query"], cache, static["table"], starts, static["lens"], layout,
+                                   scale, max_query_len=1, max_chunks=32)
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    static["query"].copy_(torch.randn(3, kv_heads * gqa, 128, device=device).to(torch.bfloat16))
+    new_lens = torch.tensor([8000, 12, 3000], dtype=torch.int32, device=device)
+    static["lens"].copy_(new_lens // (10 if quick else 1))
+    static["kv"].copy_(torch.randn(3, kv_heads, 128, device=device).to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = out.clone()
+    eager = step()
+    report("CUDA graph replay == eager", torch.equal(replayed, eager), "store + attention, new data")
 
 
 # ---------------------------------------------------------------- timing
@@ -330,7 +434,7 @@ def copy_bandwidth() -> float:
 
 def bench_decode(args, peak_gbs: float) -> list[str]:
     from vllm_nf4kv.format import format_for
-    from vllm_nf4kv.kernels.triton_attention import choose_num_splits, nf4_paged_attention
+    from vllm_nf4kv.kernels.triton_attention import chunk_tokens_for, nf4_paged_attention, should_split
 
     layout = format_for("nf4", args.head_dim)
     h_kv, h_q, d, bs = args.num_kv_heads, args.num_q_heads, args.head_dim, args.block_size
@@ -338,9 +442,9 @@ def bench_decode(args, peak_gbs: float) -> list[str]:
         f"Decode attention, head_dim {d}, {h_q} query / {h_kv} KV heads, block_size {bs}, "
         f"{args.dtype} queries; copy bandwidth {peak_gbs:.0f} GB/s.",
         "",
-        "| ctx | batch | splits | nf4 us | nf4 GB/s (% copy) | bf16 us | bf16 GB/s (% copy) | nf4 speedup "
-        "| SDPA dense bf16 us |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| ctx | batch | nf4 chunks (split) | nf4 us | nf4 GB/s (% copy) | bf16 splits | bf16 us "
+        "| bf16 GB/s (% copy) | nf4 speedup | SDPA dense bf16 us |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     dtype = DTYPES[args.dtype]
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -357,10 +461,13 @@ def bench_decode(args, peak_gbs: float) -> list[str]:
                                 device="cuda", generator=gen)
             for off, row in ((0, layout.key), (layout.value_offset, layout.value)):
                 nf4[..., off + row.code_bytes: off + row.row_bytes] = 16 << 3  # scale codes of 1.0
-            splits = args.splits or choose_num_splits(batch, h_kv, 1, ctx, query.device)
+            splits = args.splits or baseline_splits(batch, h_kv, ctx)
+            chunk = chunk_tokens_for(max(args.contexts))  # one engine serving every context of the table
+            split = should_split(batch, batch, h_kv, 1, query.device)
             scale = d**-0.5
             t_nf4 = _bench(partial(nf4_paged_attention, query, nf4, table, qsl, lens, layout, scale,
-                                   max_query_len=1, max_seq_len=ctx, num_splits=splits))
+                                   max_query_len=1, chunk_tokens=chunk,
+                                   max_chunks=-(-max(args.contexts) // chunk)))
             del nf4
             kc = torch.randn(num_blocks, h_kv, bs, d, device="cuda", dtype=torch.bfloat16, generator=gen)
             vc = torch.randn_like(kc)
@@ -382,18 +489,12 @@ def bench_decode(args, peak_gbs: float) -> list[str]:
             gbs_nf4, gbs_bf16 = nf4_bytes / t_nf4 / 1e6, bf16_bytes / t_bf16 / 1e6
             pct_nf4, pct_bf16 = 100 * gbs_nf4 / peak_gbs, 100 * gbs_bf16 / peak_gbs
             lines.append(
-                f"| {ctx} | {batch} | {splits} | {t_nf4 * 1e3:.1f} | {gbs_nf4:.0f} ({pct_nf4:.0f}%) "
-                f"| {t_bf16 * 1e3:.1f} | {gbs_bf16:.0f} ({pct_bf16:.0f}%) | {t_bf16 / t_nf4:.2f}x "
-                f"| {t_sdpa * 1e3:.1f} |"
+                f"| {ctx} | {batch} | {-(-ctx // chunk)} ({'yes' if split else 'no'}) | {t_nf4 * 1e3:.1f} "
+                f"| {gbs_nf4:.0f} ({pct_nf4:.0f}%) | {splits} | {t_bf16 * 1e3:.1f} "
+                f"| {gbs_bf16:.0f} ({pct_bf16:.0f}%) | {t_bf16 / t_nf4:.2f}x | {t_sdpa * 1e3:.1f} |"
             )
             print(lines[-1], flush=True)
     return lines
-
-
-def _rotate_pair(key: torch.Tensor, value: torch.Tensor) -> None:
-    from vllm_nf4kv.rotation import rotate
-
-    rotate(key), rotate(value)
 
 
 def _scatter_pair(cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -405,36 +506,35 @@ def _scatter_pair(cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, v
 def bench_store(args, peak_gbs: float) -> list[str]:
     from vllm_nf4kv.format import format_for
     from vllm_nf4kv.kernels.triton_store import store_kv_nf4
-    from vllm_nf4kv.rotation import rotate
 
     layout = format_for("nf4", args.head_dim)
     h_kv, d, bs = args.num_kv_heads, args.head_dim, args.block_size
     dtype = DTYPES[args.dtype]
     lines = [
-        f"Store (quantize-on-write, {args.dtype} rotated K/V in, search_steps {layout.key.search_steps}), "
-        f"head_dim {d}, "
-        f"{h_kv} KV heads; bytes = K/V read + cells written. Rotation (two fp32 matmuls in torch) "
-        "timed apart.",
+        f"Store (one kernel: calibration, fp64 rotation, quantize-on-write; {args.dtype} model-space K/V "
+        f"in, key search_steps {layout.key.search_steps}), head_dim {d}, {h_kv} KV heads; bytes = K/V "
+        "read + cells written.",
         "",
-        "| tokens | store us | GB/s (% copy) | rotate K+V us | bf16 scatter us |",
+        "| tokens | store us | GB/s (% copy) | calibrated store us | bf16 scatter us |",
         "| --- | --- | --- | --- | --- |",
     ]
+    ones = torch.ones(h_kv, d, device="cuda")
+    tables = {"key_offset": ones, "key_scale": ones, "value_offset": ones}
     for tokens in args.store_tokens:
         num_blocks = -(-tokens // bs) + 1
         cache = torch.zeros(num_blocks, h_kv, bs, layout.cell_bytes, dtype=torch.uint8, device="cuda")
         key = torch.randn(tokens, h_kv, d, device="cuda").to(dtype)
         value = torch.randn_like(key)
         slots = torch.randperm(num_blocks * bs, device="cuda")[:tokens]
-        key_rot, value_rot = rotate(key).to(dtype), rotate(value).to(dtype)
-        t_store = _bench(partial(store_kv_nf4, cache, key_rot, value_rot, slots, layout))
-        t_rot = _bench(partial(_rotate_pair, key, value))
+        t_store = _bench(partial(store_kv_nf4, cache, key, value, slots, layout))
+        t_calibrated = _bench(partial(store_kv_nf4, cache, key, value, slots, layout, **tables))
         bf16_cache = torch.zeros(num_blocks * bs, h_kv, d, device="cuda", dtype=torch.bfloat16)
         t_scatter = _bench(partial(_scatter_pair, bf16_cache, slots, key.to(torch.bfloat16),
                                    value.to(torch.bfloat16)))
         moved = 2 * tokens * h_kv * d * key.element_size() + tokens * h_kv * layout.cell_bytes
         gbs = moved / t_store / 1e6
         lines.append(f"| {tokens} | {t_store * 1e3:.1f} | {gbs:.0f} ({100 * gbs / peak_gbs:.0f}%) "
-                     f"| {t_rot * 1e3:.1f} | {t_scatter * 1e3:.1f} |")
+                     f"| {t_calibrated * 1e3:.1f} | {t_scatter * 1e3:.1f} |")
         print(lines[-1], flush=True)
     return lines
 
@@ -452,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="query and K/V input dtype")
     parser.add_argument("--splits", type=int, default=None,
-                        help="fix split-K (default: the launcher's heuristic)")
+                        help="fix the bf16 baseline's split-K (default: baseline_splits)")
     parser.add_argument("--tile-n", type=int, default=None, help="override the attention kernels' TILE_N")
     parser.add_argument("--num-warps", type=int, default=None, help="override the attention kernels' warps")
     parser.add_argument("--num-stages", type=int, default=None,

@@ -81,8 +81,8 @@ def store_with(name: str, request) -> Callable:
         kernels = request.getfixturevalue("triton_kernels")
 
         def store(cache, key, value, slots, layout):
-            rows = reference.prepare_rows(key), reference.prepare_rows(value)
-            _with_triton_env(kernels, lambda: kernels.triton_store.store_kv_nf4(cache, *rows, slots, layout))
+            store_kv_nf4 = kernels.triton_store.store_kv_nf4
+            _with_triton_env(kernels, lambda: store_kv_nf4(cache, key, value, slots, layout))
 
         return store
     ops = request.getfixturevalue(name)
@@ -102,9 +102,8 @@ def attention_with(name: str, request) -> Callable:
         kernels = request.getfixturevalue("triton_kernels")
 
         def attend(q, cache, table, layout, window):
-            out = _with_triton_env(kernels, lambda: kernels.triton_attention.nf4_paged_attention(
-                rotate(q), cache, table, starts.int(), lens.int(), layout, _scale(layout)))
-            return unrotate(out, torch.float64)
+            return _with_triton_env(kernels, lambda: kernels.triton_attention.nf4_paged_attention(
+                q.float(), cache, table, starts.int(), lens.int(), layout, _scale(layout)))
 
         return attend
     ops = request.getfixturevalue(name)

@@ -7,7 +7,8 @@ writes the same cache bytes as the reference codec and attends like
 :func:`vllm_nf4kv.paged_attention.paged_attention`, the CPU backend's math, on a
 mixed batch (decode, chunked prefill, whole prefill) with GQA and blocks of 16; then, with a
 layer's calibration, serves keys and values riding on large biases through the offsets as the
-CPU backend does (tests/test_calibration.py).
+CPU backend does (tests/test_calibration.py); and records every torch op the warmed-up impl issues
+around the kernels: views only (no host sync, no arithmetic, the CUDA-graph contract).
 """
 
 from __future__ import annotations
@@ -93,6 +94,34 @@ SCRIPT = textwrap.dedent(
         errors[name] = float((got - exact).square().sum() / exact.square().sum())
     # the CPU backend's test measured 5.5e-6 and 3.6e-3 on the same construction
     assert errors["calibrated"] < 1e-4 and errors["uncalibrated"] > 10 * errors["calibrated"], errors
+
+    # the hot path issues no torch op but views between vLLM and the kernels: no host sync, no
+    # arithmetic, no allocation but the interpreter's own (a warmed-up impl, decode and prefill)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    interpreter = {"aten.empty.memory_format", "aten.new_empty.default", "aten.set_.source_Storage",
+                   "aten.set_.source_Storage_storage_offset", "aten.copy_.default", "aten.lift_fresh.default"}
+    views = {"aten.slice.Tensor", "aten.select.int", "aten.view.default", "aten.view.dtype",
+             "aten.detach.default", "aten.alias.default"}
+    impl.smoothing = LayerSmoothing(calibration, heads, kv_heads, kv_heads, dim)
+    impl.smoothing.for_layer(layer)  # what resolve_model_layers does when the weights load
+    impl.do_kv_cache_update(layer, k, v, cache, torch.arange(n))  # warm-up: the tables move once
+    slots = torch.arange(n)
+    for max_query_len in (1, n):
+        metadata.max_query_len = max_query_len
+        with Ops() as recorded:
+            impl.do_kv_cache_update(layer, k, v, cache, slots)
+            impl.forward(layer, q, k, v, cache, metadata, output)
+        assert not recorded.ops - interpreter - views, sorted(recorded.ops - interpreter - views)
     print("OK", error, errors)
     """
 )

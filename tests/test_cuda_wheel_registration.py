@@ -102,3 +102,26 @@ def test_cuda_backend_spec_on_033():
     assert NF4TritonAttentionBackend.customize_spec(spec).page_size_bytes == 16 * 8 * 136
     assert NF4TritonAttentionBackend.supported_kv_cache_layouts() == (KVCacheLayout.LBHNC,)
     assert NF4TritonAttentionBackend.supports_kv_cache_dtype("nf4")
+
+
+@pytest.mark.parametrize("head_size", [64, 128, 256])
+def test_cuda_backend_takes_the_default_block_size(head_size):
+    """vLLM 0.34 defaults to 64-token blocks on CUDA (0.33: 16): the nf4 backend's kernel block
+    sizes take the default as it is (no split into kernel blocks), pages sized by the nf4 cell.
+    The kernels address keys per token through the block table, so any multiple of 16 works."""
+    import vllm
+    from vllm.config import CacheConfig
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.worker.utils import select_common_block_size
+
+    from vllm_nf4kv.backends.triton_attn import NF4TritonAttentionBackend
+    from vllm_nf4kv.format import format_for
+
+    default = CacheConfig.DEFAULT_BLOCK_SIZE
+    assert default == (64 if vllm.__version__.startswith("0.34") else 16)
+    spec = NF4TritonAttentionBackend.customize_spec(
+        FullAttentionSpec(block_size=default, num_kv_heads=2, head_size=head_size, dtype=torch.uint8)
+    )
+    assert select_common_block_size(default, [NF4TritonAttentionBackend], [spec]) == default
+    assert spec.page_size_bytes == default * 2 * format_for("nf4", head_size).cell_bytes
+    assert NF4TritonAttentionBackend.get_preferred_block_size(default) == default

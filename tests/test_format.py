@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from vllm_nf4kv import format as fmt
 from vllm_nf4kv import reference as ref
-from vllm_nf4kv.rotation import rotate, unrotate
+from vllm_nf4kv.rotation import rotate, rotation_matrix, unrotate
 
 HEAD_DIMS = [16, 32, 48, 64, 96, 128, 256]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -296,6 +296,15 @@ def test_rotation_is_orthogonal(head_dim):
     x = torch.randn(10, head_dim)
     torch.testing.assert_close(unrotate(rotate(x)), x, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rotate(x).norm(dim=-1), x.norm(dim=-1), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 96, 256])
+def test_rotation_butterflies_compute_the_defined_matrix(head_dim):
+    """``rotate`` is ``x @ R`` with ``R = diag(signs) blockdiag(H)``, and ``unrotate`` is ``x @ R^T``."""
+    x = torch.randn(5, head_dim, dtype=torch.float64)
+    matrix = rotation_matrix(head_dim)
+    torch.testing.assert_close(rotate(x, torch.float64), x @ matrix, atol=1e-12, rtol=0)
+    torch.testing.assert_close(unrotate(x, torch.float64), x @ matrix.T, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)

@@ -6,13 +6,16 @@ interpreter there with ``TRITON_INTERPRET=1``).
 
 What is compared, for the shipped layouts (two-level K rows, per-group ue5m3 V rows) and for
 ``SCHEME_LAYOUTS`` (the schemes the other way round, other relative bits):
-* store: cache bytes equal, bit for bit, to the reference codec's on the same
-  rotated input (codes and scale codes);
+* store: cache bytes equal, bit for bit, to ``reference.write_paged`` of the same model-space
+  rows (the kernel calibrates, sanitizes and rotates them itself), whatever the number of
+  tokens in the call; with ``prepared=True``, to the reference codec alone on rotated rows;
 * load: equal to ``reference.read_paged`` (exact in fp32; fp16/bf16 are the
   reference's fp32 values rounded to nearest even);
-* attention: against ``reference_attention`` over the *same dequantized cache*, so
-  quantization error is excluded; tolerances in ``ATTENTION_TOLERANCE`` (fp32 dots and
-  fp32 output: 1e-5; fp16 dots/output: 3e-3; bf16: 2e-2, i.e. about two bf16 ulps).
+* attention: model-space queries and outputs, against ``unrotate(reference_attention(rotate(q)))``
+  over the *same dequantized cache*, so quantization error is excluded; tolerances in
+  ``ATTENTION_TOLERANCE`` (fp32 dots and fp32 output: 1e-5; fp16 dots/output: 3e-3; bf16:
+  2e-2, i.e. about two bf16 ulps); and a query's output bit for bit the same alone, in a
+  mixed batch, split or not, and as the last row of a prefill.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -38,7 +42,7 @@ from vllm_nf4kv import reference
 from vllm_nf4kv.format import SCALE_MAX, CellLayout, RowFormat, ScaleScheme, format_for, relative_ladder
 from vllm_nf4kv.kernel_limits import CUDA_LIMITS
 from vllm_nf4kv.reference_attention import ATTENTION_TOLERANCE, paged_attention_reference
-from vllm_nf4kv.rotation import rotate
+from vllm_nf4kv.rotation import rotate, unrotate
 
 store_kv_nf4 = triton_store.store_kv_nf4
 load_kv_nf4 = triton_store.load_kv_nf4
@@ -141,21 +145,30 @@ def _run_attention(
     seq_lens: list[int],
     q_lens: list[int],
     dtype: torch.dtype,
-    num_splits: int | None = None,
+    split: bool | None = None,
     causal: bool = True,
     padding_tokens: int = 0,
     layout: CellLayout | None = None,
-) -> None:
+    chunk_tokens: int = 64,
+    calibrated: bool = False,
+) -> torch.Tensor:
+    """Attention of model-space queries against the reference; returns the kernel's output."""
     layout = layout or format_for("nf4", head_dim)
     cache, table = _paged_batch(gen, layout, num_kv_heads, block_size, seq_lens)
     starts = [0, *torch.tensor(q_lens).cumsum(0).tolist()]
     query_start_loc = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
     num_tokens = sum(q_lens) + padding_tokens
-    query = rotate(torch.randn(num_tokens, num_kv_heads * gqa, head_dim, generator=gen)).to(dtype).to(DEVICE)
+    query = torch.randn(num_tokens, num_kv_heads * gqa, head_dim, generator=gen).to(dtype)
+    tables = {}
+    if calibrated:  # KVTransform's query_scale (1 / d) and output_offset (mu)
+        tables = {
+            "query_scale": torch.rand(num_kv_heads * gqa, head_dim, generator=gen) + 0.5,
+            "output_offset": torch.randn(num_kv_heads * gqa, head_dim, generator=gen),
+        }
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     scale = head_dim**-0.5
     out = nf4_paged_attention(
-        query,
+        query.to(DEVICE),
         cache,
         table,
         query_start_loc,
@@ -163,24 +176,22 @@ def _run_attention(
         layout,
         scale,
         max_query_len=max(q_lens),
-        max_seq_len=max(seq_lens),
         causal=causal,
-        num_splits=num_splits,
+        split=split,
+        chunk_tokens=chunk_tokens,
+        **{name: t.to(DEVICE) for name, t in tables.items()},
     )
     assert out.dtype == dtype and out.shape == query.shape
+    q = query.float() * tables["query_scale"] if calibrated else query
     expected = paged_attention_reference(
-        query.cpu(),
-        cache.cpu(),
-        table.cpu(),
-        query_start_loc.cpu(),
-        seq_lens_t.cpu(),
-        layout,
-        scale,
+        rotate(q), cache.cpu(), table.cpu(), query_start_loc.cpu(), seq_lens_t.cpu(), layout, scale,
         causal=causal,
     )
+    expected = unrotate(expected, torch.float64) + (tables["output_offset"] if calibrated else 0)
     atol, rtol = ATTENTION_TOLERANCE[dtype]
     valid = sum(q_lens)
     torch.testing.assert_close(out[:valid].float().cpu(), expected[:valid].float(), atol=atol, rtol=rtol)
+    return out
 
 
 # ---------------------------------------------------------------- store
@@ -189,27 +200,79 @@ def _run_attention(
 @pytest.mark.parametrize("head_dim", HEAD_DIMS + ODD_HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 def test_store_matches_reference_exactly(head_dim: int, dtype: torch.dtype) -> None:
+    """Model-space rows in: the kernel sanitizes and rotates them itself (NaN and inf included)."""
     gen = torch.Generator().manual_seed(head_dim)
     layout = format_for("nf4", head_dim)
     num_tokens, num_kv_heads, block_size, num_blocks = 12, 2, 16, 3
-    key_rot = rotate(_rand_rows(gen, num_tokens, num_kv_heads, head_dim)).to(dtype)
-    value_rot = rotate(_rand_rows(gen, num_tokens, num_kv_heads, head_dim)).to(dtype)
+    key = _rand_rows(gen, num_tokens, num_kv_heads, head_dim).to(dtype)
+    value = _rand_rows(gen, num_tokens, num_kv_heads, head_dim).to(dtype)
+    key[2, 0, 5], value[3, 1, 7], key[4, 1, 0] = float("nan"), float("inf"), float("-inf")
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
     cache = torch.randint(
         0, 256, (num_blocks, num_kv_heads, block_size, layout.cell_bytes), generator=gen, dtype=torch.uint8
     )
-    expected = _expected_cache(cache, key_rot, value_rot, slots, layout)
+    expected = cache.clone()
+    reference.write_paged(expected, key, value, slots, layout)
     cache = cache.to(DEVICE)
-    store_kv_nf4(cache, key_rot.to(DEVICE), value_rot.to(DEVICE), slots.to(DEVICE), layout)
+    store_kv_nf4(cache, key.to(DEVICE), value.to(DEVICE), slots.to(DEVICE), layout)
     assert torch.equal(cache.cpu(), expected)
+
+
+@pytest.mark.parametrize("head_dim", [64, 96])
+def test_store_applies_the_calibration_exactly(head_dim: int) -> None:
+    """``(k - c) * d`` and ``v - mu`` inside the kernel: ``write_paged``'s bytes after ``KVTransform``."""
+    from vllm_nf4kv.calibration import KVTransform
+
+    gen = torch.Generator().manual_seed(head_dim + 1)
+    layout = format_for("nf4", head_dim)
+    key_bias = 30 * torch.randn(2, head_dim, generator=gen)
+    value_bias = 10 * torch.randn(2, head_dim, generator=gen)
+    key = (_rand_rows(gen, 9, 2, head_dim) + key_bias).to(torch.bfloat16)
+    value = (_rand_rows(gen, 9, 2, head_dim) + value_bias).to(torch.bfloat16)
+    transform = KVTransform(
+        torch.rand(2, head_dim, generator=gen) * 3 + 0.25,  # d
+        30 * torch.randn(2, head_dim, generator=gen),  # c
+        10 * torch.randn(2, head_dim, generator=gen),  # mu
+        num_heads=8,
+    )
+    slots = torch.randperm(32, generator=gen)[:9]
+    expected = torch.zeros(2, 2, 16, layout.cell_bytes, dtype=torch.uint8)
+    reference.write_paged(expected, transform.keys(key), transform.values(value), slots, layout)
+    cache = torch.zeros_like(expected, device=DEVICE)
+    tables = transform.store_tables(torch.device(DEVICE))
+    store_kv_nf4(cache, key.to(DEVICE), value.to(DEVICE), slots.to(DEVICE), layout, **tables)
+    assert torch.equal(cache.cpu(), expected)
+    uncalibrated = torch.zeros_like(cache)
+    store_kv_nf4(uncalibrated, key.to(DEVICE), value.to(DEVICE), slots.to(DEVICE), layout)
+    assert not torch.equal(uncalibrated, cache)  # the tables are read
+
+
+def test_store_bytes_do_not_depend_on_the_call_size() -> None:
+    """Rows stored in calls of 1, 7, 64 and 1,000 tokens give the same bytes (the other tokens
+    of a call are other rows, or padding with slot -1, which the interpreter skips quickly)."""
+    gen = torch.Generator().manual_seed(1000)
+    layout, block_size, rows = format_for("nf4", 64), 16, 6
+    key = _rand_rows(gen, 1000, 1, 64).to(torch.bfloat16)
+    value = _rand_rows(gen, 1000, 1, 64).to(torch.bfloat16)
+    expected = torch.zeros(1, 1, block_size, layout.cell_bytes, dtype=torch.uint8)
+    reference.write_paged(expected, key[:rows], value[:rows], torch.arange(rows), layout)
+    for size in (1, 7, 64, 1000):
+        cache = torch.zeros_like(expected, device=DEVICE)
+        for row in range(rows):
+            at = (row * 389) % size  # the row's place in its call
+            slots = torch.full((size,), -1, dtype=torch.int64)
+            slots[at] = row
+            k, v = key.roll(at - row, 0)[:size], value.roll(at - row, 0)[:size]  # row lands at `at`
+            store_kv_nf4(cache, k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE), layout)
+        assert torch.equal(cache.cpu(), expected), size
 
 
 @pytest.mark.parametrize("search_steps", SEARCH_STEPS)
 @pytest.mark.parametrize("relative_bits", [0, 5], ids=["ue5m3", "r5"])
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # 3e38 - level * scale, squared
 def test_store_special_values_and_split_group_sizes(search_steps: int, relative_bits: int) -> None:
-    """Zero groups, NaN, +-inf, huge and tiny values; K and V with different group sizes; per-group
-    ue5m3 rows, or two-level K rows beside per-group V rows."""
+    """The codec alone (prepared rows): zero groups, NaN, +-inf, huge and tiny values; K and V with
+    different group sizes; per-group ue5m3 rows, or two-level K rows beside per-group V rows."""
     key = RowFormat(64, 16, search_steps)
     if relative_bits:
         key = RowFormat(64, 16, search_steps, ScaleScheme.TWO_LEVEL, relative_bits)
@@ -225,7 +288,7 @@ def test_store_special_values_and_split_group_sizes(search_steps: int, relative_
     cache = torch.zeros(1, 1, 16, layout.cell_bytes, dtype=torch.uint8)
     expected = _expected_cache(cache, rows, rows.flip(0), slots, layout)
     cache = cache.to(DEVICE)
-    store_kv_nf4(cache, rows.to(DEVICE), rows.flip(0).to(DEVICE), slots.to(DEVICE), layout)
+    store_kv_nf4(cache, rows.to(DEVICE), rows.flip(0).to(DEVICE), slots.to(DEVICE), layout, prepared=True)
     assert torch.equal(cache.cpu(), expected)
 
 
@@ -242,8 +305,7 @@ def test_store_scheme_layouts_match_write_paged(layout_name: str) -> None:
     expected = torch.randint(0, 256, (3, 2, 16, layout.cell_bytes), generator=gen, dtype=torch.uint8)
     cache = expected.clone().to(DEVICE)
     reference.write_paged(expected, key, value, slots, layout)
-    rows = reference.prepare_rows(key).to(DEVICE), reference.prepare_rows(value).to(DEVICE)
-    store_kv_nf4(cache, *rows, slots.to(DEVICE), layout)
+    store_kv_nf4(cache, key.to(DEVICE), value.to(DEVICE), slots.to(DEVICE), layout)
     assert torch.equal(cache.cpu(), expected)
 
 
@@ -276,7 +338,9 @@ def test_store_two_level_edges(relative_bits: int, search_steps: int) -> None:
     if search_steps == 1:  # the stored rung is where the search starts
         assert relative[0, 1] == rung and relative[3, 0] == 0 and bool((relative[4] == 0).all())
     cache = cache.to(DEVICE)
-    store_kv_nf4(cache, rows.to(DEVICE), rows.flip(0).to(DEVICE), torch.arange(5, device=DEVICE), layout)
+    store_kv_nf4(
+        cache, rows.to(DEVICE), rows.flip(0).to(DEVICE), torch.arange(5, device=DEVICE), layout, prepared=True
+    )
     assert torch.equal(cache.cpu(), expected)
     key, _ = load_kv_nf4(
         cache, torch.zeros(1, 1, dtype=torch.int32, device=DEVICE), torch.tensor([5], device=DEVICE), layout
@@ -299,8 +363,7 @@ def test_cuda_limits_name_both_scale_schemes() -> None:
 
 
 def test_store_matches_write_paged_end_to_end() -> None:
-    """rotate() then the kernel == reference.write_paged (which rotates internally); the kernel
-    reads strided views, as vLLM's key/value are slices of one qkv tensor."""
+    """The kernel reads strided views, as vLLM's key/value are slices of one qkv tensor."""
     gen = torch.Generator().manual_seed(3)
     layout = format_for("nf4", 128)
     key = _rand_rows(gen, 10, 2, 128).to(torch.bfloat16)
@@ -309,7 +372,7 @@ def test_store_matches_write_paged_end_to_end() -> None:
     expected = torch.zeros(2, 2, 16, layout.cell_bytes, dtype=torch.uint8)
     reference.write_paged(expected, key, value, slots, layout)
     packed = torch.zeros(10, 2, 3, 128, device=DEVICE)  # [num_tokens, num_kv_heads, (q, k, v), head_dim]
-    packed[:, :, 1], packed[:, :, 2] = rotate(key.to(DEVICE)), rotate(value.to(DEVICE))
+    packed[:, :, 1], packed[:, :, 2] = key.to(DEVICE), value.to(DEVICE)
     cache = torch.zeros_like(expected, device=DEVICE)
     store_kv_nf4(cache, packed[:, :, 1], packed[:, :, 2], slots.to(DEVICE), layout)
     assert torch.equal(cache.cpu(), expected)
@@ -343,7 +406,8 @@ def test_store_near_tie_follows_pairwise_order() -> None:
     layout = CellLayout(RowFormat(16, 16), RowFormat(16, 16))
     row = torch.tensor([float.fromhex(h) for h in _NEAR_TIE_ROW]).view(1, 1, 16)
     cache = torch.zeros(1, 1, 16, layout.cell_bytes, dtype=torch.uint8, device=DEVICE)
-    store_kv_nf4(cache, row.to(DEVICE), row.to(DEVICE), torch.tensor([0], device=DEVICE), layout)
+    slot = torch.tensor([0], device=DEVICE)
+    store_kv_nf4(cache, row.to(DEVICE), row.to(DEVICE), slot, layout, prepared=True)
     assert cache[0, 0, 0, layout.key.code_bytes].item() == 133
     _, ref_scale = reference.quantize_groups(row, 16)
     assert ref_scale.item() == 133  # reference.pairwise_sum: the same fixed order
@@ -360,13 +424,14 @@ def test_store_skips_negative_slots_and_padding_tokens() -> None:
     slots = torch.tensor([5, -1, 0, 31, -1, 17, 2])
     cache = torch.full((2, 2, 16, layout.cell_bytes), 0xAB, dtype=torch.uint8)
     expected = _expected_cache(cache, key_rot[:7], value_rot[:7], slots, layout)
+    store = partial(store_kv_nf4, prepared=True)
     cache = cache.to(DEVICE)
-    store_kv_nf4(cache, key_rot.to(DEVICE), value_rot.to(DEVICE), slots.to(DEVICE), layout)
+    store(cache, key_rot.to(DEVICE), value_rot.to(DEVICE), slots.to(DEVICE), layout)
     assert torch.equal(cache.cpu(), expected)
     untouched = torch.ones(32, dtype=torch.bool)
     untouched[slots[slots >= 0]] = False
     assert bool((cache.cpu().transpose(1, 2).flatten(0, 1)[untouched] == 0xAB).all())
-    store_kv_nf4(cache, key_rot.to(DEVICE), value_rot.to(DEVICE), torch.full((4,), -1, device=DEVICE), layout)
+    store(cache, key_rot.to(DEVICE), value_rot.to(DEVICE), torch.full((4,), -1, device=DEVICE), layout)
     assert torch.equal(cache.cpu(), expected)
 
 
@@ -389,7 +454,7 @@ def test_large_cache_offsets_are_int64() -> None:
     slots = (table[0].long()[pos // block_size] * block_size + pos % block_size).to(torch.int32)
     key_rot = rotate(torch.randn(seq_len, 1, 64, generator=gen))
     value_rot = rotate(torch.randn(seq_len, 1, 64, generator=gen))
-    store_kv_nf4(cache, key_rot.to(DEVICE), value_rot.to(DEVICE), slots.to(DEVICE), layout)
+    store_kv_nf4(cache, key_rot.to(DEVICE), value_rot.to(DEVICE), slots.to(DEVICE), layout, prepared=True)
     cells = _reference_cells(key_rot, value_rot, layout)  # [seq_len, 1, cell_bytes]
     s = slots.long().to(DEVICE)
     assert torch.equal(cache[s // block_size, :, s % block_size].cpu(), cells)
@@ -401,13 +466,14 @@ def test_large_cache_offsets_are_int64() -> None:
     ref_key, ref_value = reference.read_paged(expected, torch.arange(3), seq_len, layout)
     assert torch.equal(key[0].cpu(), ref_key) and torch.equal(value[0].cpu(), ref_value)
 
-    query = rotate(torch.randn(1, 2, 64, generator=gen)).to(DEVICE)
+    query = torch.randn(1, 2, 64, generator=gen)
     query_start_loc = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
-    out = nf4_paged_attention(query, cache, table.to(DEVICE), query_start_loc, seq_lens, layout, 0.125)
+    table = table.to(DEVICE)
+    out = nf4_paged_attention(query.to(DEVICE), cache, table, query_start_loc, seq_lens, layout, 0.125)
     ref_out = paged_attention_reference(
-        query.cpu(), expected, torch.arange(3)[None], query_start_loc.cpu(), seq_lens.cpu(), layout, 0.125
+        rotate(query), expected, torch.arange(3)[None], query_start_loc.cpu(), seq_lens.cpu(), layout, 0.125
     )
-    torch.testing.assert_close(out.cpu(), ref_out.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.cpu(), unrotate(ref_out), atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- load
@@ -458,11 +524,46 @@ def test_decode_attention(head_dim: int, gqa: int, block_size: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("num_splits", [1, 3, 16])
-def test_decode_attention_dtypes_and_splits(dtype: torch.dtype, num_splits: int) -> None:
-    """Split-K partials + reduce, including splits with no key tile (16 splits, 3 tiles)."""
-    gen = torch.Generator().manual_seed(num_splits)
-    _run_attention(gen, 128, 2, 4, 16, [70, 150, 9], [1, 1, 1], dtype, num_splits=num_splits)
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_decode_attention_dtypes_and_splits(dtype: torch.dtype, split: bool) -> None:
+    """Chunks of 64 keys walked in one program, or one program a chunk and the merge kernel; a
+    calibration's 1 / d and mu applied in the prologue and epilogue."""
+    gen = torch.Generator().manual_seed(int(split))
+    _run_attention(gen, 128, 2, 4, 16, [70, 150, 9], [1, 1, 1], dtype, split=split, calibrated=True)
+
+
+def test_a_query_gets_the_same_bits_in_any_batch() -> None:
+    """Batch invariance by construction: a decode query alone (split or not), in a mixed batch
+    with prefills, and as the last row of its sequence's prefill (what a prefix-cache hit
+    recomputes) gives the same output bits, with a calibration applied."""
+    gen = torch.Generator().manual_seed(77)
+    head_dim, num_kv_heads, gqa = 64, 2, 4
+    layout = format_for("nf4", head_dim)
+    seq_lens = [300, 41, 130]
+    cache, table = _paged_batch(gen, layout, num_kv_heads, 16, seq_lens)
+    query = torch.randn(1 + 41 + 1, num_kv_heads * gqa, head_dim, generator=gen).to(DEVICE)
+    tables = {
+        "query_scale": (torch.rand(num_kv_heads * gqa, head_dim, generator=gen) + 0.5).to(DEVICE),
+        "output_offset": torch.randn(num_kv_heads * gqa, head_dim, generator=gen).to(DEVICE),
+    }
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+
+    def attend(rows: slice, seqs: slice, q_lens: list[int], split: bool) -> torch.Tensor:
+        starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        return nf4_paged_attention(
+            query[rows], cache, table[seqs], starts, lens[seqs], layout, head_dim**-0.5,
+            split=split, chunk_tokens=64, max_chunks=5, **tables,
+        )  # fmt: skip
+
+    mixed = attend(slice(0, 43), slice(0, 3), [1, 41, 1], split=False)
+    for split in (False, True):
+        alone = attend(slice(0, 1), slice(0, 1), [1], split)
+        assert torch.equal(alone[0], mixed[0]), split
+        last = attend(slice(42, 43), slice(2, 3), [1], split)
+        assert torch.equal(last[0], mixed[42]), split
+        prefill_row = attend(slice(41, 42), slice(1, 2), [1], split)  # the prefill's last query alone
+        assert torch.equal(prefill_row[0], mixed[41]), split
+    assert torch.equal(attend(slice(0, 43), slice(0, 3), [1, 41, 1], split=True), mixed)
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
@@ -485,7 +586,7 @@ def test_attention_odd_head_dim_split_prefill_padding_noncausal() -> None:
     """head_dim 48 (3 groups, padded tiles), GQA 3 (BLOCK_Q 5), splits on a prefill batch,
     padding query tokens past query_start_loc[-1], and a non-causal variant."""
     gen = torch.Generator().manual_seed(48)
-    _run_attention(gen, 48, 2, 3, 16, [40, 18], [12, 18], torch.float32, num_splits=2, padding_tokens=3)
+    _run_attention(gen, 48, 2, 3, 16, [40, 18], [12, 18], torch.float32, split=True, padding_tokens=3)
     _run_attention(gen, 48, 2, 3, 16, [40, 18], [12, 18], torch.float32, causal=False)
 
 
@@ -495,7 +596,7 @@ def test_attention_scheme_layouts(layout_name: str, dtype: torch.dtype) -> None:
     """Decode, chunked prefill and prefill in one batch, GQA 4, with split-K, on each scheme layout."""
     gen = torch.Generator().manual_seed(len(layout_name))
     layout = SCHEME_LAYOUTS[layout_name]
-    _run_attention(gen, 64, 2, 4, 16, [37, 40, 20, 1], [1, 7, 20, 1], dtype, num_splits=2, layout=layout)
+    _run_attention(gen, 64, 2, 4, 16, [37, 40, 20, 1], [1, 7, 20, 1], dtype, split=True, layout=layout)
     _run_attention(gen, 64, 2, 4, 16, [37, 40, 20, 1], [1, 7, 20, 1], dtype, layout=layout)
 
 
@@ -514,6 +615,7 @@ def no_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(triton_store, "_store_kv_nf4_kernel", _NoLaunch())
     monkeypatch.setattr(triton_store, "_load_kv_nf4_kernel", _NoLaunch())
     monkeypatch.setattr(triton_attention, "_nf4_attention_kernel", _NoLaunch())
+    monkeypatch.setattr(triton_attention, "_nf4_attention_merge_kernel", _NoLaunch())
 
 
 def _inputs(head_dim: int = 64) -> dict:
@@ -571,6 +673,25 @@ def test_attention_rejects_bad_input_before_launch(no_launch, change, error, mat
         nf4_paged_attention(
             d["query"], d["cache"], d["table"], d["qsl"], d["seq_lens"], d["layout"], d["scale"]
         )
+
+
+def test_calibration_tables_are_checked_before_launch(no_launch) -> None:
+    d = _inputs()
+    wrong = torch.ones(2, 32, device=DEVICE)  # head_dim 32, not 64
+    with pytest.raises(ValueError, match=r"key_scale must be a contiguous float32 \[2, 64\]"):
+        store_kv_nf4(d["cache"], d["kv"], d["kv"], d["slots"], d["layout"], key_scale=wrong)
+    with pytest.raises(ValueError, match="value_offset must be"):
+        store_kv_nf4(d["cache"], d["kv"], d["kv"], d["slots"], d["layout"], value_offset=wrong.double())
+    with pytest.raises(ValueError, match="prepared rows"):
+        ones = torch.ones(2, 64, device=DEVICE)
+        store_kv_nf4(d["cache"], d["kv"], d["kv"], d["slots"], d["layout"], key_scale=ones, prepared=True)
+    with pytest.raises(ValueError, match=r"query_scale must be a contiguous float32 \[4, 64\]"):
+        nf4_paged_attention(
+            d["query"], d["cache"], d["table"], d["qsl"], d["seq_lens"], d["layout"], 0.125, query_scale=wrong
+        )
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        nf4_paged_attention(d["query"], d["cache"], d["table"], d["qsl"], d["seq_lens"], d["layout"], 0.125,
+                            chunk_tokens=100)
 
 
 def test_load_rejects_bad_input_before_launch(no_launch) -> None:

@@ -434,7 +434,8 @@ class KVTransform:
     def is_identity(self) -> bool:
         return bool((self.key_scale == 1).all()) and self.key_offset is None and self.value_offset is None
 
-    def _to(self, device: torch.device) -> None:
+    def move_to(self, device: torch.device) -> None:
+        """Put the tables on ``device`` (once: later calls on the same device do nothing)."""
         if device != self._device:
             for name in ("key_scale", "key_offset", "value_offset", "query_scale", "output_offset"):
                 value = getattr(self, name)
@@ -442,25 +443,35 @@ class KVTransform:
                     setattr(self, name, value.to(device))
             self._device = device
 
+    def store_tables(self, device: torch.device) -> dict[str, torch.Tensor | None]:
+        """What the Triton store kernel applies itself (``store_kv_nf4``'s keyword arguments)."""
+        self.move_to(device)
+        return {"key_offset": self.key_offset, "key_scale": self.key_scale, "value_offset": self.value_offset}
+
+    def attention_tables(self, device: torch.device) -> dict[str, torch.Tensor | None]:
+        """What the Triton attention kernel applies itself (``nf4_paged_attention``'s keyword arguments)."""
+        self.move_to(device)
+        return {"query_scale": self.query_scale, "output_offset": self.output_offset}
+
     def keys(self, key: torch.Tensor) -> torch.Tensor:
         """``[T, Hkv, D]`` -> fp32 ``(k - c) * d``."""
-        self._to(key.device)
+        self.move_to(key.device)
         key = key.float() if self.key_offset is None else key.float() - self.key_offset
         return key * self.key_scale
 
     def values(self, value: torch.Tensor) -> torch.Tensor:
         """``[T, Hkv, D]`` -> ``v - mu`` in fp32 (unchanged without a value offset)."""
-        self._to(value.device)
+        self.move_to(value.device)
         return value if self.value_offset is None else value.float() - self.value_offset
 
     def queries(self, query: torch.Tensor) -> torch.Tensor:
         """``[T, Hq, D]`` -> fp32 ``q / d`` (as a product with ``1 / d``, the same bits every call)."""
-        self._to(query.device)
+        self.move_to(query.device)
         return query.float() * self.query_scale
 
     def outputs(self, output: torch.Tensor) -> torch.Tensor:
         """``[T, Hq, D]`` attention over ``v - mu`` -> over ``v`` (the weights sum to 1)."""
-        self._to(output.device)
+        self.move_to(output.device)
         return output if self.output_offset is None else output + self.output_offset
 
 

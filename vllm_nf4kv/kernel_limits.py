@@ -65,8 +65,9 @@ CPU_LIMITS = KernelLimits(
 )
 
 # kernels/triton_attention.py: two [TILE_N, head_dim / 2] fp32 tiles per K and V live in
-# registers (head_dim 256 is the largest compiled for sm_90 without spills); no sliding
-# window yet; both scale schemes, K and V independently (kernels/triton_codec.py).
+# registers, beside a running and a chunk accumulator (head_dim 256 compiles for sm_90 with
+# ~1 KB of spills a thread, docs/performance.md "On a GPU"); no sliding window yet; both
+# scale schemes, K and V independently (kernels/triton_codec.py).
 CUDA_LIMITS = KernelLimits(
     platform="CUDA",
     max_head_dim=256,

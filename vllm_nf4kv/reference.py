@@ -116,8 +116,8 @@ def sanitize(x: torch.Tensor) -> torch.Tensor:
 def prepare_rows(x: torch.Tensor) -> torch.Tensor:
     """Model-space head vectors ``[..., D]`` -> the fp32 rotated vectors the codec quantizes.
 
-    The one definition of the store's first step (sanitize, then rotate); the C++ kernels
-    do the same inside their store op, the CUDA backend calls this before the Triton store.
+    The one definition of the store's first step (sanitize, then rotate); the C++ and Triton
+    store kernels do the same operations inside (``csrc/rotation.h``, ``kernels/triton_rotation``).
     """
     return rotate(sanitize(x))
 

@@ -42,8 +42,9 @@ def _signs_cpu(head_dim: int, seed: int) -> torch.Tensor:
     return signs.to(torch.float64)
 
 
-@cache
-def _rotation_cpu(head_dim: int, seed: int) -> torch.Tensor:
+def rotation_matrix(head_dim: int, seed: int = ROTATION_SEED) -> torch.Tensor:
+    """``R = diag(signs) · blockdiag(H)`` as fp64 ``[head_dim, head_dim]``: the definition the
+    butterflies of :func:`rotate` compute (``rotate(x) = x @ R``), for tests and readers."""
     rotation = torch.zeros(head_dim, head_dim, dtype=torch.float64)
     start = 0
     for size in power_of_two_blocks(head_dim):
@@ -52,35 +53,18 @@ def _rotation_cpu(head_dim: int, seed: int) -> torch.Tensor:
     return _signs_cpu(head_dim, seed)[:, None] * rotation
 
 
-_DEVICE_CACHE: dict[tuple[str, int, int, str, torch.dtype], torch.Tensor] = {}
-
-
-def _on_device(
-    kind: str, head_dim: int, seed: int, device: torch.device | str, dtype: torch.dtype
-) -> torch.Tensor:
-    key = (kind, head_dim, seed, str(device), dtype)
-    cached = _DEVICE_CACHE.get(key)
-    if cached is None:
-        source = _rotation_cpu(head_dim, seed) if kind == "matrix" else _signs_cpu(head_dim, seed)
-        cached = _DEVICE_CACHE[key] = source.to(device=device, dtype=dtype)
-    return cached
-
-
-def rotation_matrix(
-    head_dim: int,
-    device: torch.device | str = "cpu",
-    seed: int = ROTATION_SEED,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """``R = diag(signs) · blockdiag(H)`` as ``[head_dim, head_dim]``; ``rotate(x) = x @ R``."""
-    return _on_device("matrix", head_dim, seed, device, dtype)
+_SIGNS_ON_DEVICE: dict[tuple[int, int, str], torch.Tensor] = {}
 
 
 def rotation_signs(
     head_dim: int, device: torch.device | str = "cpu", seed: int = ROTATION_SEED
 ) -> torch.Tensor:
-    """The fp64 ``±1`` of ``diag(signs)`` (the C++ kernels take them as a tensor)."""
-    return _on_device("signs", head_dim, seed, device, torch.float64)
+    """The fp64 ``±1`` of ``diag(signs)`` (the C++ and Triton kernels take them as a table)."""
+    key = (head_dim, seed, str(device))
+    signs = _SIGNS_ON_DEVICE.get(key)
+    if signs is None:
+        signs = _SIGNS_ON_DEVICE[key] = _signs_cpu(head_dim, seed).to(device)
+    return signs
 
 
 def block_norm(size: int) -> float:
@@ -110,23 +94,16 @@ def _hadamard_blocks(y: torch.Tensor) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, dtype: torch.dtype = torch.float32, seed: int = ROTATION_SEED) -> torch.Tensor:
-    """``x @ R``, computed in fp64 and returned as ``dtype``.
+    """``x @ R``: signs, then the Hadamard butterflies (:func:`_hadamard_blocks`), in fp64, as ``dtype``.
 
-    On CPU as signs then Hadamard butterflies (:func:`_hadamard_blocks`), the
-    operations the C++ kernels repeat; on other devices as one fp64 matmul (one
-    kernel launch instead of a dozen). The two agree to the last fp64 bit or
-    so, hence to the bit after rounding to fp32 in all but rare ties; within
-    one device a token always rotates to the same bits.
+    The same operations on every device and in every kernel (``csrc/rotation.h``,
+    :mod:`vllm_nf4kv.kernels.triton_rotation`), so a row rotates to the same bits everywhere.
     """
-    if x.device.type != "cpu":
-        return (x.to(torch.float64) @ rotation_matrix(x.shape[-1], x.device, seed, torch.float64)).to(dtype)
     signs = rotation_signs(x.shape[-1], x.device, seed)
     return _hadamard_blocks(x.to(torch.float64) * signs).to(dtype)
 
 
 def unrotate(x: torch.Tensor, dtype: torch.dtype = torch.float32, seed: int = ROTATION_SEED) -> torch.Tensor:
-    """Inverse of :func:`rotate`: ``x @ R^T`` (on CPU: the Hadamard blocks, then the signs), in fp64."""
-    if x.device.type != "cpu":
-        return (x.to(torch.float64) @ rotation_matrix(x.shape[-1], x.device, seed, torch.float64).T).to(dtype)
+    """Inverse of :func:`rotate`: ``x @ R^T``, the Hadamard blocks then the signs, in fp64."""
     signs = rotation_signs(x.shape[-1], x.device, seed)
     return (_hadamard_blocks(x.to(torch.float64)) * signs).to(dtype)

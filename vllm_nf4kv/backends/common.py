@@ -38,6 +38,21 @@ class NF4BackendMixin:
         return attn_type == AttentionType.DECODER
 
 
+# The context an impl built outside an engine (the backend tests) is sized for.
+STANDALONE_MAX_MODEL_LEN = 32768
+
+
+def engine_max_model_len() -> int:
+    """``--max-model-len`` of the engine being built (``get_current_vllm_config``), or the default."""
+    from vllm.config import get_current_vllm_config
+
+    try:
+        model_config = get_current_vllm_config().model_config
+    except AssertionError:  # no engine is being built (vLLM 0.32 asserts)
+        model_config = None
+    return STANDALONE_MAX_MODEL_LEN if model_config is None else int(model_config.max_model_len)
+
+
 def holds_head_size(head_size: int, max_head_dim: int) -> bool:
     """Whether nf4 cells and the platform's kernels take this head size (vLLM asks per backend)."""
     return head_size % MIN_GROUP_SIZE == 0 and 0 < head_size <= max_head_dim

@@ -26,14 +26,18 @@ from vllm.v1.attention.backends.triton_attn import (
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from vllm_nf4kv import calibration
-from vllm_nf4kv.backends.common import NF4BackendMixin, holds_head_size
+from vllm_nf4kv.backends.common import NF4BackendMixin, engine_max_model_len, holds_head_size
 from vllm_nf4kv.backends.selection import check_layer
 from vllm_nf4kv.backends.smoothing import layer_smoothing
 from vllm_nf4kv.kernel_limits import CUDA_LIMITS
+from vllm_nf4kv.kernels.triton_attention import MAX_CHUNKS, chunk_tokens_for, nf4_paged_attention
+from vllm_nf4kv.kernels.triton_codec import ladder_table, nf4_tables
+from vllm_nf4kv.kernels.triton_rotation import rotation_table
+from vllm_nf4kv.kernels.triton_store import store_kv_nf4
 
 
 class NF4TritonMetadataBuilder(TritonAttentionMetadataBuilder):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.ALWAYS
 
 
 class NF4TritonAttentionBackend(NF4BackendMixin, TritonAttentionBackend):
@@ -100,6 +104,16 @@ class NF4TritonAttentionImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.sliding_window = None
         self.smoothing = layer_smoothing(num_heads, num_kv_heads, head_size)
+        # a model-level constant of the attention arithmetic (batch invariance): never per batch
+        max_model_len = engine_max_model_len()
+        self.chunk_tokens = chunk_tokens_for(max_model_len)
+        self.max_chunks = min(MAX_CHUNKS, -(-max_model_len // self.chunk_tokens))
+        # every table the kernels read on the device now (each is built once per device and
+        # cached), so no forward allocates or computes one, warm-up and CUDA-graph capture included
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        rotation_table(head_size, device)
+        nf4_tables(device)
+        ladder_table(self.layout.key, device), ladder_table(self.layout.value, device)
 
     def do_kv_cache_update(
         self,
@@ -109,14 +123,11 @@ class NF4TritonAttentionImpl(AttentionImpl):
         kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes]
         slot_mapping: torch.Tensor,  # [num_tokens]
     ) -> None:
-        from vllm_nf4kv.kernels.triton_store import store_kv_nf4
-        from vllm_nf4kv.reference import prepare_rows
-
         transform = self.smoothing.for_layer(layer)
-        if transform is not None:  # (k - c) * d and v - mu; forward reads with q / d, adds mu (calibration)
-            key, value = transform.keys(key), transform.values(value)
-        key, value = prepare_rows(key), prepare_rows(value)  # sanitize, rotate (docs/format.md)
-        store_kv_nf4(kv_cache.view(torch.uint8), key, value, slot_mapping, self.layout)
+        tables = {}
+        if transform is not None:  # (k - c) * d and v - mu in the kernel; forward reads with q / d, adds mu
+            tables = transform.store_tables(kv_cache.device)
+        store_kv_nf4(kv_cache.view(torch.uint8), key, value, slot_mapping, self.layout, **tables)
 
     def forward(
         self,
@@ -130,24 +141,18 @@ class NF4TritonAttentionImpl(AttentionImpl):
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        from vllm_nf4kv.kernels.triton_attention import nf4_paged_attention
-        from vllm_nf4kv.rotation import rotate, unrotate
-
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported with nf4")
         if attn_metadata is None:  # profiling run
             return output
         n = attn_metadata.num_actual_tokens
-        dtype = query.dtype
         query = query[:n].view(n, self.num_heads, self.head_size)
         if calibration.ACTIVE_CAPTURE:  # vllm-nf4kv calibrate is measuring
             shape = (n, self.num_kv_heads, self.head_size)
             calibration.observe(layer, query, key[:n].view(shape), value[:n].view(shape))
         transform = self.smoothing.for_layer(layer)
-        if transform is not None:
-            query = transform.queries(query)
-        query = rotate(query, dtype).contiguous()
-        result = nf4_paged_attention(
+        tables = {} if transform is None else transform.attention_tables(kv_cache.device)
+        nf4_paged_attention(
             query,
             kv_cache.view(torch.uint8),
             attn_metadata.block_table,
@@ -156,10 +161,9 @@ class NF4TritonAttentionImpl(AttentionImpl):
             self.layout,
             self.scale,
             max_query_len=attn_metadata.max_query_len,
-            max_seq_len=attn_metadata.max_seq_len,
+            chunk_tokens=self.chunk_tokens,
+            max_chunks=self.max_chunks,
+            output=output.view(-1, self.num_heads, self.head_size)[:n],
+            **tables,
         )
-        result = unrotate(result[:n], torch.float32 if transform is not None else output.dtype)
-        if transform is not None:  # + mu on the fp32 output
-            result = transform.outputs(result)
-        output.view(-1, self.num_heads, self.head_size)[:n] = result
         return output

@@ -91,28 +91,31 @@ def _configs() -> Iterator[tuple[str, dict]]:
         "load d128 bf16 swapped schemes",
         {"kind": "load", "head_dim": 128, "dtype": torch.bfloat16, "layout": _swapped_schemes(128)},
     )
-    for head_dim, group, dtype, splits in (
-        (128, 8, torch.bfloat16, 1),
-        (128, 8, torch.bfloat16, 8),
-        (64, 1, torch.float16, 4),
-        (256, 4, torch.bfloat16, 1),
-        (128, 4, torch.float32, 1),
+    for head_dim, group, dtype, split, calibrated in (
+        (128, 8, torch.bfloat16, False, True),
+        (128, 8, torch.bfloat16, True, True),
+        (64, 1, torch.float16, True, False),
+        (256, 4, torch.bfloat16, False, False),
+        (96, 4, torch.bfloat16, True, True),
+        (128, 4, torch.float32, False, False),
     ):
-        name = f"attention d{head_dim} gqa{group} {str(dtype)[6:]} splits{splits}"
-        yield (
-            name,
-            {"kind": "attention", "head_dim": head_dim, "group": group, "dtype": dtype, "splits": splits},
-        )
+        name = f"attention d{head_dim} gqa{group} {str(dtype)[6:]} {'split' if split else 'whole'}"
+        params = {"kind": "attention", "head_dim": head_dim, "group": group, "dtype": dtype, "split": split}
+        yield name + (" calibrated" if calibrated else ""), {**params, "calibrated": calibrated}
     yield (
-        "attention d128 gqa4 bfloat16 splits1 swapped schemes",
+        "attention d128 gqa4 bfloat16 whole swapped schemes",
         {
             "kind": "attention",
             "head_dim": 128,
             "group": 4,
             "dtype": torch.bfloat16,
-            "splits": 1,
+            "split": False,
             "layout": _swapped_schemes(128),
         },
+    )
+    yield (
+        "store d128 calibrated",
+        {"kind": "store", "head_dim": 128, "dtype": torch.bfloat16, "calibrated": True},
     )
 
 
@@ -126,9 +129,13 @@ def _run_config(params: dict) -> list:
     heads, block_size = 2, 16
     cache = torch.zeros(4, heads, block_size, layout.cell_bytes, dtype=torch.uint8)
     compiled = []
+    table = torch.ones(heads, layout.head_dim)
     if params["kind"] == "store":
         x = torch.zeros(3, heads, layout.head_dim, dtype=params["dtype"])
-        triton_store.store_kv_nf4(cache, x, x, torch.arange(3), layout)
+        tables = {}
+        if params.get("calibrated"):
+            tables = {"key_offset": table, "key_scale": table, "value_offset": table}
+        triton_store.store_kv_nf4(cache, x, x, torch.arange(3), layout, **tables)
         compiled.append(triton_store._store_kv_nf4_kernel)
     elif params["kind"] == "load":
         table = torch.zeros(2, 4, dtype=torch.int32)
@@ -143,6 +150,8 @@ def _run_config(params: dict) -> list:
         compiled.append(triton_store._load_kv_nf4_kernel)
     else:
         q = torch.zeros(2, heads * params["group"], layout.head_dim, dtype=params["dtype"])
+        q_table = table.repeat_interleave(params["group"], 0)
+        tables = {"query_scale": q_table, "output_offset": q_table} if params.get("calibrated") else {}
         triton_attention.nf4_paged_attention(
             q,
             cache,
@@ -151,18 +160,21 @@ def _run_config(params: dict) -> list:
             torch.tensor([5, 9], dtype=torch.int32),
             layout,
             0.1,
-            num_splits=params["splits"],
+            split=params["split"],
+            max_chunks=4,
+            **tables,
         )
         compiled.append(triton_attention._nf4_attention_kernel)
-        if params["splits"] > 1:
-            compiled.append(triton_attention._nf4_attention_reduce_kernel)
+        if params["split"]:
+            compiled.append(triton_attention._nf4_attention_merge_kernel)
     return compiled
 
 
-# Kernels whose fp32 arithmetic must round like torch, operation by operation (the store's
-# scale search, the load's level * scale): no contracted FMAs, no approximate division.
-_EXACT_KERNELS = ("_store_kv_nf4_kernel", "_load_kv_nf4_kernel")
-_INEXACT_PTX = ("fma.rn.f32", "div.full.f32", "div.approx.f32", "div.approx.ftz.f32")
+# Kernels whose arithmetic must round operation by operation: the store's calibration, fp64
+# rotation and scale search and the load's level * scale (as torch rounds them), the merge of
+# chunk states (as the attention kernel merges them): no contracted FMAs, no approximate division.
+_EXACT_KERNELS = ("_store_kv_nf4_kernel", "_load_kv_nf4_kernel", "_nf4_attention_merge_kernel")
+_INEXACT_PTX = ("fma.rn.f32", "fma.rn.f64", "div.full.f32", "div.approx.f32", "div.approx.ftz.f32")
 
 
 def _exactness_problem(kernel_name: str, ptx: str) -> str | None:

@@ -93,6 +93,24 @@ def ladder_table(row: fmt.RowFormat, device: torch.device) -> torch.Tensor:
     return nf4_tables(device)[0]
 
 
+def check_head_table(
+    name: str, table: torch.Tensor | None, num_heads: int, head_dim: int, device: torch.device
+) -> None:
+    """A per-head calibration table (``[num_heads, head_dim]``, contiguous fp32, on ``device``) or None."""
+    if table is None:
+        return
+    if (
+        table.dtype != torch.float32
+        or tuple(table.shape) != (num_heads, head_dim)
+        or not table.is_contiguous()
+        or table.device != device
+    ):
+        raise ValueError(
+            f"{name} must be a contiguous float32 [{num_heads}, {head_dim}] tensor on {device}, got "
+            f"{table.dtype} {tuple(table.shape)} on {table.device}"
+        )
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

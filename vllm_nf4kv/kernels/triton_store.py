@@ -1,14 +1,21 @@
 """Quantize-on-write (``store_kv_nf4``) and dequantizing gather (``load_kv_nf4``).
 
-``store_kv_nf4`` is bit-exact with :func:`vllm_nf4kv.reference.quantize_rows`
-(codes and scale codes) on the same rotated input, given that both sum a group's
-squared error in the same fixed order (see :func:`_pairwise_row_sum`). Two GPU
-details matter for that exactness and are pinned here:
+``store_kv_nf4`` is the whole store in one kernel: it reads the model-space K/V rows vLLM
+hands the backend (any float dtype, strided views of the qkv output), applies the layer's
+calibration (``(k - c) * d``, ``v - mu``), sanitizes, rotates
+(:mod:`vllm_nf4kv.kernels.triton_rotation`) and encodes, and writes each token's cell at its
+slot. Its bytes equal :func:`vllm_nf4kv.reference.write_paged` after the calibration's
+``KVTransform`` (codes and scale codes), whatever the number of tokens in the call: every
+program reads one row and computes a fixed expression of it. Exactness details pinned here:
 
+* both sum a group's squared error in the same fixed order (see :func:`_pairwise_row_sum`);
 * the division ``x / scale`` is IEEE round-to-nearest (``tl.math.div_rn``); Triton's
   plain fp32 ``/`` lowers to the approximate ``div.full.f32`` on NVIDIA;
-* the kernel is launched with ``enable_fp_fusion=False`` so ``level * scale - x``
-  and ``d * d + e`` are not contracted into FMAs (torch rounds each operation).
+* the kernel is launched with ``enable_fp_fusion=False`` so ``level * scale - x``,
+  ``(k - c) * d`` and ``d * d + e`` are not contracted into FMAs (torch rounds each operation).
+
+``prepared=True`` takes rows already sanitized and rotated (``reference.prepare_rows``): the
+codec alone, which the codec tests feed rows a model never produces (NaN, inf, exact rungs).
 
 ``load_kv_nf4`` reads sequences through their block tables into rotated fp32 (or
 fp16/bf16, rounded to nearest even) K/V; in fp32 it equals
@@ -27,6 +34,7 @@ from vllm_nf4kv.kernels.triton_codec import (
     NUM_LEVELS,
     NUM_MIDPOINTS,
     alignment,
+    check_head_table,
     decode_scale,
     dequant_pairs,
     encode_scale_ceil,
@@ -37,6 +45,7 @@ from vllm_nf4kv.kernels.triton_codec import (
     relative_bits,
     require_scheme,
 )
+from vllm_nf4kv.kernels.triton_rotation import rotate_rows, rotation_constexprs, rotation_table
 from vllm_nf4kv.reference import check_paged_cache
 
 _SANITIZE_MAX: tl.constexpr = tl.constexpr(SCALE_MAX)
@@ -45,8 +54,12 @@ _OUT_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 # Fixed launch heuristics (no autotune: its first-call benchmarking would stall the
 # first forward pass). Store: one program per (token, KV head), one warp per 64
-# elements of the head vector (keeps the [groups, pairs, 16] threshold compare
-# under ~80 registers a thread on sm_90, no spills; see compile_check). Load:
+# elements of the head vector. With the rotation inside, the sm_90 build uses 255
+# registers and ~100 B of stack a thread at head_dim 64-128 (compile_check
+# --resources; 106-150 registers and no stack before): the reshape from the rotated
+# row to the codec's tiles is what costs (a round trip through a global scratch row
+# measured 113-145 registers, no stack, at the price of a buffer per call). Which one
+# is faster is for a GPU to say (scripts/gpu_check.sh, store bandwidth). Load:
 # 32-token tiles and 4 warps, a plain streaming copy (64-token tiles spilled at
 # head_dim 128).
 _STORE_ELEMENTS_PER_WARP = 64
@@ -137,14 +150,41 @@ def _store_relative_codes(
 
 
 @triton.jit
+def _row_tiles(
+    row,  # [D_PAD] fp32, one head vector (0 past HEAD_DIM)
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUPS_PAD: tl.constexpr,
+    PAIRS_PAD: tl.constexpr,
+):
+    """The row as the codec's ``(even, odd)`` tiles ``[GROUPS_PAD, PAIRS_PAD]``: entry ``(g, j)``
+    holds elements ``g * GROUP + 2j`` and ``+ 1``; padding entries 0.
+
+    Power-of-two groups tile the padded row exactly (a reshape); other group sizes (head
+    sizes such as 96, or 8 groups of 12) gather their entries.
+    """
+    if GROUPS_PAD * GROUP == D_PAD and 2 * PAIRS_PAD == GROUP:
+        even, odd = tl.split(tl.reshape(row, [GROUPS_PAD, PAIRS_PAD, 2]))
+    else:
+        g = tl.arange(0, GROUPS_PAD)[:, None]
+        j = tl.arange(0, PAIRS_PAD)[None, :]
+        mask = (g < HEAD_DIM // GROUP) & (j < GROUP // 2)
+        index = tl.reshape(tl.where(mask, g * GROUP + 2 * j, 0), [GROUPS_PAD * PAIRS_PAD])
+        even = tl.where(mask, tl.reshape(tl.gather(row, index, 0), [GROUPS_PAD, PAIRS_PAD]), 0.0)
+        odd = tl.where(mask, tl.reshape(tl.gather(row, index + 1, 0), [GROUPS_PAD, PAIRS_PAD]), 0.0)
+    return even, odd
+
+
+@triton.jit
 def _quantize_row(
-    src_ptr,  # first element of one rotated head vector [HEAD_DIM], any float dtype
-    stride_d,
+    row,  # [D_PAD] fp32, one rotated head vector (0 past HEAD_DIM), not yet sanitized
     row_ptr,  # first byte of its stored row (codes then scale codes), uint8
     levels_ptr,  # [NUM_LEVELS] fp32
     midpoints_ptr,  # [NUM_MIDPOINTS] fp32
     ladder_ptr,  # [2**RELATIVE_BITS] fp32 relative ladder (unread when RELATIVE_BITS == 0)
     HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
     GROUP: tl.constexpr,
     SCALE_OFFSET: tl.constexpr,
     GROUPS_PAD: tl.constexpr,
@@ -167,9 +207,8 @@ def _quantize_row(
     g = tl.arange(0, GROUPS_PAD)[:, None]
     j = tl.arange(0, PAIRS_PAD)[None, :]
     mask = (g < HEAD_DIM // GROUP) & (j < GROUP // 2)
-    even = g * GROUP + 2 * j
-    x_even = _sanitize(tl.load(src_ptr + even * stride_d, mask=mask, other=0.0).to(tl.float32))
-    x_odd = _sanitize(tl.load(src_ptr + (even + 1) * stride_d, mask=mask, other=0.0).to(tl.float32))
+    x_even, x_odd = _row_tiles(row, HEAD_DIM, D_PAD, GROUP, GROUPS_PAD, PAIRS_PAD)
+    x_even, x_odd = _sanitize(x_even), _sanitize(x_odd)  # an fp64 rotation can round to +-inf
 
     # the thresholds padded with +inf to NUM_LEVELS, a power of two
     lanes = tl.arange(0, NUM_LEVELS)
@@ -233,15 +272,53 @@ def _quantize_row(
 
 
 @triton.jit
+def _prepared_row(
+    src_ptr,  # first element of one model-space head vector, any float dtype
+    stride_d,
+    offset_ptr,  # [HEAD_DIM] fp32 calibration offset of this KV head (unread without HAS_OFFSET)
+    scale_ptr,  # [HEAD_DIM] fp32 calibration key scale of this KV head (unread without HAS_SCALE)
+    rotation_ptr,  # triton_rotation.rotation_table
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    STAGES: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    PREPARED: tl.constexpr,
+):
+    """``[D_PAD]`` fp32: ``KVTransform.keys`` / ``.values`` then ``reference.prepare_rows`` of one row.
+
+    In fp32, one rounding per operation as torch does it: ``x - c``, then ``* d``, then the
+    sanitize (NaN -> 0, +-inf -> +-SCALE_MAX) and the fp64 rotation. ``PREPARED`` rows are
+    read as they are (already rotated).
+    """
+    cols = tl.arange(0, D_PAD)
+    in_row = cols < HEAD_DIM
+    x = tl.load(src_ptr + cols * stride_d, mask=in_row, other=0.0).to(tl.float32)
+    if PREPARED:
+        return x
+    if HAS_OFFSET:
+        x = x - tl.load(offset_ptr + cols, mask=in_row, other=0.0)
+    if HAS_SCALE:
+        x = x * tl.load(scale_ptr + cols, mask=in_row, other=0.0)
+    x = _sanitize(x)
+    return tl.reshape(rotate_rows(x[None, :], rotation_ptr, 1, D_PAD, STAGES, ONE_BLOCK), [D_PAD])
+
+
+@triton.jit
 def _store_kv_nf4_kernel(
-    key_ptr,  # [num_tokens, num_kv_heads, head_dim] fp32/fp16/bf16, rotated
-    value_ptr,  # [num_tokens, num_kv_heads, head_dim] fp32/fp16/bf16, rotated
+    key_ptr,  # [num_tokens, num_kv_heads, head_dim] fp32/fp16/bf16, model space (or prepared)
+    value_ptr,  # [num_tokens, num_kv_heads, head_dim] fp32/fp16/bf16, model space (or prepared)
     cache_ptr,  # [num_blocks, num_kv_heads, block_size, cell_bytes] uint8
     slot_mapping_ptr,  # [num_tokens] int32/int64; < 0: padding, skipped
     levels_ptr,  # [NUM_LEVELS] fp32
     midpoints_ptr,  # [NUM_MIDPOINTS] fp32
     k_ladder_ptr,  # fp32 relative ladder of the K rows (unread for per-group rows)
     v_ladder_ptr,  # fp32 relative ladder of the V rows (unread for per-group rows)
+    rotation_ptr,  # triton_rotation.rotation_table (unread for PREPARED rows)
+    key_offset_ptr,  # [num_kv_heads, head_dim] fp32 c (unread without HAS_KEY_OFFSET)
+    key_scale_ptr,  # [num_kv_heads, head_dim] fp32 d (unread without HAS_KEY_SCALE)
+    value_offset_ptr,  # [num_kv_heads, head_dim] fp32 mu (unread without HAS_VALUE_OFFSET)
     stride_k_tok: tl.int64,
     stride_k_head: tl.int64,
     stride_k_dim: tl.int64,
@@ -253,6 +330,13 @@ def _store_kv_nf4_kernel(
     stride_c_tok: tl.int64,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    STAGES: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+    HAS_KEY_OFFSET: tl.constexpr,
+    HAS_KEY_SCALE: tl.constexpr,
+    HAS_VALUE_OFFSET: tl.constexpr,
+    PREPARED: tl.constexpr,
     VALUE_OFFSET: tl.constexpr,
     K_GROUP: tl.constexpr,
     K_SCALE_OFFSET: tl.constexpr,
@@ -280,14 +364,28 @@ def _store_kv_nf4_kernel(
         return
     block = slot // BLOCK_SIZE
     cell_ptr = cache_ptr + block * stride_c_block + head * stride_c_head + (slot % BLOCK_SIZE) * stride_c_tok
-    _quantize_row(
+    key = _prepared_row(
         key_ptr + token * stride_k_tok + head * stride_k_head,
         stride_k_dim,
+        key_offset_ptr + head * HEAD_DIM,
+        key_scale_ptr + head * HEAD_DIM,
+        rotation_ptr,
+        HEAD_DIM,
+        D_PAD,
+        STAGES,
+        ONE_BLOCK,
+        HAS_KEY_OFFSET,
+        HAS_KEY_SCALE,
+        PREPARED,
+    )
+    _quantize_row(
+        key,
         cell_ptr,
         levels_ptr,
         midpoints_ptr,
         k_ladder_ptr,
         HEAD_DIM,
+        D_PAD,
         K_GROUP,
         K_SCALE_OFFSET,
         K_GROUPS_PAD,
@@ -298,14 +396,28 @@ def _store_kv_nf4_kernel(
         K_RELATIVE_BYTES,
         K_RELATIVE_BYTES_PAD,
     )
-    _quantize_row(
+    value = _prepared_row(
         value_ptr + token * stride_v_tok + head * stride_v_head,
         stride_v_dim,
+        value_offset_ptr + head * HEAD_DIM,
+        value_offset_ptr,
+        rotation_ptr,
+        HEAD_DIM,
+        D_PAD,
+        STAGES,
+        ONE_BLOCK,
+        HAS_VALUE_OFFSET,
+        False,
+        PREPARED,
+    )
+    _quantize_row(
+        value,
         cell_ptr + VALUE_OFFSET,
         levels_ptr,
         midpoints_ptr,
         v_ladder_ptr,
         HEAD_DIM,
+        D_PAD,
         V_GROUP,
         V_SCALE_OFFSET,
         V_GROUPS_PAD,
@@ -363,51 +475,71 @@ def _check_cache(kv_cache: torch.Tensor, layout: CellLayout) -> None:
 
 def store_kv_nf4(
     kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes] uint8
-    key_rot: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim] fp32/fp16/bf16, already rotated
-    value_rot: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim] fp32/fp16/bf16, already rotated
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim] fp32/fp16/bf16, model space
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim] fp32/fp16/bf16, model space
     slot_mapping: torch.Tensor,  # [num_slots <= num_tokens] int32/int64; < 0 skipped
     layout: CellLayout,
+    *,
+    key_offset: torch.Tensor | None = None,  # [num_kv_heads, head_dim] fp32: c (calibration)
+    key_scale: torch.Tensor | None = None,  # [num_kv_heads, head_dim] fp32: d
+    value_offset: torch.Tensor | None = None,  # [num_kv_heads, head_dim] fp32: mu
+    prepared: bool = False,
 ) -> None:
-    """Quantize rotated K/V and write each token's cells at its slot (``block * block_size + offset``).
+    """Calibrate, sanitize, rotate and quantize K/V; write each token's cell at its slot.
 
-    Bit-exact with ``reference.quantize_rows`` on the same rotated input; equal to
-    ``reference.write_paged`` when the caller prepares K/V with ``reference.prepare_rows``.
-    The search steps per row come from the layout. Only the first ``len(slot_mapping)``
-    tokens are read (vLLM pads key/value).
+    The cache then equals ``reference.write_paged`` of ``KVTransform.keys(key)`` and
+    ``.values(value)`` (:mod:`vllm_nf4kv.calibration`), bit for bit; with ``prepared`` the rows
+    are taken as already rotated and the bytes equal ``reference.quantize_rows``'. Slots are
+    ``block * block_size + offset``; only the first ``len(slot_mapping)`` tokens are read (vLLM
+    pads key/value). Launch shape and arguments depend on tensor shapes only: no host sync.
     """
     _check_cache(kv_cache, layout)
     num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
-    _check_rows("key_rot", key_rot, num_kv_heads, layout.head_dim)
-    _check_rows("value_rot", value_rot, num_kv_heads, layout.head_dim)
+    _check_rows("key", key, num_kv_heads, layout.head_dim)
+    _check_rows("value", value, num_kv_heads, layout.head_dim)
     if slot_mapping.dtype not in (torch.int32, torch.int64) or slot_mapping.dim() != 1:
         raise TypeError(
             f"slot_mapping must be a 1-D int32/int64 tensor, got {slot_mapping.dtype} "
             f"{tuple(slot_mapping.shape)}"
         )
     num_tokens = slot_mapping.shape[0]
-    if num_tokens > min(key_rot.shape[0], value_rot.shape[0]):
+    if num_tokens > min(key.shape[0], value.shape[0]):
         raise ValueError(
-            f"slot_mapping has {num_tokens} slots but key_rot/value_rot have "
-            f"{key_rot.shape[0]}/{value_rot.shape[0]} tokens"
+            f"slot_mapping has {num_tokens} slots but key/value have {key.shape[0]}/{value.shape[0]} tokens"
         )
-    _check_device(kv_cache, key_rot=key_rot, value_rot=value_rot, slot_mapping=slot_mapping)
+    _check_device(kv_cache, key=key, value=value, slot_mapping=slot_mapping)
+    transform = {"key_offset": key_offset, "key_scale": key_scale, "value_offset": value_offset}
+    for name, table in transform.items():
+        check_head_table(name, table, num_kv_heads, layout.head_dim, kv_cache.device)
+    if prepared and any(table is not None for table in transform.values()):
+        raise ValueError(
+            "prepared rows are already calibrated and rotated: pass no key_offset/key_scale/value_offset"
+        )
     if num_tokens == 0:
         return
     levels, midpoints = nf4_tables(kv_cache.device)
     ladders = ladder_table(layout.key, kv_cache.device), ladder_table(layout.value, kv_cache.device)
+    rotation = rotation_table(layout.head_dim, kv_cache.device)
     _store_kv_nf4_kernel[(num_tokens, num_kv_heads)](
-        key_rot,
-        value_rot,
+        key,
+        value,
         kv_cache,
         slot_mapping,
         levels,
         midpoints,
         *ladders,
-        *key_rot.stride(),
-        *value_rot.stride(),
+        rotation,
+        *(rotation if table is None else table for table in transform.values()),
+        *key.stride(),
+        *value.stride(),
         *kv_cache.stride()[:3],
         BLOCK_SIZE=block_size,
         HEAD_DIM=layout.head_dim,
+        **rotation_constexprs(layout.head_dim),
+        HAS_KEY_OFFSET=key_offset is not None,
+        HAS_KEY_SCALE=key_scale is not None,
+        HAS_VALUE_OFFSET=value_offset is not None,
+        PREPARED=prepared,
         VALUE_OFFSET=layout.value_offset,
         **_row_constexprs(layout.key, "K"),
         **_row_constexprs(layout.value, "V"),
