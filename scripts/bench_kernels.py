@@ -463,11 +463,11 @@ def bench_decode(args, peak_gbs: float) -> list[str]:
                 nf4[..., off + row.code_bytes: off + row.row_bytes] = 16 << 3  # scale codes of 1.0
             splits = args.splits or baseline_splits(batch, h_kv, ctx)
             chunk = chunk_tokens_for(max(args.contexts))  # one engine serving every context of the table
-            split = should_split(batch, batch, h_kv, 1, query.device)
+            max_chunks = -(-max(args.contexts) // chunk)
+            split = should_split(batch, h_kv, 1, batch * h_q * max_chunks * d * 4, query.device)
             scale = d**-0.5
             t_nf4 = _bench(partial(nf4_paged_attention, query, nf4, table, qsl, lens, layout, scale,
-                                   max_query_len=1, chunk_tokens=chunk,
-                                   max_chunks=-(-max(args.contexts) // chunk)))
+                                   max_query_len=1, chunk_tokens=chunk, max_chunks=max_chunks))
             del nf4
             kc = torch.randn(num_blocks, h_kv, bs, d, device="cuda", dtype=torch.bfloat16, generator=gen)
             vc = torch.randn_like(kc)

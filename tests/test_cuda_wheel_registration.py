@@ -125,3 +125,67 @@ def test_cuda_backend_takes_the_default_block_size(head_size):
     assert select_common_block_size(default, [NF4TritonAttentionBackend], [spec]) == default
     assert spec.page_size_bytes == default * 2 * format_for("nf4", head_size).cell_bytes
     assert NF4TritonAttentionBackend.get_preferred_block_size(default) == default
+
+
+def test_nf4_pages_under_the_extensible_kv_cache(model_dir, monkeypatch):
+    """vLLM 0.34 turns on its extensible KV cache on CUDA: an nf4 engine config gets it (and
+    ``gpu_memory_utilization`` 1.0), and the views it builds over the reserved address space are
+    the uint8 ``[blocks, kv_heads, block_size, cell]`` pages with contiguous cells the kernels
+    address by block table and slot; the views re-bound after the final commit (fewer blocks,
+    same addresses) keep every stride, so nothing the impl does depends on the first view."""
+    import vllm
+
+    if not vllm.__version__.startswith("0.34"):
+        pytest.skip(f"the extensible KV cache is vLLM 0.34's (this is {vllm.__version__})")
+    from cuda_wheel_on_cpu import allow_config_level
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+    from vllm.v1.kv_cache_interface import (
+        FullAttentionSpec,
+        KVCacheConfig,
+        KVCacheGroupSpec,
+        KVCacheLayout,
+        KVCacheTensor,
+        create_kv_cache_views,
+    )
+    from vllm.v1.worker.extensible_kv_cache import pad_kv_cache_segments
+
+    from vllm_nf4kv.backends.triton_attn import NF4TritonAttentionBackend
+    from vllm_nf4kv.format import format_for
+    from vllm_nf4kv.reference import check_paged_cache
+
+    allow_config_level()
+    config = EngineArgs(model=str(model_dir), kv_cache_dtype="nf4", enforce_eager=True).create_engine_config()
+    monkeypatch.setattr(type(current_platform), "is_cuda_alike", lambda self: True)
+    config.cache_config._extensible_kv_cache_resolved = False
+    config.cache_config.enable_extensible_kv_cache = None
+    config._resolve_extensible_kv_cache()
+    assert config.cache_config.enable_extensible_kv_cache is True
+
+    layout = format_for("nf4", 128)
+    spec = NF4TritonAttentionBackend.customize_spec(
+        FullAttentionSpec(block_size=64, num_kv_heads=2, head_size=128, dtype=torch.uint8)
+    )
+    layers, capacity, page = ["a", "b", "c"], 1000, spec.page_size_bytes
+
+    tensor = KVCacheTensor(size=len(layers) * capacity * page, layers=layers,
+                           layer_stride=capacity * page, block_stride=page)
+    kv_config = KVCacheConfig(num_blocks=capacity, kv_cache_tensors=[tensor],
+                              kv_cache_groups=[KVCacheGroupSpec(layers, spec)])
+    padded = pad_kv_cache_segments(kv_config, KVCacheLayout.LBHNC, 2 << 20).kv_cache_tensors[0]
+    assert padded.layer_stride % (2 << 20) == 0  # each layer's region starts on a granule
+    raw = torch.zeros(padded.size, dtype=torch.int8)
+
+    def views(num_blocks: int) -> list[torch.Tensor]:
+        return list(
+            create_kv_cache_views(raw, spec, num_blocks, KVCacheLayout.LBHNC, padded, kernel_block_size=64)
+        )
+
+    reserved, committed = views(capacity), views(700)
+    for view, after in zip(reserved, committed, strict=True):
+        view = view.view(torch.uint8)
+        check_paged_cache(view, layout)
+        assert tuple(view.shape) == (capacity, 2, 64, layout.cell_bytes)
+        assert view.stride() == (page, 64 * layout.cell_bytes, layout.cell_bytes, 1)
+        assert after.shape[0] == 700 and after.stride() == view.stride()
+        assert after.data_ptr() == view.data_ptr()

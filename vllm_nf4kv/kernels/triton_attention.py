@@ -92,9 +92,10 @@ _LOG2E = 1.4426950408889634
 # * chunks: DEFAULT_CHUNK_TOKENS keys, or more so that the longest sequence the engine
 #   serves has at most MAX_CHUNKS (chunk_tokens_for);
 # * split-K only when every sequence has at most SPLIT_MAX_QUERY_LEN queries (decode,
-#   speculative decode) and the batch leaves SMs idle (fewer than _PROGRAMS_PER_SM
-#   programs a SM without it), with at most SPLIT_MAX_TOKENS query tokens (the
-#   workspace: SPLIT_MAX_TOKENS x heads x MAX_CHUNKS x head_dim fp32).
+#   speculative decode), the batch leaves SMs idle (fewer than _PROGRAMS_PER_SM
+#   programs a SM without it) and the chunk states fit SPLIT_WORKSPACE_BYTES (query
+#   tokens x query heads x chunks x head_dim fp32, allocated per call). The choice never
+#   changes a bit of the output, so it may follow the batch.
 _TILE_N = 64
 _TILE_N_SMALL = 32
 _NUM_WARPS = 4
@@ -102,7 +103,7 @@ _NUM_STAGES = 2
 DEFAULT_CHUNK_TOKENS = 512
 MAX_CHUNKS = 64
 SPLIT_MAX_QUERY_LEN = 8
-SPLIT_MAX_TOKENS = 256
+SPLIT_WORKSPACE_BYTES = 32 << 20
 _PROGRAMS_PER_SM = 4
 _DEFAULT_NUM_SMS = 132  # H200 / H100 SXM, when no CUDA device is queried (interpreter)
 
@@ -496,10 +497,10 @@ def chunk_tokens_for(max_model_len: int) -> int:
 
 
 def should_split(
-    num_tokens: int, num_seqs: int, num_kv_heads: int, max_query_len: int, device: torch.device
+    num_seqs: int, num_kv_heads: int, max_query_len: int, workspace_bytes: int, device: torch.device
 ) -> bool:
     """Split-K for decode batches that leave SMs idle (the module's launch notes); host ints only."""
-    if max_query_len > SPLIT_MAX_QUERY_LEN or num_tokens > SPLIT_MAX_TOKENS or num_seqs == 0:
+    if max_query_len > SPLIT_MAX_QUERY_LEN or workspace_bytes > SPLIT_WORKSPACE_BYTES or num_seqs == 0:
         return False
     return num_seqs * num_kv_heads < _PROGRAMS_PER_SM * _num_sms(device)
 
@@ -634,12 +635,13 @@ def nf4_paged_attention(
     queries_per_kv = num_q_heads // num_kv_heads
     block_m = max(16, next_power_of_2(queries_per_kv))
     block_q = block_m // queries_per_kv
+    if max_chunks is None and split is not False:
+        max_chunks = triton.cdiv(int(seq_lens.max()), chunk_tokens)
     if split is None:
         if max_query_len is None:
             max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
-        split = should_split(num_tokens, num_seqs, num_kv_heads, max_query_len, kv_cache.device)
-    if split and max_chunks is None:
-        max_chunks = triton.cdiv(int(seq_lens.max()), chunk_tokens)
+        workspace = num_tokens * num_q_heads * max_chunks * head_dim * 4
+        split = should_split(num_seqs, num_kv_heads, max_query_len, workspace, kv_cache.device)
     dot_dtype, dot_precision = _dot_types(query.dtype)
     levels, _ = nf4_tables(kv_cache.device)
     rotation = rotation_table(head_dim, kv_cache.device)
