@@ -67,6 +67,17 @@ def test_sliding_window_on_cuda_is_refused_by_the_selector_and_the_layer():
         _layer("cuda", sliding_window=128)
 
 
+@pytest.mark.parametrize("platform", [CPU, CUDA], ids=["cpu", "cuda"])
+def test_bidirectional_multimodal_prefixes_are_refused(platform):
+    """A model that attends to its image tokens both ways (``use_mm_prefix``): the nf4 kernels are
+    causal over every token, so the selector refuses it instead of serving causal image attention."""
+    from vllm_nf4kv.backends.cpu_attn import NF4CPUAttentionBackend
+
+    with pytest.raises(ValueError, match="multimodal prefixes"):
+        select_nf4_backend(platform, None, _selector(use_mm_prefix=True))
+    assert not NF4CPUAttentionBackend.supports_mm_prefix()
+
+
 def test_every_refused_feature_is_named_at_once_with_the_flag_to_change():
     with pytest.raises(ValueError) as refused:
         _layer("cpu", alibi_slopes=[0.5], logits_soft_cap=30.0, sinks=torch.zeros(9), kv_cache_dtype="fp8")

@@ -37,6 +37,11 @@ class NF4BackendMixin:
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
 
+    @classmethod
+    def supports_mm_prefix(cls) -> bool:
+        # vLLM's Triton backend says yes; the nf4 kernels are causal over every token (selection refuses)
+        return False
+
 
 # The context an impl built outside an engine (the backend tests) is sized for.
 STANDALONE_MAX_MODEL_LEN = 32768

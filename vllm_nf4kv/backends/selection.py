@@ -49,6 +49,11 @@ def select_nf4_backend(platform: Any, selected_backend: Any, config: Any) -> str
         )
     if config.has_sink:
         raise ValueError("--kv-cache-dtype nf4 does not support attention sinks yet" + _USE_ANOTHER)
+    if getattr(config, "use_mm_prefix", False):
+        raise ValueError(
+            "--kv-cache-dtype nf4 does not support full (bidirectional) attention over multimodal "
+            "prefixes yet (this model attends to its image tokens both ways)" + _USE_ANOTHER
+        )
     check_head_dim(config.head_size)
     kind = "cpu" if platform.is_cpu() else "cuda" if platform.is_cuda() else None
     if kind is None:
