@@ -434,7 +434,7 @@ def copy_bandwidth() -> float:
 
 def bench_decode(args, peak_gbs: float) -> list[str]:
     from vllm_nf4kv.format import format_for
-    from vllm_nf4kv.kernels.triton_attention import chunk_tokens_for, nf4_paged_attention, should_split
+    from vllm_nf4kv.kernels.triton_attention import chunk_plan, nf4_paged_attention, should_split
 
     layout = format_for("nf4", args.head_dim)
     h_kv, h_q, d, bs = args.num_kv_heads, args.num_q_heads, args.head_dim, args.block_size
@@ -462,8 +462,7 @@ def bench_decode(args, peak_gbs: float) -> list[str]:
             for off, row in ((0, layout.key), (layout.value_offset, layout.value)):
                 nf4[..., off + row.code_bytes: off + row.row_bytes] = 16 << 3  # scale codes of 1.0
             splits = args.splits or baseline_splits(batch, h_kv, ctx)
-            chunk = chunk_tokens_for(max(args.contexts))  # one engine serving every context of the table
-            max_chunks = -(-max(args.contexts) // chunk)
+            chunk, max_chunks = chunk_plan(max(args.contexts))  # one engine for every context of the table
             split = should_split(batch, h_kv, 1, batch * h_q * max_chunks * d * 4, query.device)
             scale = d**-0.5
             t_nf4 = _bench(partial(nf4_paged_attention, query, nf4, table, qsl, lens, layout, scale,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.kv_cache_interface import AttentionSpec
@@ -47,14 +47,19 @@ class NF4BackendMixin:
 STANDALONE_MAX_MODEL_LEN = 32768
 
 
-def engine_max_model_len() -> int:
-    """``--max-model-len`` of the engine being built (``get_current_vllm_config``), or the default."""
+def current_model_config() -> Any:
+    """The model config of the engine being built (``get_current_vllm_config``), or None outside one."""
     from vllm.config import get_current_vllm_config
 
     try:
-        model_config = get_current_vllm_config().model_config
+        return get_current_vllm_config().model_config
     except AssertionError:  # no engine is being built (vLLM 0.32 asserts)
-        model_config = None
+        return None
+
+
+def engine_max_model_len() -> int:
+    """``--max-model-len`` of the engine being built, or the standalone default."""
+    model_config = current_model_config()
     return STANDALONE_MAX_MODEL_LEN if model_config is None else int(model_config.max_model_len)
 
 

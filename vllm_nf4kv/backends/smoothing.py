@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from vllm_nf4kv.backends.common import current_model_config
 from vllm_nf4kv.calibration import Calibration, KVTransform, local_heads, resolve
 
 logger = logging.getLogger("vllm.nf4kv")
@@ -24,10 +25,7 @@ def layer_smoothing(num_heads: int, num_kv_heads: int, head_size: int) -> LayerS
     """The calibration of the layer being built (``get_current_vllm_config``): checked, logged once."""
     from vllm.config import get_current_vllm_config
 
-    try:
-        model_config = get_current_vllm_config().model_config
-    except AssertionError:  # no engine is being built (vLLM 0.32 asserts)
-        model_config = None
+    model_config = current_model_config()
     if model_config is None:  # an impl built outside an engine (the backend tests): nothing to serve
         return LayerSmoothing(None, num_heads, num_kv_heads, num_kv_heads, head_size)
     config = get_current_vllm_config()

@@ -30,7 +30,7 @@ from vllm_nf4kv.backends.common import NF4BackendMixin, engine_max_model_len, ho
 from vllm_nf4kv.backends.selection import check_layer
 from vllm_nf4kv.backends.smoothing import layer_smoothing
 from vllm_nf4kv.kernel_limits import CUDA_LIMITS
-from vllm_nf4kv.kernels.triton_attention import MAX_CHUNKS, chunk_tokens_for, nf4_paged_attention
+from vllm_nf4kv.kernels.triton_attention import chunk_plan, nf4_paged_attention
 from vllm_nf4kv.kernels.triton_codec import ladder_table, nf4_tables
 from vllm_nf4kv.kernels.triton_rotation import rotation_table
 from vllm_nf4kv.kernels.triton_store import store_kv_nf4
@@ -105,9 +105,7 @@ class NF4TritonAttentionImpl(AttentionImpl):
         self.sliding_window = None
         self.smoothing = layer_smoothing(num_heads, num_kv_heads, head_size)
         # a model-level constant of the attention arithmetic (batch invariance): never per batch
-        max_model_len = engine_max_model_len()
-        self.chunk_tokens = chunk_tokens_for(max_model_len)
-        self.max_chunks = min(MAX_CHUNKS, -(-max_model_len // self.chunk_tokens))
+        self.chunk_tokens, self.max_chunks = chunk_plan(engine_max_model_len())
         # every table the kernels read on the device now (each is built once per device and
         # cached), so no forward allocates or computes one, warm-up and CUDA-graph capture included
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"

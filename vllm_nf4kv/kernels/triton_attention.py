@@ -90,7 +90,7 @@ _LOG2E = 1.4426950408889634
 #   2 programs per SM; 1 stage needs ~20 KB: the first knob to sweep,
 #   `scripts/bench_kernels.py --num-stages`);
 # * chunks: DEFAULT_CHUNK_TOKENS keys, or more so that the longest sequence the engine
-#   serves has at most MAX_CHUNKS (chunk_tokens_for);
+#   serves has at most MAX_CHUNKS (chunk_plan);
 # * split-K only when every sequence has at most SPLIT_MAX_QUERY_LEN queries (decode,
 #   speculative decode), the batch leaves SMs idle (fewer than _PROGRAMS_PER_SM
 #   programs a SM without it) and the chunk states fit SPLIT_WORKSPACE_BYTES (query
@@ -489,11 +489,13 @@ def tile_tokens(head_dim: int, dtype: torch.dtype) -> int:
     return _TILE_N if head_dim <= 128 and dtype != torch.float32 else _TILE_N_SMALL
 
 
-def chunk_tokens_for(max_model_len: int) -> int:
-    """Keys per chunk for an engine serving up to ``max_model_len`` tokens: a model-level
-    constant (so a query's bits never depend on the batch) with at most MAX_CHUNKS chunks."""
+def chunk_plan(max_model_len: int) -> tuple[int, int]:
+    """``(chunk_tokens, max_chunks)`` for an engine serving up to ``max_model_len`` tokens: keys
+    per chunk, a model-level constant (so a query's bits never depend on the batch), and the
+    chunks of the longest sequence (at most MAX_CHUNKS), the split grid's third axis."""
     tokens = max(DEFAULT_CHUNK_TOKENS, triton.cdiv(max_model_len, MAX_CHUNKS))
-    return triton.cdiv(tokens, _TILE_N) * _TILE_N
+    chunk_tokens = triton.cdiv(tokens, _TILE_N) * _TILE_N
+    return chunk_tokens, triton.cdiv(max_model_len, chunk_tokens)
 
 
 def should_split(
@@ -600,7 +602,7 @@ def nf4_paged_attention(
 
     The result is ``unrotate(attention(rotate(query * query_scale))) + output_offset``, the
     CPU path's arithmetic; a query's bits do not depend on its batch (module docstring).
-    ``chunk_tokens`` (a multiple of the key tile, :func:`chunk_tokens_for`) is part of that
+    ``chunk_tokens`` (a multiple of the key tile, :func:`chunk_plan`) is part of that
     arithmetic: keep it fixed per engine. Split-K is the host's choice (``split``, default
     :func:`should_split` on ``max_query_len``, which costs one host sync when not given)
     and needs ``max_chunks`` (keys per sequence / ``chunk_tokens``; default from
