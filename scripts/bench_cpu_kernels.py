@@ -30,7 +30,7 @@ import torch
 
 from vllm_nf4kv import cpu_kernels
 from vllm_nf4kv.format import SCALE_CODE_MAX, CellLayout, RowFormat, format_for
-from vllm_nf4kv.paged_attention import ACCUMULATE, paged_attention
+from vllm_nf4kv.paged_attention import ATTENTION_DTYPE, paged_attention
 from vllm_nf4kv.reference import check_paged_cache, decode_scale, nf4_levels, nf4_midpoints, write_paged
 from vllm_nf4kv.rotation import rotate, rotation_signs, unrotate
 
@@ -166,7 +166,7 @@ def main() -> None:
         def slow() -> object:
             if before is not None:
                 return attention_of(before)(query, before_cache, before_layout, *metadata)
-            return unrotate(paged_attention(rotate(query, ACCUMULATE), cache, layout, *metadata))
+            return unrotate(paged_attention(rotate(query, ATTENTION_DTYPE), cache, layout, *metadata))
 
         if before is not None and before_layout == layout:
             same_bits.append(torch.equal(fast(), slow()))

@@ -239,6 +239,21 @@ def _paged_nf4(gen: torch.Generator, layout, num_kv_heads: int, block_size: int,
     return cache, table
 
 
+def _triton_load():
+    """``tests/triton_load.py``, loaded by path: ``load_kv_nf4`` reads K/V back for checks only,
+    so it lives with the tests, not in the package."""
+    import importlib.util
+
+    module = sys.modules.get("triton_load")
+    if module is None:
+        path = Path(__file__).resolve().parents[1] / "tests" / "triton_load.py"
+        spec = importlib.util.spec_from_file_location("triton_load", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["triton_load"] = module
+        spec.loader.exec_module(module)
+    return module
+
+
 def run_checks(device: str = "cuda", quick: bool = False) -> bool:
     """Every kernel against the reference on the GPU, at sizes the interpreter tests cannot reach.
 
@@ -246,10 +261,10 @@ def run_checks(device: str = "cuda", quick: bool = False) -> bool:
     interpreter (bf16 dots there run as fp16: the interpreter's bf16 ``tl.dot`` is broken).
     """
     from vllm_nf4kv import reference
-    from vllm_nf4kv.calibration import KVTransform
     from vllm_nf4kv.format import format_for
     from vllm_nf4kv.kernels.triton_attention import nf4_paged_attention
-    from vllm_nf4kv.kernels.triton_store import load_kv_nf4, store_kv_nf4
+    from vllm_nf4kv.kernels.triton_store import store_kv_nf4
+    from vllm_nf4kv.kv_transform import KVTransform
     from vllm_nf4kv.reference_attention import ATTENTION_TOLERANCE, paged_attention_reference
     from vllm_nf4kv.rotation import rotate, unrotate
 
@@ -289,7 +304,8 @@ def run_checks(device: str = "cuda", quick: bool = False) -> bool:
                 valid = int((slots >= 0).sum())
                 report(f"store d{head_dim} {str(dtype)[6:]}{' calibrated' if calibrated else ''}",
                        bad_cells == 0, f"{bad_cells} of {valid * heads} cells differ")
-    # load: exact in fp32, rounded to nearest even in bf16
+    # load (the tests' load_kv_nf4, tests/triton_load.py): exact in fp32, rounded to nearest even in bf16
+    load_kv_nf4 = _triton_load().load_kv_nf4
     for head_dim, block_size in ((128, 16), (64, 128), (256, 32)):
         layout = format_for("nf4", head_dim)
         seq_lens = [1, 100, 33, block_size] if quick else [1, 1000, 4097, block_size]

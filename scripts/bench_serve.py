@@ -34,15 +34,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from vllm_nf4kv.tools.loopback_server import LoopbackServer, ServerFailed, serve_env
+from vllm_nf4kv.tools.stats import fetch, metric_totals
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / ".assets/models/smollm2-135m"
@@ -75,30 +75,18 @@ def make_prompts(tokenizer, n: int, tokens: int, seed: int) -> list[str]:
     for path in TEXTS:
         ids += tokenizer(path.read_text()[:400_000])["input_ids"]
     step = max(1, (len(ids) - tokens) // (n + 1))
-    return [tokenizer.decode(ids[(seed * 7919 + i * step) % (len(ids) - tokens):][:tokens])
-            for i in range(n)]
-
-
-def metric_values(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return [
+        tokenizer.decode(ids[(seed * 7919 + i * step) % (len(ids) - tokens) :][:tokens]) for i in range(n)
+    ]
 
 
 async def sample_metrics(base: str, result: Result, stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
-
-    def fetch() -> str:
-        with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
-            return r.read().decode()
-
     while not stop.is_set():
         try:
-            text = await loop.run_in_executor(None, fetch)
-            result.running.append(metric_values(text, "vllm:num_requests_running"))
-            result.waiting.append(metric_values(text, "vllm:num_requests_waiting"))
+            sums = metric_totals(await loop.run_in_executor(None, fetch, base + "/metrics", 5))
+            result.running.append(sums.get("vllm:num_requests_running", 0.0))
+            result.waiting.append(sums.get("vllm:num_requests_waiting", 0.0))
         except OSError:
             pass
         try:
@@ -107,15 +95,16 @@ async def sample_metrics(base: str, result: Result, stop: asyncio.Event) -> None
             pass
 
 
-async def run_workload(base: str, model: str, prompts: list[str], work: Workload,
-                       output_tokens: int) -> Result:
+async def run_workload(
+    base: str, model: str, prompts: list[str], work: Workload, output_tokens: int
+) -> Result:
     from openai import AsyncOpenAI
     from tqdm import tqdm
 
     client = AsyncOpenAI(base_url=base + "/v1", api_key="EMPTY", timeout=600, max_retries=0)
     result = Result()
     queue: asyncio.Queue[str] = asyncio.Queue()
-    for p in prompts[:work.requests]:
+    for p in prompts[: work.requests]:
         queue.put_nowait(p)
     bar = tqdm(total=work.requests, desc=work.name, unit="req", file=sys.stderr)
 
@@ -125,9 +114,14 @@ async def run_workload(base: str, model: str, prompts: list[str], work: Workload
         n = 0
         try:
             stream = await client.completions.create(
-                model=model, prompt=prompt, max_tokens=output_tokens, temperature=0.0,
-                stream=True, stream_options={"include_usage": True},
-                extra_body={"ignore_eos": True, "min_tokens": output_tokens})
+                model=model,
+                prompt=prompt,
+                max_tokens=output_tokens,
+                temperature=0.0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True, "min_tokens": output_tokens},
+            )
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].text:
                     last = time.perf_counter()
@@ -168,35 +162,26 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
-def start_server(dtype: str, port: int, kv_bytes: int, log: Path, extra: tuple[str, ...] = (),
-                 server_env: tuple[str, ...] = ()) -> subprocess.Popen:
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    env.update(item.split("=", 1) for item in server_env)
-    cmd = [str(REPO / ".venv/bin/vllm"), "serve", str(MODEL), "--served-model-name", "smollm2",
-           "--kv-cache-dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
-           "--enforce-eager", "--max-model-len", "2048", "--kv-cache-memory-bytes", str(kv_bytes),
-           "--seed", "0", *extra]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited ({proc.returncode}); see {log}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
-        except OSError:
-            time.sleep(1)
-    proc.terminate()
-    raise SystemExit(f"server not ready in 300 s; see {log}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
+def start_server(
+    dtype: str,
+    kv_bytes: int,
+    log: Path,
+    extra: tuple[str, ...] = (),
+    server_env: tuple[str, ...] = (),
+    port: int = 0,
+) -> LoopbackServer:
+    """A ready `vllm serve` of MODEL with `dtype` (stop it, or use it in a `with`)."""
+    flags = [
+        "--served-model-name", "smollm2", "--kv-cache-dtype", dtype, "--enforce-eager",
+        "--max-model-len", "2048", "--kv-cache-memory-bytes", str(kv_bytes), "--seed", "0", *extra,
+    ]  # fmt: skip
+    env = serve_env(**dict(item.split("=", 1) for item in server_env))
+    server = LoopbackServer.serve(MODEL, log, *flags, env=env, port=port)
     try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        return server.wait_ready(300)
+    except ServerFailed as error:
+        server.stop()
+        raise SystemExit(f"bench_serve: {error}") from None
 
 
 def auto_bytes_per_token(model: Path = MODEL) -> int:
@@ -219,16 +204,21 @@ async def prefix_workloads(base: str, tokenizer, args) -> dict[str, dict]:
     client = AsyncOpenAI(base_url=base + "/v1", api_key="EMPTY", timeout=600, max_retries=0)
 
     def counters() -> tuple[float, float, float]:
-        with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
-            text = r.read().decode()
-        return (metric_values(text, "vllm:prefix_cache_hits_total"),
-                metric_values(text, "vllm:prefix_cache_queries_total"),
-                metric_values(text, "nf4kv:prefix_cache_expired_blocks_total"))
+        sums = metric_totals(fetch(base + "/metrics", 5))
+        return (
+            sums.get("vllm:prefix_cache_hits_total", 0.0),
+            sums.get("vllm:prefix_cache_queries_total", 0.0),
+            sums.get("nf4kv:prefix_cache_expired_blocks_total", 0.0),
+        )
 
     async def complete(prompt: str) -> str:
         out = await client.completions.create(
-            model="smollm2", prompt=prompt, max_tokens=args.prefix_output_tokens,
-            temperature=0.0, extra_body={"ignore_eos": True})
+            model="smollm2",
+            prompt=prompt,
+            max_tokens=args.prefix_output_tokens,
+            temperature=0.0,
+            extra_body={"ignore_eos": True},
+        )
         return out.choices[0].text
 
     results = {}
@@ -241,6 +231,7 @@ async def prefix_workloads(base: str, tokenizer, args) -> dict[str, dict]:
         async def worker() -> None:
             while queue:
                 await complete(queue.pop(0))
+
         await asyncio.gather(*(worker() for _ in range(args.prefix_users)))
 
     async def agent() -> None:
@@ -249,19 +240,25 @@ async def prefix_workloads(base: str, tokenizer, args) -> dict[str, dict]:
             for t in range(args.agent_rounds):
                 prompt += await complete(prompt)
                 prompt += "\n\n" + chunks[k * args.agent_rounds + t]
+
         await asyncio.gather(*(session(k) for k in range(args.agent_sessions)))
 
-    for name, fn, n in (("repeat", repeat, args.prefix_requests),
-                        ("agent", agent, args.agent_rounds * args.agent_sessions)):
+    for name, fn, n in (
+        ("repeat", repeat, args.prefix_requests),
+        ("agent", agent, args.agent_rounds * args.agent_sessions),
+    ):
         h0, q0, e0 = counters()
         start = time.perf_counter()
         await fn()
         wall = time.perf_counter() - start
         h1, q1, e1 = counters()
-        results[name] = {"wall": wall, "requests": n, "expired": e1 - e0,
-                         "hit_rate": (h1 - h0) / (q1 - q0) if q1 > q0 else float("nan")}
-        print(f"  {name}: {wall:.1f} s, prefix hit rate {results[name]['hit_rate']:.1%}",
-              file=sys.stderr)
+        results[name] = {
+            "wall": wall,
+            "requests": n,
+            "expired": e1 - e0,
+            "hit_rate": (h1 - h0) / (q1 - q0) if q1 > q0 else float("nan"),
+        }
+        print(f"  {name}: {wall:.1f} s, prefix hit rate {results[name]['hit_rate']:.1%}", file=sys.stderr)
     await client.close()
     return results
 
@@ -278,29 +275,35 @@ def run_prefix(args, tokenizer) -> str:
         for config, extra in configs.items():
             log = logs / f"server_prefix_{dtype}_{config}.log"
             print(f"== {dtype}, prefix caching {config}", file=sys.stderr)
-            proc = start_server(dtype, args.port, args.prefix_kv_memory_bytes, log, extra, args.server_env)
-            try:
-                res[dtype, config] = asyncio.run(prefix_workloads(
-                    f"http://127.0.0.1:{args.port}", tokenizer, args))
-            finally:
-                stop_server(proc)
+            with start_server(
+                dtype, args.prefix_kv_memory_bytes, log, extra, args.server_env, args.port
+            ) as server:
+                res[dtype, config] = asyncio.run(prefix_workloads(server.url, tokenizer, args))
     ttl = args.prefix_ttl_s
-    header = ("| workload | kv-cache-dtype | requests | prefix hit rate (on) | wall, caching on (s) "
-              "| wall, caching off (s) | time saved | speedup |")
+    header = (
+        "| workload | kv-cache-dtype | requests | prefix hit rate (on) | wall, caching on (s) "
+        "| wall, caching off (s) | time saved | speedup |"
+    )
     rule = "|---|---|---|---|---|---|---|---|"
     if ttl is not None:
         header += f" hit rate, TTL {ttl:g} s | wall, TTL {ttl:g} s (s) | blocks expired |"
         rule += "---|---|---|"
     lines = [header, rule]
-    for name, label in (("repeat", f"{args.prefix_requests} requests over {args.prefix_unique} "
-                                    f"unique {args.prefix_prompt_tokens}-token prompts"),
-                        ("agent", f"agent: {args.agent_rounds} rounds x {args.agent_sessions} "
-                                  "sessions")):
+    for name, label in (
+        (
+            "repeat",
+            f"{args.prefix_requests} requests over {args.prefix_unique} "
+            f"unique {args.prefix_prompt_tokens}-token prompts",
+        ),
+        ("agent", f"agent: {args.agent_rounds} rounds x {args.agent_sessions} sessions"),
+    ):
         for dtype in args.dtypes:
             on, off = res[dtype, "on"][name], res[dtype, "off"][name]
-            line = (f"| {label} | {dtype} | {on['requests']} | {on['hit_rate']:.1%} "
-                    f"| {on['wall']:.1f} | {off['wall']:.1f} | {1 - on['wall'] / off['wall']:.0%} "
-                    f"| {off['wall'] / on['wall']:.2f}x |")
+            line = (
+                f"| {label} | {dtype} | {on['requests']} | {on['hit_rate']:.1%} "
+                f"| {on['wall']:.1f} | {off['wall']:.1f} | {1 - on['wall'] / off['wall']:.0%} "
+                f"| {off['wall'] / on['wall']:.2f}x |"
+            )
             if ttl is not None:
                 short = res[dtype, "ttl"][name]
                 line += f" {short['hit_rate']:.1%} | {short['wall']:.1f} | {short['expired']:.0f} |"
@@ -312,7 +315,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", nargs="+", default=["auto", "fp8", "nf4"])
     parser.add_argument("--base-url", help="use this running server instead of starting one")
-    parser.add_argument("--port", type=int, default=18741)
+    parser.add_argument("--port", type=int, default=0, help="of the servers it starts; 0: a free one")
     parser.add_argument("--kv-memory-bytes", type=int, default=64 * 2**20)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--long-prompt-tokens", type=int, default=1000)
@@ -322,8 +325,12 @@ def main() -> None:
     parser.add_argument("--short-users", type=int, default=2)
     parser.add_argument("--short-requests", type=int, default=8)
     parser.add_argument("--logs", default="/tmp/bench_serve_logs")
-    parser.add_argument("--workload", choices=["serve", "prefix"], default="serve",
-                        help="prefix: prefix-cache workloads, each dtype with caching on and off")
+    parser.add_argument(
+        "--workload",
+        choices=["serve", "prefix"],
+        default="serve",
+        help="prefix: prefix-cache workloads, each dtype with caching on and off",
+    )
     parser.add_argument("--prefix-kv-memory-bytes", type=int, default=256 * 2**20)
     parser.add_argument("--prefix-unique", type=int, default=5)
     parser.add_argument("--prefix-prompt-tokens", type=int, default=1000)
@@ -332,14 +339,23 @@ def main() -> None:
     parser.add_argument("--prefix-output-tokens", type=int, default=16)
     parser.add_argument("--agent-rounds", type=int, default=10)
     parser.add_argument("--agent-sessions", type=int, default=5)
-    parser.add_argument("--prefix-ttl-s", type=float,
-                        help="also run each dtype with caching on and this prefix-cache TTL")
-    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="set in every server's environment (repeatable), the same for each dtype")
-    parser.add_argument("--capacity-control", action="store_true",
-                        help=f"after the dtypes (which must include nf4), run '{CAPACITY_CONTROL}': auto "
-                             "with the KV bytes that hold as many tokens as nf4's cache (nf4's capacity "
-                             "at auto's kernel costs)")
+    parser.add_argument(
+        "--prefix-ttl-s", type=float, help="also run each dtype with caching on and this prefix-cache TTL"
+    )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set in every server's environment (repeatable), the same for each dtype",
+    )
+    parser.add_argument(
+        "--capacity-control",
+        action="store_true",
+        help=f"after the dtypes (which must include nf4), run '{CAPACITY_CONTROL}': auto "
+        "with the KV bytes that hold as many tokens as nf4's cache (nf4's capacity "
+        "at auto's kernel costs)",
+    )
     parser.add_argument("--out", help="also write the markdown table here")
     args = parser.parse_args()
     if args.capacity_control and ("nf4" not in args.dtypes or args.base_url):
@@ -354,43 +370,52 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text(md + "\n")
         return
-    works = [Workload("kv-bound", args.long_prompt_tokens, args.long_users, args.long_requests),
-             Workload("not kv-bound", args.short_prompt_tokens, args.short_users,
-                      args.short_requests)]
-    prompts = {w.name: make_prompts(tokenizer, w.requests, w.prompt_tokens, seed=i)
-               for i, w in enumerate(works)}
+    works = [
+        Workload("kv-bound", args.long_prompt_tokens, args.long_users, args.long_requests),
+        Workload("not kv-bound", args.short_prompt_tokens, args.short_users, args.short_requests),
+    ]
+    prompts = {
+        w.name: make_prompts(tokenizer, w.requests, w.prompt_tokens, seed=i) for i, w in enumerate(works)
+    }
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
     rows = []
 
     def measure(label: str, dtype: str, kv_bytes: int) -> None:
         log = logs / f"server_{label.replace(' ', '_')}.log"
-        proc = None
+        server = None
         if args.base_url:
             base = args.base_url.rstrip("/")
         else:
             print(f"== {label}: starting vllm serve", file=sys.stderr)
-            proc = start_server(dtype, args.port, kv_bytes, log, server_env=args.server_env)
-            base = f"http://127.0.0.1:{args.port}"
+            server = start_server(dtype, kv_bytes, log, server_env=args.server_env, port=args.port)
+            base = server.url
         try:
             # one short warm-up request, not measured
-            asyncio.run(run_workload(base, "smollm2", prompts[works[1].name][:1],
-                                     Workload("warm-up", 0, 1, 1), 4))
+            asyncio.run(
+                run_workload(base, "smollm2", prompts[works[1].name][:1], Workload("warm-up", 0, 1, 1), 4)
+            )
             for w in works:
-                r = asyncio.run(run_workload(base, "smollm2", prompts[w.name], w,
-                                             args.output_tokens))
+                r = asyncio.run(run_workload(base, "smollm2", prompts[w.name], w, args.output_tokens))
                 busy = [x for x, y in zip(r.running, r.waiting, strict=True) if x + y > 0]
-                rows.append({
-                    "dtype": label, "work": w, "capacity": capacity(log), "r": r,
-                    "max_running": max(r.running, default=float("nan")),
-                    "mean_running": statistics.mean(busy) if busy else float("nan"),
-                })
-                print(f"{label} {w.name}: {r.output_tokens / r.wall:.1f} out tok/s, "
-                      f"max running {rows[-1]['max_running']:.0f}, errors {r.errors}",
-                      file=sys.stderr)
+                rows.append(
+                    {
+                        "dtype": label,
+                        "work": w,
+                        "capacity": capacity(log),
+                        "r": r,
+                        "max_running": max(r.running, default=float("nan")),
+                        "mean_running": statistics.mean(busy) if busy else float("nan"),
+                    }
+                )
+                print(
+                    f"{label} {w.name}: {r.output_tokens / r.wall:.1f} out tok/s, "
+                    f"max running {rows[-1]['max_running']:.0f}, errors {r.errors}",
+                    file=sys.stderr,
+                )
         finally:
-            if proc is not None:
-                stop_server(proc)
+            if server is not None:
+                server.stop()
 
     for dtype in args.dtypes:
         measure(dtype, dtype, args.kv_memory_bytes)
@@ -398,12 +423,16 @@ def main() -> None:
         nf4_tokens = next(x["capacity"] for x in rows if x["dtype"] == "nf4")
         measure(CAPACITY_CONTROL, "auto", nf4_tokens * auto_bytes_per_token())
 
-    lines = ["| workload | kv-cache-dtype | KV tokens | max running seqs | mean running seqs "
-             "| output tok/s | vs auto | TTFT p50 / p90 (s) | TPOT p50 / p90 (ms) | requests | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| workload | kv-cache-dtype | KV tokens | max running seqs | mean running seqs "
+        "| output tok/s | vs auto | TTFT p50 / p90 (s) | TPOT p50 / p90 (ms) | requests | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for w in works:
-        base_tps = next((x["r"].output_tokens / x["r"].wall for x in rows
-                         if x["work"] is w and x["dtype"] == "auto"), None)
+        base_tps = next(
+            (x["r"].output_tokens / x["r"].wall for x in rows if x["work"] is w and x["dtype"] == "auto"),
+            None,
+        )
         for x in (x for x in rows if x["work"] is w):
             r = x["r"]
             tps = r.output_tokens / r.wall
@@ -414,7 +443,8 @@ def main() -> None:
                 f"| {x['max_running']:.0f} | {x['mean_running']:.1f} | {tps:.1f} | {rel} "
                 f"| {pct(r.ttft, 50):.2f} / {pct(r.ttft, 90):.2f} "
                 f"| {pct(r.tpot, 50) * 1e3:.0f} / {pct(r.tpot, 90) * 1e3:.0f} "
-                f"| {w.requests} | {r.errors} |")
+                f"| {w.requests} | {r.errors} |"
+            )
     md = "\n".join(lines)
     print(md)
     if args.out:

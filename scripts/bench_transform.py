@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_transform.py [--out docs/results/transform-cost.md]
 
-The backends apply ``calibration.KVTransform`` around the C++ kernels: ``(k - c) * d`` and
+The backends apply ``kv_transform.KVTransform`` around the C++ kernels: ``(k - c) * d`` and
 ``v - mu`` before the store, ``q / d`` before attention, ``+ mu`` after it. This times those four
 elementwise ops against the store and attention kernels on the same shapes (SmolLM2: 9 query
 heads, 3 KV heads, head_dim 64; Qwen2.5-Coder-0.5B: 14 and 2), for a decode step of 8 sequences
@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vllm_nf4kv import cpu_kernels  # noqa: E402
-from vllm_nf4kv.calibration import KVTransform  # noqa: E402
 from vllm_nf4kv.format import format_for  # noqa: E402
+from vllm_nf4kv.kv_transform import KVTransform  # noqa: E402
 
 BLOCK = 16
 STEPS = (("decode, 8 x 4,096", 8, 4096, 1), ("prefill 1,024", 1, 1024, 1024))  # label, seqs, context, new

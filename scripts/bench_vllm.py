@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vllm_nf4kv.engine_eval import (  # noqa: E402
+from vllm_nf4kv.tools.llm_measures import (  # noqa: E402
     GREEDY_PROMPTS,
     greedy_agreement,
     greedy_tokens,

@@ -47,17 +47,15 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from vllm_nf4kv.tools.loopback_server import LoopbackServer, ServerFailed, group_pids, serve_env
+from vllm_nf4kv.tools.stats import parse_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / ".assets/models/smollm2-135m"
@@ -144,73 +142,32 @@ class Report:
 # -- the server ----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def serve_command(args: argparse.Namespace, port: int) -> list[str]:
+def serve_args(args: argparse.Namespace) -> list[str]:
+    """``vllm serve`` arguments after the model, host and port."""
     nf4kv: dict[str, float] = {}
     if args.ttl_s:
         nf4kv["prefix_cache_ttl_s"] = args.ttl_s
-    command = [
-        str(Path(sys.executable).with_name("vllm")), "serve", str(args.model),
-        "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
+    flags = [
+        "--served-model-name", SERVED_NAME,
         "--kv-cache-dtype", args.kv_cache_dtype, "--enforce-eager", "--block-size", str(BLOCK_SIZE),
         "--max-model-len", "2048", "--kv-cache-memory-bytes", str(args.kv_memory_bytes),
         "--enable-prompt-tokens-details", "--seed", "0",
     ]  # fmt: skip
     if nf4kv:
-        command += ["--additional-config", json.dumps({"nf4kv": nf4kv})]
-    return command + shlex.split(args.server_args)
-
-
-def start_server(command: list[str], log: Path) -> subprocess.Popen:
-    env = dict(os.environ)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a plain `vllm serve`
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    return process
-
-
-def wait_ready(process: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"vllm serve exited ({process.returncode}); see {log}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return
-        time.sleep(0.5)
-    raise SystemExit(f"vllm serve not ready after {STARTUP_TIMEOUT_S} s; see {log}")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=30)
-            return
+        flags += ["--additional-config", json.dumps({"nf4kv": nf4kv})]
+    return flags + shlex.split(args.server_args)
 
 
 def group_rss_mib(pgid: int) -> dict[str, float]:
     """Resident memory (MiB) of each process in the server's process group, by name."""
     found: dict[str, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in group_pids(pgid):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = (entry / "stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:  # field 5: pgrp
-                continue
-            name = stat[stat.index("(") + 1 : stat.rindex(")")]
-            for line in (entry / "status").read_text().splitlines():
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+            name = next(line.split(None, 1)[1] for line in status if line.startswith("Name:"))
+            for line in status:
                 if line.startswith("VmRSS:"):
-                    key = name if name not in found else f"{name}:{entry.name}"
+                    key = name if name not in found else f"{name}:{pid}"
                     found[key] = int(line.split()[1]) / 1024
     return found
 
@@ -372,14 +329,12 @@ class Soak:
 # -- /metrics at the end ----------------------------------------------------------------
 
 
-def check_metrics(url: str, report: Report, ttl_s: float | None) -> None:
+def check_metrics(server: LoopbackServer, report: Report, ttl_s: float | None) -> None:
     """Settle, then compare the server's counters with what the clients saw."""
-    sys.path.insert(0, str(REPO))
-    from vllm_nf4kv.tools.stats import fetch, parse_metrics
 
     def totals() -> dict[str, float]:
         sums: dict[str, float] = {}
-        for name, labels, value in parse_metrics(fetch(f"{url}/metrics", 30)):
+        for name, labels, value in parse_metrics(server.metrics()):
             if name == "vllm:cache_config_info":
                 name = f"{name}:{labels.get('num_gpu_blocks')}"
             elif name == "vllm:request_success_total":  # aborted streams have a reason of their own
@@ -479,16 +434,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     shown = ["scripts/soak.py", *(argv if argv is not None else sys.argv[1:])]
     report = Report(shlex.join(shown), args.duration_s, args.clients, args.ttl_s or None)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = start_server(serve_command(args, port), args.log)
-    try:
-        wait_ready(process, url, args.log)
-        asyncio.run(Soak(args, url, report).run(process.pid))
-        report.record_rss(2, group_rss_mib(process.pid))
-        check_metrics(url, report, args.ttl_s or None)
-    finally:
-        stop_server(process)
+    with LoopbackServer.serve(args.model, args.log, *serve_args(args), env=serve_env()) as server:
+        try:
+            server.wait_ready(STARTUP_TIMEOUT_S)
+        except ServerFailed as error:
+            raise SystemExit(f"soak: {error}") from None
+        asyncio.run(Soak(args, server.url, report).run(server.process.pid))
+        report.record_rss(2, group_rss_mib(server.process.pid))
+        check_metrics(server, report, args.ttl_s or None)
     text = markdown(report)
     print(text)
     if args.json:

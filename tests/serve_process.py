@@ -1,7 +1,8 @@
 """A real ``vllm serve`` process on 127.0.0.1 for end-to-end tests, and its HTTP calls.
 
-Each server runs in its own process group (the API server and its engine core),
-logs to a file, and is stopped with the whole group whatever the test does.
+Each server is a :class:`vllm_nf4kv.tools.loopback_server.LoopbackServer`: its own
+process group (the API server and its engine core), a log file, and stopped with
+the whole group whatever the test does.
 A server started with :meth:`ControlledClock.env` in its environment runs its
 TTL pool on that clock (``tests/clock_control/sitecustomize.py``): time stands
 still for the TTL until the test advances it.
@@ -9,21 +10,18 @@ still for the TTL until the test advances it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from vllm_nf4kv.tools.stats import collect, fetch
+from vllm_nf4kv.tools.loopback_server import LoopbackServer, ServerFailed, serve_env, stop_group
+from vllm_nf4kv.tools.stats import collect
 from vllm_nf4kv.ttl.config import ENV_VAR
 
 MODEL_NAME = "smollm2"
@@ -74,28 +72,19 @@ class ControlledClock:
         return {CLOCK_FILE_VAR: str(self.path), "PYTHONPATH": os.pathsep.join(path)}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def prompt(tag: str) -> str:
     return f"[{tag}] " + TEXT * 2  # about 100 tokens: three full 32-token blocks and a partial one
 
 
-class Server:
-    def __init__(
-        self, url: str, process: subprocess.Popen, log: Path, clock: ControlledClock | None = None
-    ) -> None:
-        self.url, self.process, self.log, self.clock = url, process, log, clock
+@dataclass
+class Server(LoopbackServer):
+    """A :class:`LoopbackServer` with the tests' HTTP calls, and the clock its TTL pool runs on, if any."""
+
+    clock: ControlledClock | None = None
 
     def clock_installed(self) -> bool:
         """Whether the test clock reached a process of this server (sitecustomize logs it)."""
         return "nf4kv test clock:" in self.log.read_text(errors="replace")
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def post(self, path: str, body: dict) -> tuple[int, dict]:
         """POST JSON to the server; returns the HTTP status and the decoded answer."""
@@ -120,7 +109,7 @@ class Server:
         return self.completion(text)["usage"]["prompt_tokens"]
 
     def stats(self):
-        return collect(fetch(f"{self.url}/metrics", 30), self.url)
+        return collect(self.metrics(), self.url)
 
     def stats_after(self, queries_before: float, prompt_tokens: int):
         """Stats once the front end has recorded ``prompt_tokens`` more queried tokens."""
@@ -133,26 +122,21 @@ class Server:
 
 
 def server_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a plain `vllm serve`: engine core in its own process
+    env = serve_env()  # a plain `vllm serve`: engine core in its own process
     env.pop(ENV_VAR, None)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
     return env
 
 
-def vllm_command(model_dir: Path, port: int, *extra: str, eager: bool = True) -> list[str]:
-    """``eager=False`` keeps vLLM's torch.compile (slower start; CPU pipeline parallel needs it)."""
-    command = [
-        str(Path(sys.executable).with_name("vllm")),
-        "serve",
-        str(model_dir),
+def serve_args(*extra: str, eager: bool = True) -> list[str]:
+    """``vllm serve`` arguments after the model, host and port.
+
+    ``eager=False`` keeps vLLM's torch.compile (slower start; CPU pipeline parallel needs it).
+    """
+    args = [
         "--served-model-name",
         MODEL_NAME,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
         "--kv-cache-memory-bytes",
         str(KV_BYTES),
         "--max-model-len",
@@ -161,21 +145,7 @@ def vllm_command(model_dir: Path, port: int, *extra: str, eager: bool = True) ->
         str(BLOCK_SIZE),
         *extra,
     ]
-    return command + ["--enforce-eager"] if eager else command
-
-
-def stop(process: subprocess.Popen) -> None:
-    """End the server and its engine core (they share the process group we gave it)."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is left
-    process.wait(timeout=30)
+    return args + ["--enforce-eager"] if eager else args
 
 
 def launch(
@@ -187,29 +157,16 @@ def launch(
     clock: ControlledClock | None = None,
 ) -> Server:
     """Start ``vllm serve``; with ``clock`` its TTL pool runs on that clock (``Server.clock``)."""
-    port = free_port()
     if clock is not None:
         env = {**env, **clock.env(env.get("PYTHONPATH"))}
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            vllm_command(model_dir, port, *extra, eager=eager),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    return Server(f"http://127.0.0.1:{port}", process, log, clock)
+    return Server.serve(model_dir, log, *serve_args(*extra, eager=eager), env=env, clock=clock)
 
 
 def wait_ready(server: Server) -> Server:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        if server.process.poll() is not None:
-            pytest.fail(f"vllm serve exited ({server.process.returncode}) at startup:\n{server.log_tail()}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return server
-        if time.monotonic() > deadline:
-            pytest.fail(f"vllm serve not ready after {STARTUP_TIMEOUT_S} s:\n{server.log_tail()}")
-        time.sleep(0.5)
+    try:
+        return server.wait_ready(STARTUP_TIMEOUT_S)
+    except ServerFailed as error:
+        pytest.fail(str(error))
+
+
+stop = stop_group  # stop(server.process): the server and its engine core, the whole process group

@@ -8,6 +8,7 @@ to cold runs, and a refusal at startup of a file made for another model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -16,6 +17,8 @@ import pytest
 import torch
 
 from vllm_nf4kv import calibration as cal
+from vllm_nf4kv import calibration_measure as measure
+from vllm_nf4kv.kv_transform import KVTransform, local_heads
 from vllm_nf4kv.settings import CALIBRATION
 
 
@@ -61,12 +64,12 @@ class Config:
 def test_key_smoothing_is_the_fourth_root_ratio_with_unit_geomean():
     q2 = torch.tensor([[4.0, 1.0, 16.0, 1.0]], dtype=torch.float64)
     k2 = torch.tensor([[1.0, 1.0, 1.0, 16.0]], dtype=torch.float64)
-    d = cal.key_smoothing(q2, k2)
+    d = measure.key_smoothing(q2, k2)
     raw = torch.tensor([4.0, 1.0, 16.0, 1 / 16]) ** 0.25
     assert torch.allclose(d[0], raw / raw.log().mean().exp())
     assert math.isclose(float(d.log().mean().exp()), 1.0, rel_tol=1e-6)
     # a channel with no energy (unused) keeps d = 1 before the normalisation
-    unused = cal.key_smoothing(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 1.0]]))
+    unused = measure.key_smoothing(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 1.0]]))
     assert torch.equal(unused, torch.ones(1, 2))
 
 
@@ -74,7 +77,7 @@ def test_key_smoothing_is_the_fourth_root_ratio_with_unit_geomean():
 def test_pair_means_do_not_move_with_rope(neox):
     """A pair's summed energy is the same at every position: what makes d hold at any context."""
     head_dim, rotary = 8, 6  # partial rotary: the last two channels are left alone
-    pairs = cal.rope_pairs(head_dim, rotary, neox)
+    pairs = measure.rope_pairs(head_dim, rotary, neox)
     assert sorted(pairs.tolist()) == list(range(head_dim)) and bool((pairs[pairs] == torch.arange(8)).all())
     assert pairs[6] == 6 and pairs[7] == 7
     x = torch.randn(100, head_dim, dtype=torch.float64)
@@ -85,8 +88,8 @@ def test_pair_means_do_not_move_with_rope(neox):
     cos, sin = angle.cos(), angle.sin()
     turned[:, first] = x[:, first] * cos - x[:, second] * sin
     turned[:, second] = x[:, first] * sin + x[:, second] * cos
-    before = cal.pair_mean(x.square().sum(0), pairs)
-    after = cal.pair_mean(turned.square().sum(0), pairs)
+    before = measure.pair_mean(x.square().sum(0), pairs)
+    after = measure.pair_mean(turned.square().sum(0), pairs)
     assert torch.allclose(before, after)
     assert not torch.allclose(x.square().sum(0), turned.square().sum(0))
 
@@ -107,11 +110,11 @@ def test_transform_leaves_attention_unchanged():
     d = torch.tensor([[0.5, 2.0, 1.0, 4.0]], dtype=torch.float64)
     c = torch.tensor([[300.0, -150.0, 40.0, 0.0]], dtype=torch.float64)
     mu = torch.tensor([[5.0, -2.0, 0.0, 9.0]], dtype=torch.float64)
-    transform = cal.KVTransform(d.float(), c.float(), mu.float(), num_heads=3)  # fp32, as a file gives
+    transform = KVTransform(d.float(), c.float(), mu.float(), num_heads=3)  # fp32, as a file gives
     q = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64)
     k = torch.randn(7, 1, 4, generator=gen, dtype=torch.float64) + c
     v = torch.randn(7, 1, 4, generator=gen, dtype=torch.float64) + mu
-    group = (lambda x: x.repeat_interleave(3, 1))  # noqa: E731  (query heads per KV head)
+    group = lambda x: x.repeat_interleave(3, 1)  # noqa: E731  (query heads per KV head)
     plain = _attention(q, group(k), group(v))
     stored_k, stored_v = (k - c) * d, v - mu  # KVTransform's arithmetic, kept in fp64 here
     served = _attention(q / d.repeat_interleave(3, 0), group(stored_k), group(stored_v))
@@ -121,8 +124,8 @@ def test_transform_leaves_attention_unchanged():
     served32 = _attention(transform.queries(q), group(transform.keys(k)), group(transform.values(v)))
     assert torch.allclose(plain.float(), transform.outputs(served32), rtol=1e-4, atol=1e-3)
     assert transform.keys(k).dtype == transform.values(v).dtype == torch.float32  # what the store takes
-    assert not cal.KVTransform(d, c * 0, mu * 0, 3).is_identity
-    assert cal.KVTransform(d * 0 + 1, c * 0, mu * 0, 3).is_identity
+    assert not KVTransform(d, c * 0, mu * 0, 3).is_identity
+    assert KVTransform(d * 0 + 1, c * 0, mu * 0, 3).is_identity
 
 
 @pytest.mark.parametrize("neox", [True, False])
@@ -133,17 +136,17 @@ def test_rope_inverse_and_key_offsets_hold_at_every_position(neox):
     many times gets almost none; per channel, ``max_p |R(p) m - c| <= max_p |R(p) m|``.
     """
     head_dim, rotary, positions = 8, 8, 2048
-    pairs = cal.rope_pair_channels(head_dim, rotary, neox)
+    pairs = measure.rope_pair_channels(head_dim, rotary, neox)
     inv_freq = torch.tensor([1.0, 0.05, 1e-4, 1e-6], dtype=torch.float64)  # fast .. nearly still
     angles = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq
     cos, sin = angles.cos(), angles.sin()
     x = torch.randn(positions, 1, head_dim, dtype=torch.float64)
-    turned = cal.apply_rope(x, cos, sin, pairs)
+    turned = measure.apply_rope(x, cos, sin, pairs)
     assert not torch.allclose(turned, x)
-    assert torch.allclose(cal.apply_rope(turned, cos, sin, pairs, inverse=True), x, atol=1e-12)
+    assert torch.allclose(measure.apply_rope(turned, cos, sin, pairs, inverse=True), x, atol=1e-12)
     mean = torch.full((1, head_dim), 10.0, dtype=torch.float64)
-    c = cal.key_offset(mean, cos, sin, pairs).double()
-    path = cal.apply_rope(mean.expand(positions, 1, head_dim), cos, sin, pairs)  # R(p) m at each p
+    c = measure.key_offset(mean, cos, sin, pairs).double()
+    path = measure.apply_rope(mean.expand(positions, 1, head_dim), cos, sin, pairs)  # R(p) m at each p
     assert bool(((path - c).abs().amax(0) <= path.abs().amax(0) + 1e-9).all())
     first, second = pairs
     still = torch.stack([first[3], second[3]])  # and shrinks where the pair barely turns
@@ -158,7 +161,7 @@ def test_rope_inverse_and_key_offsets_hold_at_every_position(neox):
     [(3, 3, 0, 1, (0, 3)), (2, 4, 1, 2, (2, 4)), (1, 1, 1, 2, (0, 1)), (1, 2, 3, 4, (1, 2))],
 )
 def test_local_heads_follow_vllm_sharding(local, total, rank, size, want):
-    heads = cal.local_heads(local, total, rank, size)
+    heads = local_heads(local, total, rank, size)
     assert (heads.start, heads.stop) == want
 
 
@@ -168,7 +171,7 @@ def _samples(key_gain: torch.Tensor, query_gain: torch.Tensor, tokens: int = 128
     k = torch.randn(tokens, 1, 64, generator=gen) * key_gain
     v = torch.randn(tokens, 1, 64, generator=gen)
     sum_q2 = q.double().square().unflatten(1, (1, 2)).mean(2).sum(0)
-    return cal.LayerSamples(0.125, None, [(q, k, v)]), sum_q2, k.double().square().sum(0)
+    return measure.LayerSamples(0.125, None, [(q, k, v)]), sum_q2, k.double().square().sum(0)
 
 
 def _statistics(samples, sum_q2, key_offset=None, value_mean=None):
@@ -211,6 +214,36 @@ def test_calibrate_scores_smoothing_strengths_by_attention_error():
     mild, q2, _ = _samples(gain, 1.0 / gain)
     best, _ = best_smoothing(mild, scored_windows(mild), _statistics(mild, q2), False, None)
     assert best.transform.power == 0.0 and torch.equal(best.transform.key_scale, torch.ones(1, 64))
+
+
+@pytest.mark.parametrize("offsets", [False, True])
+def test_ablation_smoothing_is_what_calibrate_stores(offsets):
+    """``ablate``'s ``+kqw`` weights are the ``d`` calibrate stores, from the same statistics.
+
+    Partial rotary (48 of 64 channels turn) and a channel the queries never read tell the
+    servers' formula (vLLM's pairs, unused channels keep d = 1) from a neox-only one with a clamp.
+    """
+    from vllm_nf4kv.tools.calibrate import best_smoothing, scored_windows
+    from vllm_nf4kv.tools.kv_calibration import AblationStats
+
+    gain = torch.ones(64)
+    gain[[3, 27]] = 30.0  # a RoPE pair of huge key channels (partner 3 + 48 / 2)
+    query_gain = 1.0 / gain
+    query_gain[60] = 0.0  # unused by every query
+    samples, q2, _ = _samples(gain, query_gain)
+    pairs = measure.rope_pairs(64, 48, True)
+    stats = _statistics(samples, q2, key_offset=samples.windows[0][1].mean(0).float())
+    stats = dataclasses.replace(stats, query_sq=measure.pair_mean(stats.query_sq, pairs))  # as calibrate()
+    best, _ = best_smoothing(samples, scored_windows(samples), stats, offsets, pairs)
+    assert best.transform.power > 0 and float(best.transform.key_scale[0, 60]) != 0
+    n = samples.windows[0][1].shape[0]
+    ablation = AblationStats(
+        "t", n, n, 48, None, n,
+        key_mean={0: stats.key_mean}, key_pre_mean={}, key_sq={0: stats.key_sq},
+        query_sq={0: q2 / n}, value_sq={}, out_weight_sq={},
+    )  # fmt: skip
+    offset = stats.key_offset if offsets else None
+    assert torch.equal(ablation.key_weights(0, offset, best.transform.power), best.transform.key_scale)
 
 
 def test_calibrate_keeps_offsets_that_remove_a_key_bias():
@@ -366,8 +399,14 @@ def test_quality_gate_refuses_a_file_over_the_bound_with_the_way_out(tmp_path, m
     with pytest.raises(ValueError) as refused:
         cal.resolve(settings, config, max_model_len=2049)  # positions up to 2,048: the 4,096 set
     message = str(refused.value)
-    for part in ("nf4 KV cache refused", "model.layers.0.self_attn.attn 0.600", "contexts up to 4096",
-                 "--max-model-len 2048", "--kv-cache-dtype auto or fp8", ACCEPT_QUALITY_RISK.key):
+    for part in (
+        "nf4 KV cache refused",
+        "model.layers.0.self_attn.attn 0.600",
+        "contexts up to 4096",
+        "--max-model-len 2048",
+        "--kv-cache-dtype auto or fp8",
+        ACCEPT_QUALITY_RISK.key,
+    ):
         assert part in message, (part, message)
     accepted = {"nf4kv": {"calibration": str(path), ACCEPT_QUALITY_RISK.key: True}}
     assert "accepted by setting" in cal.resolve(accepted, config, max_model_len=4096).reason
@@ -446,7 +485,7 @@ def test_calibrate_is_deterministic_and_measured_by_vllm(calibrated, model_shape
     shape = (model_shape["kv_heads"], model_shape["head_dim"])
     for layers in first.by_context.values():
         assert sorted(layers) == sorted(names)
-        assert {layer.power for layer in layers.values()} <= set(cal.KEY_SMOOTHING_POWERS)
+        assert {layer.power for layer in layers.values()} <= set(measure.KEY_SMOOTHING_POWERS)
         for layer in layers.values():
             assert layer.key_scale.shape == layer.key_offset.shape == layer.value_offset.shape == shape
             assert torch.allclose(layer.key_scale.log().mean(-1), torch.zeros(shape[0]), atol=1e-5)

@@ -12,14 +12,14 @@ the default location, which the server then loads: here a fresh cache directory.
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
-from serve_process import Server, free_port, prompt, stop, wait_ready
+from serve_process import Server, prompt, wait_ready
 
 from vllm_nf4kv import cpu_kernels
 from vllm_nf4kv.settings import CALIBRATION
+from vllm_nf4kv.tools.loopback_server import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -35,25 +35,14 @@ def test_make_serve_honours_kv_memory(tmp_path):
     # a fresh default calibration location; the C++ kernels' build cache stays where it is
     env["TORCH_EXTENSIONS_DIR"] = str(cpu_kernels._build_root())
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            ["make", "-s", "serve", f"KV_MEMORY={KV_MEMORY}", f"PORT={port}"],
-            cwd=REPO,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    server = Server(f"http://127.0.0.1:{port}", process, log)
-    try:
+    command = ["make", "-s", "serve", f"KV_MEMORY={KV_MEMORY}", f"PORT={port}"]
+    with Server.start(command, log, port, env=env, cwd=REPO) as server:  # make and vllm serve: one group
         wait_ready(server)
         server.complete(prompt("make-serve"))  # the memory gauges travel with the first step's stats
         stats = server.stats()
         assert stats.cache_dtype == "nf4"
         assert stats.kv_cache_bytes is not None, server.log_tail()
         assert 0.75 * KV_MEMORY <= stats.kv_cache_bytes <= KV_MEMORY, stats
-    finally:
-        stop(process)
     output = log.read_text(errors="replace")
     assert f"vllm-nf4kv: KV cache KV_MEMORY={KV_MEMORY} bytes (32 MiB)" in output
     files = list((tmp_path / "cache" / "vllm-nf4kv" / "calibration").glob("*.json"))

@@ -52,7 +52,7 @@ def _engine(model: Path, **nf4kv):
 
 
 def _mean_nll(llm, text: str) -> float:
-    from vllm_nf4kv.engine_eval import perplexity, token_windows
+    from vllm_nf4kv.tools.llm_measures import perplexity, token_windows
 
     return math.log(perplexity(llm, token_windows(llm, text, 2048, 1024)))
 

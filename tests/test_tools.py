@@ -128,6 +128,30 @@ def test_nf4_variant_equals_shipped_codec(head_dim, dtype, steps):
     assert variant.bits_per_value(head_dim) == row.bits_per_value
 
 
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("groups", [4, 8, 16])
+@pytest.mark.parametrize("bits", [1, 3, 5, 6, 7, 8])
+def test_two_level_variants_are_the_reference_codec(head_dim, groups, bits):
+    """Every ``nf4-gG-rB-sN`` row is the reference's TWO_LEVEL row, ladder (r6..r8) included.
+
+    ``-norot`` is the same row quantized without the rotation (the reference's quantize and
+    decode, no second codec).
+    """
+    from vllm_nf4kv.format import ScaleScheme
+    from vllm_nf4kv.reference import decode_rows_rotated, quantize_rows
+
+    group, steps = head_dim // groups, 2 ** (bits - 1) + 1
+    x = torch.randn(3, 40, head_dim, generator=torch.Generator().manual_seed(bits)) * 3
+    x[0, 0, 1] = 1e4  # one group far above the others: its rung sits low on the ladder
+    x[1, :, :group] *= 1e-3
+    row = RowFormat(head_dim, group, steps, ScaleScheme.TWO_LEVEL, bits)
+    variant = kv_formats.parse_format(f"nf4-g{group}-r{bits}-s{steps}")
+    assert variant.spec == row.spec and variant.bits_per_value(head_dim) == row.bits_per_value
+    assert torch.equal(variant(x), fake_quantize_rows(x, row))
+    unrotated = kv_formats.parse_format(f"nf4-g{group}-r{bits}-s{steps}-norot")(x)
+    assert torch.equal(unrotated, decode_rows_rotated(quantize_rows(x, row), row))
+
+
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_shipped_spec_is_what_nf4_stores(head_dim):
     """The specs the tools call shipped round-trip exactly as the stored K and V rows do."""
@@ -165,11 +189,36 @@ def test_ablation_nf4_candidate_stores_what_a_calibrated_server_stores():
     key = torch.randn(1, heads, 5, dim, generator=gen) * 2 + c[None, :, None, :]
     value = torch.randn(1, heads, 5, dim, generator=gen) * 2 + mu[None, :, None, :]
     key_hat, value_hat = hook(3, query, key, value)
-    per_head = (lambda x: x[None, :, None, :])  # noqa: E731
+    per_head = lambda x: x[None, :, None, :]  # noqa: E731
     want_key = torch.round((key - per_head(c)) * per_head(d)) / per_head(d) + per_head(c)
     assert torch.equal(key_hat, want_key)
     assert torch.equal(value_hat, torch.round(value - per_head(mu)) + per_head(mu))
     assert not torch.equal(key_hat, torch.round(key * per_head(d)) / per_head(d))
+
+
+@pytest.mark.parametrize("options", [("kqw",), ("koff", "kqw")])
+def test_ablation_key_weights_are_applied_to_what_the_offset_leaves(options):
+    """``+kqw`` stores ``q((k - c) d) / d`` with ``d`` for ``E[(k - c)^2]``, as a server would."""
+    from vllm_nf4kv.tools.kv_calibration import AblationStats, make_hook
+
+    gen = torch.Generator().manual_seed(1)
+    heads, dim = 2, 8
+    mean = torch.randn(heads, dim, generator=gen) * 5
+    key_sq = mean.square() + torch.rand(heads, dim, generator=gen)
+    query_sq = torch.rand(heads, dim, generator=gen)
+    stats = AblationStats(
+        "t", 0, 1, dim, None, 64, key_mean={0: mean}, key_pre_mean={}, key_sq={0: key_sq},
+        query_sq={0: query_sq * 4}, value_sq={}, out_weight_sq={},
+    )  # fmt: skip
+    hook = make_hook(torch.round, torch.round, frozenset(options), stats)
+    key = torch.randn(1, heads, 5, dim, generator=gen) * 3 + mean[None, :, None, :]
+    key_hat, _ = hook(0, torch.randn(1, 4, 5, dim, generator=gen), key, torch.zeros(1, heads, 5, dim))
+    c = mean if "koff" in options else None
+    d = stats.key_weights(0, c, 0.25)[None, :, None, :]
+    stored = key if c is None else key - c[None, :, None, :]
+    assert torch.equal(key_hat, torch.round(stored * d) / d)
+    if c is not None:  # the weights are those of the centred keys
+        assert not torch.equal(d, stats.key_weights(0, None, 0.25)[None, :, None, :])
 
 
 def test_bucketize_matches_reference_encoder():
@@ -276,13 +325,17 @@ def test_rope_helper_matches_transformers():
     torch.testing.assert_close(
         apply_rope(expected, positions, rotary.inv_freq, inverse=True), x, atol=2e-4, rtol=1e-4
     )
+    one = x[..., :1, :]  # one vector (a mean key) turned to every position, as +kpre does
+    assert torch.equal(
+        apply_rope(one, positions, rotary.inv_freq), apply_rope(one.expand_as(x), positions, rotary.inv_freq)
+    )
 
 
 def test_low_frequency_pairs():
-    from vllm_nf4kv.tools.kv_calibration import Calibration
+    from vllm_nf4kv.tools.kv_calibration import AblationStats
 
     inv_freq = 1.0 / 10000 ** (torch.arange(0, 64, 2).double() / 64)
-    calibration = Calibration("t", 0, 1, inv_freq, 2048, {}, {}, {}, {}, {}, {})
+    calibration = AblationStats("t", 0, 1, 64, inv_freq, 2048, {}, {}, {}, {}, {}, {})
     mask = calibration.low_frequency_pairs()
     assert mask.shape == (64,) and torch.equal(mask[:32], mask[32:])
     slow = inv_freq * 2048 <= torch.pi / 3

@@ -35,6 +35,7 @@ from triton_interpreted import (
     triton,
     triton_attention,
     triton_codec,
+    triton_load,
     triton_store,
 )
 
@@ -45,7 +46,7 @@ from vllm_nf4kv.reference_attention import ATTENTION_TOLERANCE, paged_attention_
 from vllm_nf4kv.rotation import rotate, unrotate
 
 store_kv_nf4 = triton_store.store_kv_nf4
-load_kv_nf4 = triton_store.load_kv_nf4
+load_kv_nf4 = triton_load.load_kv_nf4  # tests/triton_load.py: no serving path reads K/V back
 nf4_paged_attention = triton_attention.nf4_paged_attention
 
 pytestmark = [
@@ -221,7 +222,7 @@ def test_store_matches_reference_exactly(head_dim: int, dtype: torch.dtype) -> N
 @pytest.mark.parametrize("head_dim", [64, 96])
 def test_store_applies_the_calibration_exactly(head_dim: int) -> None:
     """``(k - c) * d`` and ``v - mu`` inside the kernel: ``write_paged``'s bytes after ``KVTransform``."""
-    from vllm_nf4kv.calibration import KVTransform
+    from vllm_nf4kv.kv_transform import KVTransform
 
     gen = torch.Generator().manual_seed(head_dim + 1)
     layout = format_for("nf4", head_dim)
@@ -613,7 +614,7 @@ class _NoLaunch:
 @pytest.fixture()
 def no_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(triton_store, "_store_kv_nf4_kernel", _NoLaunch())
-    monkeypatch.setattr(triton_store, "_load_kv_nf4_kernel", _NoLaunch())
+    monkeypatch.setattr(triton_load, "_load_kv_nf4_kernel", _NoLaunch())
     monkeypatch.setattr(triton_attention, "_nf4_attention_kernel", _NoLaunch())
     monkeypatch.setattr(triton_attention, "_nf4_attention_merge_kernel", _NoLaunch())
 
@@ -711,12 +712,12 @@ def test_load_rejects_bad_input_before_launch(no_launch) -> None:
 def test_kernels_compile_for_sm90() -> None:
     """The interpreter skips the compiler: build every kernel for sm_90 (ptxas from the Triton
     wheel, no GPU needed) in a fresh process without TRITON_INTERPRET, and check the store/load
-    PTX has no contracted FMA or approximate division (see compile_check)."""
+    PTX has no contracted FMA or approximate division (see tests/compile_check.py)."""
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("this Triton build ships no NVIDIA ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-m", "vllm_nf4kv.kernels.compile_check", "--arch", "90"],
+        [sys.executable, str(Path(__file__).with_name("compile_check.py")), "--arch", "90"],
         capture_output=True,
         text=True,
         env=env,

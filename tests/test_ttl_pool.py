@@ -374,12 +374,12 @@ def test_payload_crosses_vllms_transport_and_reaches_prometheus():
     stats = SchedulerStats(num_kv_fetch_reqs_by_stage={"in_progress": 1})
     stats.num_kv_fetch_reqs_by_stage.update(
         {
-            metrics.P_EXPIRED: 3,
-            metrics.P_EXPIRED_REQUEST: 4,
-            metrics.P_CACHED: 7,
-            metrics.P_TTL_MS: 2500,
-            metrics.P_KV_BYTES: 100,
-            metrics.P_KV_BF16_BYTES: 400,
+            metrics.PAYLOAD_EXPIRED: 3,
+            metrics.PAYLOAD_EXPIRED_REQUEST: 4,
+            metrics.PAYLOAD_CACHED: 7,
+            metrics.PAYLOAD_TTL_MS: 2500,
+            metrics.PAYLOAD_KV_BYTES: 100,
+            metrics.PAYLOAD_KV_BF16_BYTES: 400,
         }
     )
     frames = MsgpackEncoder().encode(EngineCoreOutputs(engine_index=5, scheduler_stats=stats))
@@ -395,15 +395,15 @@ def test_payload_crosses_vllms_transport_and_reaches_prometheus():
     labels = {"model_name": "ttl-test", "engine": "5"}
     by_server = {**labels, "cause": metrics.CAUSE_SERVER}
     by_request = {**labels, "cause": metrics.CAUSE_REQUEST}
-    assert REGISTRY.get_sample_value(f"{metrics.M_EXPIRED}_total", by_server) == 3
-    assert REGISTRY.get_sample_value(f"{metrics.M_EXPIRED}_total", by_request) == 4
-    assert REGISTRY.get_sample_value(metrics.M_CACHED, labels) == 7
-    assert REGISTRY.get_sample_value(metrics.M_TTL, labels) == 2.5
-    assert REGISTRY.get_sample_value(metrics.M_KV_BF16_BYTES, labels) == 400
-    received.num_kv_fetch_reqs_by_stage[metrics.P_EXPIRED] = 2  # the next step's delta
+    assert REGISTRY.get_sample_value(f"{metrics.METRIC_EXPIRED}_total", by_server) == 3
+    assert REGISTRY.get_sample_value(f"{metrics.METRIC_EXPIRED}_total", by_request) == 4
+    assert REGISTRY.get_sample_value(metrics.METRIC_CACHED, labels) == 7
+    assert REGISTRY.get_sample_value(metrics.METRIC_TTL, labels) == 2.5
+    assert REGISTRY.get_sample_value(metrics.METRIC_KV_BF16_BYTES, labels) == 400
+    received.num_kv_fetch_reqs_by_stage[metrics.PAYLOAD_EXPIRED] = 2  # the next step's delta
     stat_logger.record(received, None, engine_idx=5)
-    assert REGISTRY.get_sample_value(f"{metrics.M_EXPIRED}_total", by_server) == 5
-    assert REGISTRY.get_sample_value(f"{metrics.M_EXPIRED}_total", by_request) == 4
+    assert REGISTRY.get_sample_value(f"{metrics.METRIC_EXPIRED}_total", by_server) == 5
+    assert REGISTRY.get_sample_value(f"{metrics.METRIC_EXPIRED}_total", by_request) == 4
     assert received.num_kv_fetch_reqs_by_stage == {"in_progress": 1}
 
 
@@ -537,7 +537,7 @@ def test_a_moved_cache_entry_keeps_the_tightest_request_ttl(vllm_parts):
 def test_distinct_request_ttls_keep_the_queues_bounded(vllm_parts):
     """Before: a queue emptied when its block was reused kept its entry until its first
     deadline (here days away): 2,000 distinct TTLs left 2,000 queues and heap entries."""
-    from vllm_nf4kv.ttl.pool import STALE_HEAP_ENTRIES
+    from vllm_nf4kv.ttl.expiry import STALE_HEAP_ENTRIES
 
     num_blocks = 8
     pool, clock, state = make_pool(vllm_parts, ttl=None, request_ttls=True, num_blocks=num_blocks)

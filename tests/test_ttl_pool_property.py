@@ -252,7 +252,7 @@ class TTLPoolMachine(RuleBasedStateMachine):
     def one_queue_and_heap_entry_per_ttl_in_use(self) -> None:
         from collections import Counter
 
-        from vllm_nf4kv.ttl.pool import STALE_HEAP_ENTRIES
+        from vllm_nf4kv.ttl.expiry import STALE_HEAP_ENTRIES
 
         state = self.state
         assert set(state.queues) == set(state.queue_bound)

@@ -12,7 +12,8 @@ import gc
 import pytest
 from cpu_features import cpu_runs_fp8_kv, requires_cpu_fp8
 
-from vllm_nf4kv.engine_eval import (
+from vllm_nf4kv.format import KV_CACHE_DTYPE, format_for, int4_per_token_head_bytes
+from vllm_nf4kv.tools.llm_measures import (
     GREEDY_PROMPTS,
     greedy_agreement,
     greedy_tokens,
@@ -20,7 +21,6 @@ from vllm_nf4kv.engine_eval import (
     perplexity,
     token_windows,
 )
-from vllm_nf4kv.format import KV_CACHE_DTYPE, format_for, int4_per_token_head_bytes
 
 pytestmark = pytest.mark.slow
 

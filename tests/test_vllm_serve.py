@@ -1,88 +1,40 @@
 """A real ``vllm serve --kv-cache-dtype nf4`` process, driven by the ``openai`` client.
 
 One server for the module (about 25 s to start on 2 cores), on 127.0.0.1 and a
-free port; it is stopped whatever the tests do.
+free port; it is stopped whatever the tests do. The last test stops it and checks
+that no process of it (the engine core above all) survives.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from vllm_nf4kv.tools.loopback_server import LoopbackServer, running, serve_env
+from vllm_nf4kv.tools.stats import metric_totals, parse_metrics
+
 pytestmark = pytest.mark.slow
 
-VLLM = Path(sys.executable).with_name("vllm")
 SERVED = "smollm2"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_dir: Path, port: int, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    command = [
-        str(VLLM), "serve", str(model_dir), "--served-model-name", SERVED,
-        "--host", "127.0.0.1", "--port", str(port), "--kv-cache-dtype", "nf4",
-        "--enforce-eager", "--max-model-len", "2048", "--kv-cache-memory-bytes", str(64 * 2**20),
-        *extra,
-    ]
-    return subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-
-
-def wait_ready(process: subprocess.Popen, port: int, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"vllm serve exited {process.returncode}:\n{process.stdout.read()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError("vllm serve did not become ready")
-
-
-def stop_server(process: subprocess.Popen) -> str:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    return process.stdout.read() if process.stdout else ""
-
-
 @pytest.fixture(scope="module")
-def server(model_dir):
-    port = free_port()
-    process = start_server(model_dir, port)
-    try:
-        wait_ready(process, port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_server(process)
+def server(model_dir, tmp_path_factory):
+    """The module's server, stopped with its whole process group whatever the tests do."""
+    log = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
+    with LoopbackServer.serve(
+        model_dir, log, "--served-model-name", SERVED, "--kv-cache-dtype", "nf4", "--enforce-eager",
+        "--max-model-len", "2048", "--kv-cache-memory-bytes", str(64 * 2**20), env=serve_env(),
+    ) as server:  # fmt: skip
+        yield server.wait_ready(240)
 
 
 @pytest.fixture(scope="module")
 def client(server):
     import openai
 
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=120)
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120)
 
 
 def test_completion_with_logprobs(client):
@@ -116,7 +68,10 @@ def test_streaming_matches_non_streaming(client):
 
 def test_prompt_logprobs(client, moby_dick):
     result = client.completions.create(
-        model=SERVED, prompt=moby_dick[:1500], max_tokens=1, temperature=0,
+        model=SERVED,
+        prompt=moby_dick[:1500],
+        max_tokens=1,
+        temperature=0,
         extra_body={"prompt_logprobs": 0},
     )
     scored = [entry for entry in result.choices[0].prompt_logprobs[1:] if entry]
@@ -132,15 +87,37 @@ def test_prefix_cache_hit_is_identical_over_http(client, server, moby_dick):
     second = client.completions.create(**kwargs).choices[0]
     assert second.text == first.text
     assert second.logprobs.token_logprobs == first.logprobs.token_logprobs
-    metrics = urllib.request.urlopen(f"{server}/metrics", timeout=10).read().decode()
-    hits = sum(
-        float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-        if line.startswith("vllm:prefix_cache_hits_total")
-    )
-    assert hits >= 256
+    assert metric_totals(server.metrics()).get("vllm:prefix_cache_hits_total", 0) >= 256
 
 
 def test_metrics_endpoint_reports_nf4(server):
-    metrics = urllib.request.urlopen(f"{server}/metrics", timeout=10).read().decode()
-    info = [line for line in metrics.splitlines() if line.startswith("vllm:cache_config_info")]
-    assert info and 'cache_dtype="nf4"' in info[0]
+    info = [labels for name, labels, _ in parse_metrics(server.metrics()) if name == "vllm:cache_config_info"]
+    assert info and info[0]["cache_dtype"] == "nf4"
+
+
+def descendants(pid: int) -> set[int]:
+    """``pid`` and every process below it, from /proc's parent links."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        found.add(todo[-1])
+        todo += children.get(todo.pop(), [])
+    return found
+
+
+def test_stop_leaves_no_process_of_the_server(server):
+    """Runs last: stop() ends the API server and its engine core, nothing is orphaned."""
+    processes = descendants(server.process.pid)
+    assert len(processes) >= 2, "no engine core process: the check below would test nothing"
+    escaped = [pid for pid in processes - set(server.pids()) if running(pid)]
+    assert not escaped, "server processes outside its process group escape stop()"
+    server.stop()
+    assert not [pid for pid in processes if running(pid)], "processes of the server survived stop()"
+    assert server.pids() == []

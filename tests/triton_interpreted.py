@@ -33,16 +33,20 @@ try:
             f"Triton does not import ({error}): the Triton kernels' tests need it (torch installs "
             f"it on Linux x86-64; `make install`)"
         ) from error
+    # in import order (each module imports the ones before it), so a reload sees reloaded helpers
     _MODULES = [importlib.import_module(f"vllm_nf4kv.kernels.{name}")
-                for name in ("triton_codec", "triton_store", "triton_attention")]
+                for name in ("triton_codec", "triton_rotation", "triton_quantize", "triton_store",
+                             "triton_attention_kernels", "triton_attention")]
+    _MODULES.append(importlib.import_module("triton_load"))  # tests/triton_load.py: load_kv_nf4
     if any(not isinstance(kernel, triton.runtime.jit.JITFunction) != INTERPRET
-           for kernel in (_MODULES[1]._store_kv_nf4_kernel, _MODULES[2]._nf4_attention_kernel)):
+           for kernel in (_MODULES[3]._store_kv_nf4_kernel, _MODULES[5]._nf4_attention_kernel,
+                          _MODULES[6]._load_kv_nf4_kernel)):
         _MODULES = [importlib.reload(module) for module in _MODULES]  # imported earlier in the other mode
 finally:
     if _SET_HERE:
         os.environ.pop("TRITON_INTERPRET", None)
 
-triton_codec, triton_store, triton_attention = _MODULES
+triton_codec, triton_store, triton_attention, triton_load = (_MODULES[i] for i in (0, 3, 5, 6))
 
 
 def interpreter_env() -> Iterator[None]:

@@ -7,7 +7,7 @@ reads (the reference codec, bit for bit) and calls ``scaled_dot_product_attentio
 in the rotated space: queries are rotated before and outputs rotated back after, by
 the caller.
 
-Attention is computed in fp64 (``ACCUMULATE``). Why: fp32 SDPA results depend
+Attention is computed in fp64 (``ATTENTION_DTYPE``). Why: fp32 SDPA results depend
 on the batch shape, and a 135M bf16 model amplifies one-ulp differences into
 different greedy tokens. fp64 results still vary in their last bits with the
 batch shape, but rounded to the model's dtype (bf16/fp16/fp32) they are the
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from vllm_nf4kv.format import CellLayout
 from vllm_nf4kv.reference import check_paged_cache, decode_cells_rotated
 
-ACCUMULATE = torch.float64
+ATTENTION_DTYPE = torch.float64
 
 # Upper bound on (requests x tokens) dequantized at once for batched decode:
 # keeps the fp32 K/V scratch of one chunk near 64k tokens x heads x head_dim.
@@ -50,7 +50,7 @@ def gather_kv(
 
 
 def _attend(
-    query: torch.Tensor,  # [R, Hq, Q, D] ACCUMULATE
+    query: torch.Tensor,  # [R, Hq, Q, D] ATTENTION_DTYPE
     key: torch.Tensor,  # [R, Hkv, L, D] fp32
     value: torch.Tensor,  # [R, Hkv, L, D] fp32
     key_pos: torch.Tensor,  # [L]
@@ -60,7 +60,7 @@ def _attend(
     causal: bool,
     sliding_window: int | None,
 ) -> torch.Tensor:
-    key, value = key.to(ACCUMULATE), value.to(ACCUMULATE)
+    key, value = key.to(ATTENTION_DTYPE), value.to(ATTENTION_DTYPE)
     allowed = key_pos[None, None, :] < seq_lens[:, None, None]  # [R, 1, L]
     if causal:
         allowed = allowed & (key_pos[None, None, :] <= query_pos[:, :, None])
@@ -111,8 +111,8 @@ def paged_attention(
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     num_reqs = len(lens)
-    out = torch.zeros(starts[-1], query.shape[1], query.shape[2], dtype=ACCUMULATE, device=query.device)
-    query = query.to(ACCUMULATE)
+    out = torch.zeros(starts[-1], query.shape[1], query.shape[2], dtype=ATTENTION_DTYPE, device=query.device)
+    query = query.to(ATTENTION_DTYPE)
     decode = [r for r in range(num_reqs) if starts[r + 1] - starts[r] == 1]
     others = [r for r in range(num_reqs) if starts[r + 1] - starts[r] > 1]
 

@@ -153,7 +153,7 @@ def quantize_groups(
     # (a candidate that would go below code 1 repeats the ceil code).
     steps = torch.arange(search_steps, device=x.device)
     candidates = torch.where(first.unsqueeze(-1) > steps, first.unsqueeze(-1) - steps, first.unsqueeze(-1))
-    codes, best = _best_candidate(groups, decode_scale(candidates))
+    codes, best = best_of_scales(groups, decode_scale(candidates))
     return codes, candidates.gather(-1, best).squeeze(-1).to(torch.uint8)
 
 
@@ -178,7 +178,7 @@ def quantize_two_level(
     steps = torch.arange(search_steps, device=x.device)
     candidates = (first.unsqueeze(-1) + steps).clamp_max(2**relative_bits - 1)  # [..., G, S]
     scales = ladder.expand(*absmax.shape, -1).gather(-1, candidates)
-    codes, best = _best_candidate(groups, scales)
+    codes, best = best_of_scales(groups, scales)
     return codes, row_code.to(torch.uint8), candidates.gather(-1, best).squeeze(-1).to(torch.uint8)
 
 
@@ -190,10 +190,12 @@ def _groups(x: torch.Tensor, group_size: int, search_steps: int) -> torch.Tensor
     return sanitize(x).unflatten(-1, (-1, group_size))  # [..., G, g]
 
 
-def _best_candidate(groups: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def best_of_scales(groups: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes ``[..., D]`` under the best of candidate scales ``[..., G, S]``, and its index ``[..., G, 1]``.
 
-    Best: the least pairwise-summed squared error, the first candidate on ties.
+    ``groups``: sanitized values ``[..., G, g]``. Best: the least pairwise-summed squared
+    error, the first candidate on ties. The one scale search of every NF4 row: the stored
+    schemes above, and the ablation's other scale codes (``tools/kv_formats.py``).
     """
     group_size = groups.shape[-1]
     scale = scale.unsqueeze(-1)  # [..., G, S, 1]
@@ -282,9 +284,7 @@ def encode_rows(x: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
 def decode_rows_rotated(rows: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
     """Stored rows ``[..., row_bytes]`` to fp32 vectors in the *rotated* space."""
     if rows.dtype != torch.uint8 or rows.shape[-1] != fmt.row_bytes:
-        raise ValueError(
-            f"rows must be uint8 [..., {fmt.row_bytes}], got {rows.dtype} {tuple(rows.shape)}"
-        )
+        raise ValueError(f"rows must be uint8 [..., {fmt.row_bytes}], got {rows.dtype} {tuple(rows.shape)}")
     byte_levels = _decode_tables(rows.device)[0]
     # One table lookup per byte (two levels): the same fp32 level * scale products as
     # dequantize_groups, about 3x faster on CPU than unpacking nibbles.

@@ -14,9 +14,11 @@ which writes the same bytes and is several times slower.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from vllm.logger import init_logger
-from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -24,12 +26,12 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from vllm_nf4kv import calibration, cpu_kernels
+from vllm_nf4kv import cpu_kernels
 from vllm_nf4kv.backends.common import NF4BackendMixin, holds_head_size
-from vllm_nf4kv.backends.selection import check_layer
-from vllm_nf4kv.backends.smoothing import layer_smoothing
+from vllm_nf4kv.backends.nf4_impl import NF4ImplBase
 from vllm_nf4kv.kernel_limits import CPU_LIMITS
-from vllm_nf4kv.paged_attention import ACCUMULATE, paged_attention
+from vllm_nf4kv.kv_transform import KVTransform
+from vllm_nf4kv.paged_attention import ATTENTION_DTYPE, paged_attention
 from vllm_nf4kv.reference import write_paged
 from vllm_nf4kv.rotation import rotate, unrotate
 
@@ -73,84 +75,33 @@ class NF4CPUMetadataBuilder(CPUAttentionMetadataBuilder):
         )
 
 
-class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
-    def __init__(
-        self,
-        num_heads: int,
-        head_size: int,
-        scale: float,
-        num_kv_heads: int,
-        alibi_slopes: list[float] | None,
-        sliding_window: int | None,
-        kv_cache_dtype: str,
-        logits_soft_cap: float | None = None,
-        attn_type: str = AttentionType.DECODER,
-        kv_sharing_target_layer_name: str | None = None,
-        sinks: torch.Tensor | None = None,
-    ) -> None:
-        self.layout = check_layer(
-            "cpu", kv_cache_dtype=kv_cache_dtype, attn_type=attn_type, num_heads=num_heads,
-            num_kv_heads=num_kv_heads, head_size=head_size, sliding_window=sliding_window,
-            alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap, sinks=sinks,
-            kv_sharing_target_layer_name=kv_sharing_target_layer_name,
-        )
-        super().__init__(
-            num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
-            kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks,
-        )
+class NF4CPUAttentionImpl(NF4ImplBase, CPUAttentionBackendImpl):
+    PLATFORM = "cpu"
+
+    def init_platform(self, *args: Any) -> None:
+        CPUAttentionBackendImpl.__init__(self, *args)
         self.use_kernels = cpu_kernels.available()
-        self.smoothing = layer_smoothing(num_heads, num_kv_heads, head_size)
         logger.info_once("nf4 KV cache on CPU: %s", cpu_kernels.describe())
 
-    @staticmethod
-    def _cache(kv_cache: torch.Tensor) -> torch.Tensor:
-        """The pages as uint8 (every path below checks their shape against the layout)."""
-        return kv_cache.view(torch.uint8) if kv_cache.dtype != torch.uint8 else kv_cache
-
-    def do_kv_cache_update(
-        self,
-        layer: torch.nn.Module,
-        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
-        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
-        kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes]
-        slot_mapping: torch.Tensor,  # [num_tokens]
+    def store(
+        self, cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
+        transform: KVTransform | None,
     ) -> None:
-        cache = self._cache(kv_cache)
         n = slot_mapping.shape[0]
         key, value = key[:n], value[:n]
-        transform = self.smoothing.for_layer(layer)
-        if transform is not None:  # (k - c) * d and v - mu; forward reads with q / d, adds mu (calibration)
+        if transform is not None:
             key, value = transform.keys(key), transform.values(value)
         if not self.use_kernels:
             write_paged(cache, key, value, slot_mapping, self.layout)
             return
         cpu_kernels.store(cache, key, value, slot_mapping, self.layout)
 
-    def forward(
-        self,
-        layer: torch.nn.Module,
-        query: torch.Tensor,  # [num_tokens, num_heads, head_size]
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes]
-        attn_metadata: CPUAttentionMetadata | None,
-        output: torch.Tensor,  # [num_tokens, num_heads * head_size]
-        output_scale: torch.Tensor | None = None,
-        output_block_scale: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("fused output quantization is not supported with nf4")
-        if attn_metadata is None:  # profiling / warm-up run
-            return output
-        n = attn_metadata.num_actual_tokens
-        query = query.view(-1, self.num_heads, self.head_size)[:n]
-        if calibration.ACTIVE_CAPTURE:  # vllm-nf4kv calibrate is measuring
-            shape = (-1, self.num_kv_heads, self.head_size)
-            calibration.observe(layer, query, key.view(shape)[:n], value.view(shape)[:n])
-        transform = self.smoothing.for_layer(layer)
+    def attend(
+        self, query: torch.Tensor, cache: torch.Tensor, attn_metadata: CPUAttentionMetadata,
+        transform: KVTransform | None, output: torch.Tensor,
+    ) -> None:
         if transform is not None:
             query = transform.queries(query)
-        cache = self._cache(kv_cache)
         metadata = (attn_metadata.query_start_loc, attn_metadata.seq_lens, attn_metadata.block_table)
         window = self.sliding_window if self.sliding_window > 0 else None
         if self.use_kernels:  # rotation in and out happens inside the kernel
@@ -159,11 +110,10 @@ class NF4CPUAttentionImpl(CPUAttentionBackendImpl):
             )
         else:
             rotated = paged_attention(
-                rotate(query, ACCUMULATE), cache, self.layout, *metadata, self.scale,
+                rotate(query, ATTENTION_DTYPE), cache, self.layout, *metadata, self.scale,
                 attn_metadata.causal, window,
             )
             result = unrotate(rotated, torch.float32 if transform is not None else output.dtype)
         if transform is not None:
             result = transform.outputs(result)
-        output.view(-1, self.num_heads, self.head_size)[:n] = result
-        return output
+        output[:] = result

@@ -14,7 +14,8 @@ import logging
 from typing import Any
 
 from vllm_nf4kv.backends.common import current_model_config
-from vllm_nf4kv.calibration import Calibration, KVTransform, local_heads, resolve
+from vllm_nf4kv.calibration import Calibration, resolve
+from vllm_nf4kv.kv_transform import KVTransform, local_heads
 
 logger = logging.getLogger("vllm.nf4kv")
 

@@ -60,15 +60,15 @@ def _rope_layout(model: Any) -> dict[str, tuple[int, int, bool, torch.Tensor | N
 
 
 def layer_ropes(layout: dict[str, tuple[int, int, bool, torch.Tensor | None]]) -> dict[str, Any]:
-    """The :class:`~vllm_nf4kv.calibration.LayerRope` of each layer whose RoPE table is known."""
-    from vllm_nf4kv import calibration as cal
+    """The :class:`~vllm_nf4kv.calibration_measure.LayerRope` of each layer whose RoPE table is known."""
+    from vllm_nf4kv import calibration_measure as measure
 
     ropes = {}
     for name, (head_dim, rotary_dim, neox, cache) in layout.items():
         if cache is not None:
             half = rotary_dim // 2
-            pairs = cal.rope_pair_channels(head_dim, rotary_dim, neox)
-            ropes[name] = cal.LayerRope(cache[:, :half], cache[:, half:], pairs)
+            pairs = measure.rope_pair_channels(head_dim, rotary_dim, neox)
+            ropes[name] = measure.LayerRope(cache[:, :half], cache[:, half:], pairs)
     return ropes
 
 
@@ -183,18 +183,18 @@ def best_smoothing(
     vLLM: +2.1% vs +1.5% on Moby Dick; with Gemma-3-270m's QK-norm keys the best strength cuts
     the error to 0.05-0.75).
     """
-    from vllm_nf4kv import calibration as cal
+    from vllm_nf4kv import calibration_measure as measure
 
     zeros = torch.zeros(stats.key_sq.shape)
     c = stats.key_offset.float() if offsets else zeros
     mu = stats.value_mean.float() if offsets else zeros
     # E[(k - c)^2] per channel, pair-averaged like the query statistics
-    key_sq = (stats.key_sq - 2 * c.double() * stats.key_mean + c.double().square()).clamp_min(0)
+    key_sq = measure.centred_square(stats.key_sq, stats.key_mean, c)
     if pairs is not None:
-        key_sq = cal.pair_mean(key_sq, pairs)
+        key_sq = measure.pair_mean(key_sq, pairs)
     scored = []
-    for power in cal.KEY_SMOOTHING_POWERS:
-        transform = Transform(cal.key_smoothing(stats.query_sq, key_sq, power), c, mu, power)
+    for power in measure.KEY_SMOOTHING_POWERS:
+        transform = Transform(measure.key_smoothing(stats.query_sq, key_sq, power), c, mu, power)
         scored.append(Scored(attention_error(samples, windows, transform), transform))
     plain = scored[0]  # power 0: no smoothing
     best = min(scored, key=lambda option: option.error)  # the first minimum: the weaker on ties
@@ -257,6 +257,7 @@ def calibrate(model: str, tokens: int = DEFAULT_TOKENS, ctx: int = DEFAULT_CTX, 
     from vllm import LLM, SamplingParams, TokensPrompt
 
     from vllm_nf4kv import calibration as cal
+    from vllm_nf4kv import calibration_measure as measure
 
     started = time.monotonic()
     llm = LLM(
@@ -276,13 +277,13 @@ def calibrate(model: str, tokens: int = DEFAULT_TOKENS, ctx: int = DEFAULT_CTX, 
     rope = llm.apply_model(_rope_layout)[0]
     ropes = layer_ropes(rope)
     windows = _windows(llm.get_tokenizer(), builtin_text(), tokens, ctx)
-    capture = cal.Capture(ropes)
-    cal.ACTIVE_CAPTURE.append(capture)
+    capture = measure.Capture(ropes)
+    measure.ACTIVE_CAPTURE.append(capture)
     try:
         params = SamplingParams(max_tokens=1, temperature=0.0)
         llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=False)
     finally:
-        cal.ACTIVE_CAPTURE.remove(capture)
+        measure.ACTIVE_CAPTURE.remove(capture)
     if not capture.sum_k2:
         raise RuntimeError("no attention layer reported its keys: is the nf4 backend serving this model?")
     longest = min((r.cos.shape[0] for r in ropes.values()), default=0)
@@ -295,8 +296,8 @@ def calibrate(model: str, tokens: int = DEFAULT_TOKENS, ctx: int = DEFAULT_CTX, 
         heads, head_dim = key_sq.shape
         pairs = None
         if name in rope:
-            pairs = cal.rope_pairs(head_dim, rope[name][1], rope[name][2])
-            query_sq = cal.pair_mean(query_sq, pairs)
+            pairs = measure.rope_pairs(head_dim, rope[name][1], rope[name][2])
+            query_sq = measure.pair_mean(query_sq, pairs)
         samples = capture.samples[name]
         scored = scored_windows(samples)
         stats = LayerStatistics(query_sq, key_sq, key_mean, torch.zeros(heads, head_dim), value_mean)
@@ -305,7 +306,7 @@ def calibrate(model: str, tokens: int = DEFAULT_TOKENS, ctx: int = DEFAULT_CTX, 
             if name in ropes:
                 r = ropes[name]
                 pre_rope_mean = capture.sum_k_pre_rope[name] / count
-                offset = cal.key_offset(pre_rope_mean, r.cos[:length], r.sin[:length], r.pairs)
+                offset = measure.key_offset(pre_rope_mean, r.cos[:length], r.sin[:length], r.pairs)
             elif name in rope:  # RoPE without a table we can read: no key offset
                 offset = torch.zeros(heads, head_dim)
             else:  # no RoPE: keys do not turn, their mean is the offset
@@ -339,7 +340,7 @@ def calibrate(model: str, tokens: int = DEFAULT_TOKENS, ctx: int = DEFAULT_CTX, 
         text=TEXT_NAME,
         tokens=sum(len(w) for w in windows),
         ctx=ctx,
-        powers=cal.KEY_SMOOTHING_POWERS,
+        powers=measure.KEY_SMOOTHING_POWERS,
         by_context=by_context,
     )
 

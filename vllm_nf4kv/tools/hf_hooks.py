@@ -98,7 +98,7 @@ def token_windows(tokenizer, text_path: str | pathlib.Path, tokens: int, ctx: in
     """The first tokens of a text as non-overlapping windows ``[tokens // ctx, ctx]``.
 
     Each window opens as the tokenizer opens a prompt (Gemma: with BOS, without which its
-    attention behaves unlike served traffic), as ``engine_eval.token_windows`` does.
+    attention behaves unlike served traffic), as ``tools.llm_measures.token_windows`` does.
     """
     if ctx < 2 or tokens < ctx:
         raise ValueError(f"need --ctx >= 2 and --tokens >= --ctx, got tokens={tokens} ctx={ctx}")

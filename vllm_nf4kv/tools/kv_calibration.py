@@ -22,14 +22,17 @@ Key offsets (at most one per candidate):
   position, but the attention kernel must add ``q·R(p) m`` to each logit
   (cos/sin of the key's position): an upper bound for what offsets can buy.
 
-Channel weights: ``kqw`` (keys stored as ``k * d``, ``d = (E[q^2]/E[k^2])^(1/4)``; ``kqw8``: power 1/8
-per RoPE pair, read as ``k_hat / d``, i.e. ``1/d`` folded into the query) and
-``vow`` (values weighted by the squared column norms of ``o_proj`` the same way).
+Channel weights: ``kqw`` (keys stored as ``k * d``, read as ``k_hat / d``, i.e. ``1/d`` folded
+into the query; ``kqw8``: power 1/8) and ``vow`` (values weighted by the squared column norms of
+``o_proj`` the same way). ``d`` is what servers store, computed by the same functions
+(:func:`vllm_nf4kv.calibration_measure.key_smoothing` of the pair-averaged
+``E[q^2]`` and ``E[(k - c)^2]``, ``c`` the static key offset of the candidate, if any), only the
+statistics come from this model run instead of ``vllm-nf4kv calibrate``'s vLLM run.
 
 RoPE conventions are Hugging Face Llama's (neox style: channel ``i`` pairs with
-``i + D/2``, ``inv_freq`` from the model's rotary embedding, no attention
-scaling). The ablation scores whole windows from position 0 without a KV cache,
-so a key's position is its index in the window.
+``i + r/2`` for the first ``r = head_dim * partial_rotary_factor`` channels, ``inv_freq`` from
+the model's rotary embedding, no attention scaling). The ablation scores whole windows from
+position 0 without a KV cache, so a key's position is its index in the window.
 """
 
 from __future__ import annotations
@@ -40,6 +43,14 @@ from typing import Any
 
 import torch
 
+from vllm_nf4kv.calibration_measure import apply_rope as apply_vllm_rope
+from vllm_nf4kv.calibration_measure import (
+    centred_square,
+    key_smoothing,
+    pair_mean,
+    rope_pair_channels,
+    rope_pairs,
+)
 from vllm_nf4kv.tools.kv_formats import KVFormat
 
 OPTIONS = ("koff", "kofflf", "kpre", "kqw", "kqw8", "vow")
@@ -49,13 +60,18 @@ DITHER = 1e-6  # relative size of the --repeats perturbation
 
 
 @dataclass
-class Calibration:
-    """Statistics of one calibration pass; per-layer tensors are ``[num_kv_heads, head_dim]`` fp32."""
+class AblationStats:
+    """Statistics of one calibration pass; per-layer tensors are ``[num_kv_heads, head_dim]`` fp32.
+
+    Not :class:`vllm_nf4kv.calibration.Calibration` (the file servers load): the options here
+    include ones no server applies (``koff``, ``kpre``, ``vow``), so they need raw statistics.
+    """
 
     text: str
     tokens: int
     ctx: int
-    inv_freq: torch.Tensor | None  # [head_dim / 2] RoPE frequencies (None: not one plain RoPE)
+    rotary_dim: int  # channels RoPE turns, neox pairs (i, i + rotary_dim / 2)
+    inv_freq: torch.Tensor | None  # [rotary_dim / 2] RoPE frequencies (None: not one plain RoPE)
     max_position: int  # the longest context the kofflf offsets must hold for
     key_mean: dict[int, torch.Tensor]  # post-RoPE E[k]
     key_pre_mean: dict[int, torch.Tensor]  # pre-RoPE E[k]
@@ -83,15 +99,18 @@ class Calibration:
             return apply_rope(self.key_pre_mean[layer][:, None, :], positions, self.inv_freq)
         raise ValueError(f"unknown key offset {kind!r}; expected one of {KEY_OFFSETS}")
 
-    def key_weights(self, layer: int, centred: bool, power: float = 0.25) -> torch.Tensor:
-        """``d = (E[q^2] / E[k^2]) ** power`` per channel, shared by each RoPE pair (i, i + D/2).
+    def key_weights(self, layer: int, offset: torch.Tensor | None, power: float) -> torch.Tensor:
+        """``d`` for keys stored as ``(k - offset) * d``: the servers' formula on these statistics.
 
-        For white quantization noise this minimises the error of ``q·k``. Pair sums
-        ``x_i + x_{i+D/2}`` are invariant under RoPE, so ``d`` does not depend on position.
+        ``key_smoothing`` of ``E[q^2]`` and ``E[(k - offset)^2]``, each averaged over its RoPE
+        pair (a pair's energy does not change as RoPE turns it, so ``d`` holds at every position),
+        as ``vllm-nf4kv calibrate`` computes it (``tools/calibrate.py``, ``best_smoothing``).
         """
-        key_sq = self.key_sq[layer] - self.key_mean[layer] ** 2 if centred else self.key_sq[layer]
-        ratio = _pair_mean(self.query_sq[layer]) / _pair_mean(key_sq).clamp_min(1e-12)
-        return _unit_geomean(ratio.clamp_min(1e-12) ** power)
+        key_sq = self.key_sq[layer]
+        if offset is not None:
+            key_sq = centred_square(key_sq, self.key_mean[layer], offset)
+        pairs = rope_pairs(key_sq.shape[-1], self.rotary_dim, True)
+        return key_smoothing(pair_mean(self.query_sq[layer].double(), pairs), pair_mean(key_sq, pairs), power)
 
     def value_weights(self, layer: int) -> torch.Tensor:
         """``d = (|W_o column|^2 / E[v^2]) ** (1/4)``: the same argument for the error after o_proj."""
@@ -100,19 +119,16 @@ class Calibration:
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False):
-    """Neox-style RoPE of ``x`` ``[..., T or 1, D]`` at ``positions`` ``[T]`` (HF Llama's convention)."""
-    angles = positions.double()[:, None] * inv_freq.double()[None, :]  # [T, D/2]
-    cos = torch.cat([angles.cos(), angles.cos()], -1).to(x.dtype)
-    sin = torch.cat([angles.sin(), angles.sin()], -1).to(x.dtype)
-    half = x.shape[-1] // 2
-    rotated_half = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return x * cos - rotated_half * sin if inverse else x * cos + rotated_half * sin
+    """Neox-style RoPE of ``x`` ``[..., T or 1, D]`` at ``positions`` ``[T]`` (HF Llama's convention).
 
-
-def _pair_mean(x: torch.Tensor) -> torch.Tensor:  # [H, D] -> [H, D], each RoPE pair averaged
-    half = x.shape[-1] // 2
-    mean = (x[..., :half] + x[..., half:]) / 2
-    return torch.cat([mean, mean], -1)
+    The servers' :func:`vllm_nf4kv.calibration_measure.apply_rope`, with the angles HF's
+    ``inv_freq`` gives and the token axis where HF keeps it.
+    """
+    angles = positions.double()[:, None] * inv_freq.double()[None, :]  # [T, r/2]
+    pairs = rope_pair_channels(x.shape[-1], 2 * inv_freq.numel(), True)
+    x = x.expand(*x.shape[:-2], positions.numel(), x.shape[-1])  # one vector at every position
+    out = apply_vllm_rope(x.movedim(-2, 0), angles.cos(), angles.sin(), pairs, inverse)
+    return out.movedim(0, -2)
 
 
 def _unit_geomean(x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +139,7 @@ def make_hook(
     key_format: KVFormat,
     value_format: KVFormat,
     options: frozenset[str],
-    calibration: Calibration | None,
+    calibration: AblationStats | None,
     dither_seed: int = 0,
     served: dict[int, Any] | None = None,
 ):
@@ -178,8 +194,9 @@ def make_hook(
             if offset_kind == "kpre":  # position-dependent: the reader has to add it back
                 added_back = offset
         if key_weighted:
-            weights = calibration.key_weights(layer, offset_kind == "koff", key_powers[0])
-            weights = weights.to(key.dtype)[None, :, None, :]
+            static = None if added_back is not None or offset_kind is None else offset[0, :, 0, :]
+            weights = calibration.key_weights(layer, static, key_powers[0])
+            weights = weights.to(key.device, key.dtype)[None, :, None, :]
             key_hat = key_format(key * weights) / weights
         else:
             key_hat = key_format(key)
@@ -196,7 +213,7 @@ def make_hook(
 @torch.inference_mode()
 def calibrate(
     model: torch.nn.Module, windows: torch.Tensor, text: str, max_position: int | None = None
-) -> Calibration:
+) -> AblationStats:
     """One pass over calibration windows ``[n, ctx]``: the statistics every option needs."""
     from vllm_nf4kv.tools.hf_hooks import kv_hook
 
@@ -230,10 +247,12 @@ def calibrate(
         weight = _o_proj(model, layer).weight.detach().float()  # [hidden, num_heads * D]
         per_query_head = (weight**2).sum(0).view(-1, head_dim)  # [num_heads, D]
         out_weight_sq[layer] = per_query_head.view(heads, -1, head_dim).sum(1)
-    return Calibration(
+    head_dim = next(iter(stats["k"].values())).shape[-1]
+    return AblationStats(
         text=text,
         tokens=int(windows.numel()),
         ctx=windows.shape[1],
+        rotary_dim=int(head_dim * (getattr(model.config, "partial_rotary_factor", None) or 1.0)),
         inv_freq=inv_freq,
         max_position=max_position or int(model.config.max_position_embeddings),
         key_mean=stats["k"],

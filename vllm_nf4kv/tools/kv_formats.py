@@ -2,13 +2,16 @@
 
 A *format* maps head vectors ``[..., head_dim]`` to their round trip through a
 cache format, in the caller's dtype, and says how many bits per value it
-stores (every scale byte included). The shipped NF4 format is
-:func:`vllm_nf4kv.reference.fake_quantize_rows`; the variants here reuse its
-primitives (NF4 levels and encoder, ue5m3 scale codes, the Hadamard rotation)
-and only add what the ablation needs to compare against:
+stores (every scale byte included). Every NF4 row the stored format can hold
+(``ue5m3`` per group or two-level ``rB`` scales, any group size and search) is
+the reference codec itself: :func:`vllm_nf4kv.reference.fake_quantize_rows` on
+the :class:`~vllm_nf4kv.format.RowFormat` its spec names (``-norot``: the
+reference's ``quantize_rows`` / ``decode_rows_rotated`` without the rotation).
+Only what the stored format cannot hold by design is built here, from the
+reference's primitives (sanitize, NF4 levels, its scale search
+:func:`~vllm_nf4kv.reference.best_of_scales`, the Hadamard rotation):
 
-* other group scale codes (fp32, fp16, e4m3, ue4m4, ue5m3 as shipped);
-* rotation on or off; scale search on or off;
+* other group scale codes (fp32, fp16, e4m3, ue4m4);
 * vLLM's ``fp8`` (e4m3, unit scale) and an emulation of its
   ``int4_per_token_head`` (randomized Hadamard, asymmetric uint4 per token and
   head, fp32 scale with the 4-bit zero-point hidden in its low mantissa bits).
@@ -27,11 +30,10 @@ mantissa, so the search is comparable.
 
 ``rB`` is a two-level scale (double quantization): one ue5m3 code per head
 vector (the ceil of the vector's absmax) and a ``B``-bit code per group, group
-scale ``= row_scale * 2**(-k * 2**(1 - B))``, k = 0 .. 2**B - 1 (the ladder
-always spans about a factor 4). ``sN`` starts at the smallest k whose scale
-still covers the group's absmax and tries N - 1 codes below it. Scale bytes per
-vector: ``1 + ceil(groups * B / 8)``, e.g. ``nf4-g8-r3`` spends 4 like
-``nf4-g16-ue5m3``.
+scale ``= row_scale * format.relative_ladder(B)[k]`` (the stored rows' ladder,
+``ScaleScheme.TWO_LEVEL``; the search is :func:`vllm_nf4kv.reference.quantize_two_level`'s).
+Scale bytes per vector: ``1 + ceil(groups * B / 8)``, e.g. ``nf4-g8-r3`` spends 4
+like ``nf4-g16-ue5m3``.
 """
 
 from __future__ import annotations
@@ -43,8 +45,16 @@ from functools import cache
 
 import torch
 
-from vllm_nf4kv.format import int4_per_token_head_bytes
-from vllm_nf4kv.reference import decode_scale, nf4_levels, nf4_midpoints, pairwise_sum, sanitize
+from vllm_nf4kv.format import RowFormat, ScaleScheme, int4_per_token_head_bytes
+from vllm_nf4kv.reference import (
+    best_of_scales,
+    decode_rows_rotated,
+    fake_quantize_rows,
+    nf4_levels,
+    prepare_rows,
+    quantize_rows,
+    sanitize,
+)
 from vllm_nf4kv.rotation import rotate, unrotate
 
 # bytes of one group scale code, by scale format
@@ -127,7 +137,13 @@ class Int4PerTokenHead(KVFormat):
 
 @dataclass(frozen=True)
 class NF4Groups(KVFormat):
-    """NF4 codes with one scale per ``group`` values in a chosen scale format."""
+    """NF4 codes with one scale per ``group`` values in a chosen scale format.
+
+    The scale codes the stored rows can use (``ue5m3`` per group, two-level ``rB``) are the
+    reference codec itself, on the :class:`~vllm_nf4kv.format.RowFormat` the spec names; the
+    others pick their candidate scales here and share the reference's search
+    (:func:`~vllm_nf4kv.reference.best_of_scales`).
+    """
 
     spec: str
     group: int
@@ -135,62 +151,50 @@ class NF4Groups(KVFormat):
     search_steps: int
     rotate: bool
 
+    def row_format(self, head_dim: int) -> RowFormat | None:
+        """The stored row this spec is at ``head_dim``, or None for an ablation-only scale code."""
+        bits = _relative_bits(self.scale_format)
+        if bits:
+            return RowFormat(head_dim, self.group, self.search_steps, ScaleScheme.TWO_LEVEL, bits)
+        if self.scale_format == ScaleScheme.UE5M3_PER_GROUP.value:
+            return RowFormat(head_dim, self.group, self.search_steps)
+        return None
+
     def bits_per_value(self, head_dim: int) -> float:
-        groups = head_dim // self.group
-        relative_bits = _relative_bits(self.scale_format)
-        if relative_bits:
-            scale_bytes = 1 + -(-groups * relative_bits // 8)
-        else:
-            scale_bytes = SCALE_FORMAT_BYTES[self.scale_format] * groups
+        row = self.row_format(head_dim)
+        if row is not None:
+            return row.bits_per_value
+        scale_bytes = SCALE_FORMAT_BYTES[self.scale_format] * (head_dim // self.group)
         return 8 * (head_dim / 2 + scale_bytes) / head_dim
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % self.group:
             raise ValueError(f"{self.spec}: head_dim {x.shape[-1]} is not a multiple of {self.group}")
-        y = rotate(sanitize(x)) if self.rotate else sanitize(x)
-        groups = y.unflatten(-1, (-1, self.group))  # [..., G, g]
-        absmax = groups.abs().amax(-1)  # [..., G]
-        row_scale = None
-        if _relative_bits(self.scale_format):
-            row_scale = _ceil_to_table(absmax.amax(-1, keepdim=True), _code_table("ue5m3", str(x.device)))
-        levels, midpoints = nf4_levels(x.device), nf4_midpoints(x.device)
-        best_deq: torch.Tensor | None = None
-        best_err: torch.Tensor | None = None
-        for step in range(self.search_steps):
-            scale = self._scale(absmax, step, row_scale).unsqueeze(-1)  # [..., G, 1]
-            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-            # bucketize counts the midpoints strictly below each value: reference.nf4_encode's
-            # codes (tests/test_tools.py checks equality), 3x faster on CPU
-            deq = levels[torch.bucketize((groups / safe).clamp(-1.0, 1.0), midpoints)] * scale
-            err = pairwise_sum((deq - groups) ** 2).unsqueeze(-1)  # the reference's summation order
-            if best_err is None or best_deq is None:
-                best_deq, best_err = deq, err
-            else:
-                better = err < best_err  # ties keep the larger scale, as the reference does
-                best_deq = torch.where(better, deq, best_deq)
-                best_err = torch.where(better, err, best_err)
-        assert best_deq is not None
-        out = best_deq.flatten(-2)
+        row = self.row_format(x.shape[-1])
+        if row is not None and self.rotate:
+            return fake_quantize_rows(x, row)  # exactly what a cache of these rows stores
+        y = prepare_rows(x) if self.rotate else sanitize(x)
+        out = decode_rows_rotated(quantize_rows(y, row), row) if row is not None else self._other_codes(y)
         return (unrotate(out) if self.rotate else out).to(x.dtype)
 
-    def _scale(self, absmax: torch.Tensor, step: int, row_scale: torch.Tensor | None) -> torch.Tensor:
-        """Value of the ``step``-th candidate scale below the ceil of absmax."""
-        bits = _relative_bits(self.scale_format)
-        if bits:
-            assert row_scale is not None
-            ladder = row_scale.unsqueeze(-1) * _relative_ladder(bits, str(absmax.device))  # [..., 1, 2**B]
-            first = (ladder >= absmax.unsqueeze(-1)).sum(-1) - 1  # smallest covering scale
-            index = (first.clamp_min(0) + step).clamp_max(2**bits - 1)
-            return torch.gather(ladder.expand(*absmax.shape, -1), -1, index.unsqueeze(-1)).squeeze(-1)
+    def _other_codes(self, y: torch.Tensor) -> torch.Tensor:
+        """Round trip of sanitized ``y [..., D]`` with an ablation-only scale code."""
+        groups = y.unflatten(-1, (-1, self.group))  # [..., G, g]
+        scales = self._candidate_scales(groups.abs().amax(-1))  # [..., G, S]
+        codes, best = best_of_scales(groups, scales)
+        levels = nf4_levels(y.device)[codes.long()].unflatten(-1, (-1, self.group))
+        return (levels * scales.gather(-1, best)).flatten(-2)
+
+    def _candidate_scales(self, absmax: torch.Tensor) -> torch.Tensor:
+        """``[..., G]`` -> ``[..., G, S]``: the smallest scale covering absmax, then S - 1 below it."""
+        device = str(absmax.device)
         if self.scale_format in _DENSE_SCALE_FORMATS:
-            wanted = absmax * 2.0 ** (-step / 8)
-            if self.scale_format == "fp16":
-                return _ceil_to_table(wanted, _fp16_table(str(absmax.device)))
-            return wanted
-        table = _code_table(self.scale_format, str(absmax.device))  # ascending, table[0] == 0
-        first = _ceil_index(absmax, table)
-        index = torch.where(first > step, first - step, first)
-        return table[index]
+            wanted = torch.stack([absmax * 2.0 ** (-step / 8) for step in range(self.search_steps)], -1)
+            return _ceil_to_table(wanted, _fp16_table(device)) if self.scale_format == "fp16" else wanted
+        table = _code_table(self.scale_format, device)  # ascending, table[0] == 0
+        first = _ceil_index(absmax, table).unsqueeze(-1)
+        steps = torch.arange(self.search_steps, device=absmax.device)
+        return table[torch.where(first > steps, first - steps, first)]  # below code 1: the ceil code
 
 
 # ---------------------------------------------------------------- spec strings
@@ -266,13 +270,6 @@ def _relative_bits(scale_format: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-@cache
-def _relative_ladder(bits: int, device: str) -> torch.Tensor:
-    """Group scale / row scale for k = 0 .. 2**bits - 1, descending from 1."""
-    k = torch.arange(2**bits, dtype=torch.float32)
-    return torch.pow(2.0, -k * 2.0 ** (1 - bits)).to(device)
-
-
 def _largest_power_of_two_divisor(n: int) -> int:
     return n & -n
 
@@ -294,11 +291,9 @@ def _ceil_to_table(value: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 @cache
 def _code_table(scale_format: str, device: str) -> torch.Tensor:
-    """All non-negative values of an 8-bit scale code, ascending, starting with 0."""
+    """All non-negative values of an ablation-only 8-bit scale code, ascending, starting with 0."""
     codes = torch.arange(256, dtype=torch.int32)
-    if scale_format == "ue5m3":
-        values = decode_scale(codes)  # the shipped decoder, code 0 == 0.0
-    elif scale_format == "ue4m4":
+    if scale_format == "ue4m4":
         exponent, mantissa = codes >> 4, codes & 15
         values = (1 + mantissa / 16) * torch.pow(2.0, (exponent - _UE4M4_BIAS).float())
         values = torch.where(codes > 0, values, torch.zeros_like(values))

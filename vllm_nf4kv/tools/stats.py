@@ -25,13 +25,13 @@ from vllm_nf4kv.ttl.metrics import (
     CAUSE_REQUEST,
     CAUSE_SERVER,
     EXPIRY_CAUSES,
-    M_CACHED,
-    M_EXPIRED,
-    M_KV_BF16_BYTES,
-    M_KV_BYTES,
-    M_TTL,
-    M_VLLM_HITS,
-    M_VLLM_QUERIES,
+    METRIC_CACHED,
+    METRIC_EXPIRED,
+    METRIC_KV_BF16_BYTES,
+    METRIC_KV_BYTES,
+    METRIC_TTL,
+    METRIC_VLLM_HITS,
+    METRIC_VLLM_QUERIES,
 )
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)(?:\s+\S+)?$")
@@ -53,6 +53,14 @@ def parse_metrics(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
         except ValueError:
             continue
         yield name, dict(_LABEL.findall(labels or "")), number
+
+
+def metric_totals(text: str) -> dict[str, float]:
+    """Each metric of a Prometheus text exposition, its samples summed over their labels (engines...)."""
+    sums: dict[str, float] = {}
+    for name, _labels, value in parse_metrics(text):
+        sums[name] = sums.get(name, 0.0) + value
+    return sums
 
 
 @dataclass
@@ -97,9 +105,9 @@ def collect(text: str, url: str = "") -> CacheStats:
     cache_dtype = None
     by_cause = dict.fromkeys(EXPIRY_CAUSES, 0.0)
     for name, labels, value in parse_metrics(text):
-        if name == f"{M_EXPIRED}_total" and labels.get("cause") in by_cause:
+        if name == f"{METRIC_EXPIRED}_total" and labels.get("cause") in by_cause:
             by_cause[labels["cause"]] += value
-        if name == M_TTL:
+        if name == METRIC_TTL:
             seen.add(name)
             ttl = value if ttl is None else min(ttl, value)
         elif name == "vllm:cache_config_info":
@@ -113,15 +121,15 @@ def collect(text: str, url: str = "") -> CacheStats:
 
     return CacheStats(
         url=url,
-        queries=sums.get(f"{M_VLLM_QUERIES}_total", 0.0),
-        hits=sums.get(f"{M_VLLM_HITS}_total", 0.0),
+        queries=sums.get(f"{METRIC_VLLM_QUERIES}_total", 0.0),
+        hits=sums.get(f"{METRIC_VLLM_HITS}_total", 0.0),
         ttl_s=None if ttl is None or math.isinf(ttl) else ttl,
-        expired_blocks=total(f"{M_EXPIRED}_total"),
-        cached_blocks=total(M_CACHED),
-        kv_cache_bytes=total(M_KV_BYTES),
-        kv_cache_bf16_bytes=total(M_KV_BF16_BYTES),
+        expired_blocks=total(f"{METRIC_EXPIRED}_total"),
+        cached_blocks=total(METRIC_CACHED),
+        kv_cache_bytes=total(METRIC_KV_BYTES),
+        kv_cache_bf16_bytes=total(METRIC_KV_BF16_BYTES),
         cache_dtype=cache_dtype,
-        expired_by_cause=by_cause if f"{M_EXPIRED}_total" in seen else {},
+        expired_by_cause=by_cause if f"{METRIC_EXPIRED}_total" in seen else {},
     )
 
 

@@ -36,17 +36,18 @@ from vllm_nf4kv.ttl.config import (
     parse_request_ttl,
     resolve_ttl,
 )
+from vllm_nf4kv.ttl.expiry import TTLState
 from vllm_nf4kv.ttl.metrics import (
-    P_CACHED,
-    P_EXPIRED,
-    P_EXPIRED_REQUEST,
-    P_KV_BF16_BYTES,
-    P_KV_BYTES,
-    P_TTL_MS,
+    PAYLOAD_CACHED,
+    PAYLOAD_EXPIRED,
+    PAYLOAD_EXPIRED_REQUEST,
+    PAYLOAD_KV_BF16_BYTES,
+    PAYLOAD_KV_BYTES,
+    PAYLOAD_TTL_MS,
     kv_memory,
     ttl_to_ms,
 )
-from vllm_nf4kv.ttl.pool import TTLState, enable_ttl, missing_features, request_ttl_scope, ttl_state
+from vllm_nf4kv.ttl.pool import enable_ttl, missing_features, request_ttl_scope, ttl_state
 
 logger = logging.getLogger("vllm.nf4kv.ttl")
 
@@ -227,7 +228,7 @@ def on_add_request(scheduler: Any, request: Any) -> None:
 
 
 def attach_stats(scheduler: Any, stats: Any) -> None:
-    """Add the payload (``metrics.P_*`` keys) to ``stats.num_kv_fetch_reqs_by_stage``.
+    """Add the payload (``metrics.PAYLOAD_*`` keys) to ``stats.num_kv_fetch_reqs_by_stage``.
 
     Without the policy on the pool (an nf4 engine with no TTL yet) only the
     memory gauges and "TTL off" travel: vLLM's pool keeps no cached-block count.
@@ -236,7 +237,11 @@ def attach_stats(scheduler: Any, stats: Any) -> None:
     if report is None or stats is None:
         return
     kv_bytes, kv_bf16_bytes = report["memory"]
-    payload = {P_KV_BYTES: kv_bytes, P_KV_BF16_BYTES: kv_bf16_bytes, P_TTL_MS: ttl_to_ms(None)}
+    payload = {
+        PAYLOAD_KV_BYTES: kv_bytes,
+        PAYLOAD_KV_BF16_BYTES: kv_bf16_bytes,
+        PAYLOAD_TTL_MS: ttl_to_ms(None),
+    }
     pool = getattr(getattr(scheduler, "kv_cache_manager", None), "block_pool", None)
     state = ttl_state(pool)
     if state is not None:
@@ -245,10 +250,10 @@ def attach_stats(scheduler: Any, stats: Any) -> None:
         reported_server, reported_request = report["expired_reported"]
         payload.update(
             {
-                P_EXPIRED: state.expired_by_server - reported_server,
-                P_EXPIRED_REQUEST: state.expired_by_request - reported_request,
-                P_CACHED: state.cached_blocks,
-                P_TTL_MS: ttl_to_ms(state.ttl_s),
+                PAYLOAD_EXPIRED: state.expired_by_server - reported_server,
+                PAYLOAD_EXPIRED_REQUEST: state.expired_by_request - reported_request,
+                PAYLOAD_CACHED: state.cached_blocks,
+                PAYLOAD_TTL_MS: ttl_to_ms(state.ttl_s),
             }
         )
         report["expired_reported"] = (state.expired_by_server, state.expired_by_request)

@@ -26,26 +26,26 @@ from typing import Any
 
 PAYLOAD_PREFIX = "nf4kv:"
 # payload keys (ints) put by the engine core into SchedulerStats.num_kv_fetch_reqs_by_stage
-P_EXPIRED = "nf4kv:expired_blocks"  # by the server-wide TTL, delta since the previous stats
-P_EXPIRED_REQUEST = "nf4kv:expired_blocks_request"  # by request TTLs, delta since the previous stats
-P_CACHED = "nf4kv:cached_blocks"
-P_TTL_MS = "nf4kv:ttl_ms"  # -1: TTL off
-P_KV_BYTES = "nf4kv:kv_cache_bytes"
-P_KV_BF16_BYTES = "nf4kv:kv_cache_bf16_bytes"
+PAYLOAD_EXPIRED = "nf4kv:expired_blocks"  # by the server-wide TTL, delta since the previous stats
+PAYLOAD_EXPIRED_REQUEST = "nf4kv:expired_blocks_request"  # by request TTLs, delta since the previous stats
+PAYLOAD_CACHED = "nf4kv:cached_blocks"
+PAYLOAD_TTL_MS = "nf4kv:ttl_ms"  # -1: TTL off
+PAYLOAD_KV_BYTES = "nf4kv:kv_cache_bytes"
+PAYLOAD_KV_BF16_BYTES = "nf4kv:kv_cache_bf16_bytes"
 TTL_OFF_MS = -1
 
 # Prometheus metric names, as /metrics shows them (counters get "_total").
-M_EXPIRED = "nf4kv:prefix_cache_expired_blocks"  # label "cause": one of EXPIRY_CAUSES
+METRIC_EXPIRED = "nf4kv:prefix_cache_expired_blocks"  # label "cause": one of EXPIRY_CAUSES
 CAUSE_SERVER = "server_ttl"
 CAUSE_REQUEST = "request_ttl"
 EXPIRY_CAUSES = (CAUSE_SERVER, CAUSE_REQUEST)
-M_CACHED = "nf4kv:prefix_cache_cached_blocks"
-M_TTL = "nf4kv:prefix_cache_ttl_seconds"
-M_KV_BYTES = "nf4kv:kv_cache_bytes"
-M_KV_BF16_BYTES = "nf4kv:kv_cache_bf16_bytes"
+METRIC_CACHED = "nf4kv:prefix_cache_cached_blocks"
+METRIC_TTL = "nf4kv:prefix_cache_ttl_seconds"
+METRIC_KV_BYTES = "nf4kv:kv_cache_bytes"
+METRIC_KV_BF16_BYTES = "nf4kv:kv_cache_bf16_bytes"
 # vLLM's own, read by the stats tool
-M_VLLM_QUERIES = "vllm:prefix_cache_queries"
-M_VLLM_HITS = "vllm:prefix_cache_hits"
+METRIC_VLLM_QUERIES = "vllm:prefix_cache_queries"
+METRIC_VLLM_HITS = "vllm:prefix_cache_hits"
 
 
 def ttl_to_ms(ttl_s: float | None) -> int:
@@ -153,31 +153,31 @@ class PrometheusTTLMetrics:
 
         labels = ["model_name", "engine"]
         self.expired = Counter(
-            M_EXPIRED,
+            METRIC_EXPIRED,
             "Prefix-cache blocks dropped because they were unused for longer than their TTL "
             "(cause: server_ttl, the server-wide one; request_ttl, one a request set).",
             labelnames=[*labels, "cause"],
         )
         self.cached = Gauge(
-            M_CACHED,
+            METRIC_CACHED,
             "KV-cache blocks that hold a prefix-cache hash (reusable or in use).",
             labelnames=labels,
             multiprocess_mode="mostrecent",
         )
         self.ttl = Gauge(
-            M_TTL,
+            METRIC_TTL,
             "Prefix-cache TTL in seconds (+Inf: off).",
             labelnames=labels,
             multiprocess_mode="mostrecent",
         )
         self.kv_bytes = Gauge(
-            M_KV_BYTES,
+            METRIC_KV_BYTES,
             "Bytes of the KV cache (every block, every layer) in its configured dtype.",
             labelnames=labels,
             multiprocess_mode="mostrecent",
         )
         self.kv_bf16_bytes = Gauge(
-            M_KV_BF16_BYTES,
+            METRIC_KV_BF16_BYTES,
             "Bytes the same KV-cache capacity (tokens) would take as bf16.",
             labelnames=labels,
             multiprocess_mode="mostrecent",
@@ -191,14 +191,14 @@ class PrometheusTTLMetrics:
 
     def record(self, payload: dict[str, int], model_name: str, engine_idx: int) -> None:
         labels = {"model_name": model_name, "engine": str(engine_idx)}
-        for key, cause in ((P_EXPIRED, CAUSE_SERVER), (P_EXPIRED_REQUEST, CAUSE_REQUEST)):
+        for key, cause in ((PAYLOAD_EXPIRED, CAUSE_SERVER), (PAYLOAD_EXPIRED_REQUEST, CAUSE_REQUEST)):
             if key in payload:
                 self.expired.labels(**labels, cause=cause).inc(payload[key])
-        if P_CACHED in payload:
-            self.cached.labels(**labels).set(payload[P_CACHED])
-        if P_TTL_MS in payload:
-            self.ttl.labels(**labels).set(ttl_from_ms(payload[P_TTL_MS]))
-        if P_KV_BYTES in payload:
-            self.kv_bytes.labels(**labels).set(payload[P_KV_BYTES])
-        if P_KV_BF16_BYTES in payload:
-            self.kv_bf16_bytes.labels(**labels).set(payload[P_KV_BF16_BYTES])
+        if PAYLOAD_CACHED in payload:
+            self.cached.labels(**labels).set(payload[PAYLOAD_CACHED])
+        if PAYLOAD_TTL_MS in payload:
+            self.ttl.labels(**labels).set(ttl_from_ms(payload[PAYLOAD_TTL_MS]))
+        if PAYLOAD_KV_BYTES in payload:
+            self.kv_bytes.labels(**labels).set(payload[PAYLOAD_KV_BYTES])
+        if PAYLOAD_KV_BF16_BYTES in payload:
+            self.kv_bf16_bytes.labels(**labels).set(payload[PAYLOAD_KV_BF16_BYTES])

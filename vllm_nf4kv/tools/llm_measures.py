@@ -1,7 +1,8 @@
-"""Measurements through a real vLLM engine: capacity, perplexity, greedy agreement.
+"""Measurements on a ``vllm.LLM``: KV capacity, perplexity, greedy agreement.
 
 Shared by the tests and ``scripts/bench_vllm.py`` so that the figures in the
-docs and the assertions in CI come from the same code.
+docs and the assertions in CI come from the same code. A tool, not a serving
+path: nothing in the plugin imports it.
 """
 
 from __future__ import annotations

@@ -4,14 +4,16 @@ The Triton interpreter runs the kernels' Python semantics, not the compiler:
 layouts, ``tl.dot`` shape rules, register pressure and the PTX of ``div_rn`` are
 only seen by compiling. The store and load kernels' PTX is also checked for
 contracted FMAs and approximate division, which would break bit-exactness with
-the reference on the GPU. This module runs the real launchers on CPU tensors with a
+the reference on the GPU. This script runs the real launchers on CPU tensors with a
 stand-in Triton driver that reports a CUDA target, and turns every launch into
 ``warmup`` (compile, never run), using the ``ptxas`` shipped in the Triton wheel.
 
-Run it in a process of its own (it replaces Triton's active driver and must not
-see ``TRITON_INTERPRET=1``)::
+A developer tool, not part of the package: it patches Triton (``JITFunction.__getitem__``,
+the active driver) for the whole process, and compiles the tests' ``load_kv_nf4``
+(``tests/triton_load.py``) beside the package's kernels. Run it in a process of its own
+(it must not see ``TRITON_INTERPRET=1``), from the repository root::
 
-    python -m vllm_nf4kv.kernels.compile_check [--arch 90] [--resources]
+    python tests/compile_check.py [--arch 90] [--resources]
 
 ``--resources`` prints registers and stack (spills) per kernel from ``cuobjdump``,
 and the dynamic shared memory Triton asks for.
@@ -27,6 +29,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's vllm_nf4kv, installed or not
 
 if TYPE_CHECKING:
     from vllm_nf4kv.format import CellLayout
@@ -121,6 +125,7 @@ def _configs() -> Iterator[tuple[str, dict]]:
 
 def _run_config(params: dict) -> list:
     import torch
+    import triton_load  # tests/triton_load.py, beside this file (on sys.path when run as a script)
 
     from vllm_nf4kv.format import KV_CACHE_DTYPE, format_for
     from vllm_nf4kv.kernels import triton_attention, triton_store
@@ -139,7 +144,7 @@ def _run_config(params: dict) -> list:
         compiled.append(triton_store._store_kv_nf4_kernel)
     elif params["kind"] == "load":
         table = torch.zeros(2, 4, dtype=torch.int32)
-        triton_store.load_kv_nf4(
+        triton_load.load_kv_nf4(
             cache,
             table,
             torch.tensor([5, 9], dtype=torch.int32),
@@ -147,7 +152,7 @@ def _run_config(params: dict) -> list:
             out_dtype=params["dtype"],
             max_seq_len=9,
         )
-        compiled.append(triton_store._load_kv_nf4_kernel)
+        compiled.append(triton_load._load_kv_nf4_kernel)
     else:
         q = torch.zeros(2, heads * params["group"], layout.head_dim, dtype=params["dtype"])
         q_table = table.repeat_interleave(params["group"], 0)
