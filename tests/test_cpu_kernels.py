@@ -99,6 +99,16 @@ def _kv(num_tokens, heads, head_dim, seed, dtype=torch.bfloat16):
     return key, value
 
 
+def _store_matches_reference(layout: CellLayout, key, value, slots, num_blocks: int, ops) -> torch.Tensor:
+    """The op's cache after storing K/V at ``slots`` (16-token blocks), asserted equal to the reference's."""
+    want = torch.zeros(num_blocks, key.shape[1], 16, layout.cell_bytes, dtype=torch.uint8)
+    got = want.clone()
+    reference.write_paged(want, key, value, slots, layout)
+    cpu_kernels.store(got, key, value, slots, layout, ops=ops)
+    assert torch.equal(got, want)
+    return got
+
+
 @pytest.mark.parametrize("head_dim", STORE_HEAD_DIMS)
 @pytest.mark.parametrize("build", BUILDS)
 def test_store_writes_the_reference_bytes(head_dim, build, request):
@@ -111,11 +121,7 @@ def test_store_writes_the_reference_bytes(head_dim, build, request):
     value[4, 0] = 1e-30  # below the smallest scale
     slots = torch.randperm(40 * 16, generator=torch.Generator().manual_seed(1))[:300]
     slots[7] = -1  # padding token: skipped
-    want = torch.zeros(40, 3, 16, layout.cell_bytes, dtype=torch.uint8)
-    got = want.clone()
-    reference.write_paged(want, key, value, slots, layout)
-    cpu_kernels.store(got, key, value, slots, layout, ops=ops)
-    assert torch.equal(got, want)
+    _store_matches_reference(layout, key, value, slots, 40, ops)
 
 
 @pytest.mark.parametrize("build", BUILDS)
@@ -134,11 +140,7 @@ def test_extremes_store_what_the_reference_stores(build, request):
     key[2] = 1e30
     key[3] = -1e30
     value = key.flip(0).contiguous()
-    want = torch.zeros(1, 1, 16, layout.cell_bytes, dtype=torch.uint8)
-    got = want.clone()
-    reference.write_paged(want, key, value, torch.arange(4), layout)
-    cpu_kernels.store(got, key, value, torch.arange(4), layout, ops=ops)
-    assert torch.equal(got, want)
+    got = _store_matches_reference(layout, key, value, torch.arange(4), 1, ops)
     scale_codes = got[0, 0, :, layout.key.scale_offset : layout.key.row_bytes]
     assert bool((scale_codes[2:4] == SCALE_CODE_MAX).any(-1).all())  # 1e30 rows reach the largest code
 
@@ -147,12 +149,28 @@ def test_extremes_store_what_the_reference_stores(build, request):
 def test_store_honours_each_rows_search_steps(native, steps):
     layout = CellLayout(RowFormat(64, 16, search_steps=steps[0]), RowFormat(64, 16, search_steps=steps[1]))
     key, value = _kv(50, 2, 64, seed=sum(steps), dtype=torch.float32)
-    slots = torch.arange(50)
-    want = torch.zeros(4, 2, 16, layout.cell_bytes, dtype=torch.uint8)
-    got = want.clone()
-    reference.write_paged(want, key, value, slots, layout)
-    cpu_kernels.store(got, key, value, slots, layout, ops=native)
-    assert torch.equal(got, want)
+    _store_matches_reference(layout, key, value, torch.arange(50), 4, native)
+
+
+# Two-level rows around the AVX-512 side-by-side rung search (codec.h): up to 8 groups of a
+# multiple of 8 values, at most 32, go side by side, two search steps a register; the others go
+# one group at a time. (head_dim, group, relative bits, search steps): the shipped keys at 64 /
+# 128 / 256, groups of 24 (three blocks of 8: an odd pairwise tail), odd and single steps, 1- and
+# 8-bit rungs, 6 groups, and the fallbacks (groups of 12; 16 groups; one group of 64).
+TWO_LEVEL_ROWS = [(64, 8, 5, 8), (128, 16, 5, 8), (256, 32, 5, 8), (192, 24, 5, 8), (64, 16, 2, 3),
+                  (64, 32, 1, 1), (48, 8, 8, 5), (96, 12, 5, 8), (128, 8, 5, 8), (64, 64, 4, 2)]
+
+
+@pytest.mark.parametrize(("head_dim", "group", "bits", "steps"), TWO_LEVEL_ROWS)
+@pytest.mark.parametrize("build", BUILDS)
+def test_two_level_keys_store_the_reference_bytes(head_dim, group, bits, steps, build, request):
+    ops = request.getfixturevalue(build)
+    key_row = RowFormat(head_dim, group, steps, fmt.ScaleScheme.TWO_LEVEL, bits)
+    layout = CellLayout(key_row, RowFormat(head_dim, head_dim // 2))
+    key, value = _kv(200, 2, head_dim, seed=head_dim + group + bits + steps, dtype=torch.float32)
+    key[5, 1, : head_dim // 2] = 0  # all-zero groups
+    key[6, 0] = 0  # an all-zero row: scale 0, every rung covers (the last one is stored)
+    _store_matches_reference(layout, key, value, torch.arange(200), 13, ops)
 
 
 def test_store_refuses_bad_input(native):

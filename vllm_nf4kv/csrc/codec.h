@@ -83,6 +83,18 @@ inline float pairwise_sum(__m512 x) {
   return _mm512_cvtss_f32(x);
 }
 
+// The NF4 code of x / safe, clamped to [-1, 1], 16 lanes at a time: the number of midpoints
+// below it, by a binary search over the midpoints (4 steps for 16 levels).
+inline __m512i nearest_level(__m512 x, __m512 safe, const SearchConstants& k) {
+  const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(x, safe), _mm512_set1_ps(-1.0f)), _mm512_set1_ps(1.0f));
+  __m512i code = _mm512_setzero_si512();
+  for (int step = NUM_LEVELS / 2; step >= 1; step /= 2) {
+    const __m512 probe = _mm512_permutexvar_ps(_mm512_add_epi32(code, _mm512_set1_epi32(step - 1)), k.midpoints);
+    code = _mm512_mask_add_epi32(code, _mm512_cmp_ps_mask(probe, v, _CMP_LT_OQ), code, _mm512_set1_epi32(step));
+  }
+  return code;
+}
+
 // group_trial for groups of a multiple of 16: 16 values at a time, the nearest level by a
 // binary search over the midpoints (4 steps for 16 levels).
 inline float group_trial_avx512(const float* x, int group, float scale, const SearchConstants& k,
@@ -92,14 +104,7 @@ inline float group_trial_avx512(const float* x, int group, float scale, const Se
   const __m512 safe_v = _mm512_set1_ps(safe), scale_v = _mm512_set1_ps(scale);
   for (int c = 0; c < group; c += kLanes) {
     const __m512 xv = _mm512_loadu_ps(x + c);
-    const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(xv, safe_v), _mm512_set1_ps(-1.0f)),
-                                   _mm512_set1_ps(1.0f));
-    __m512i code = _mm512_setzero_si512();  // ends as the number of midpoints below v
-    for (int step = NUM_LEVELS / 2; step >= 1; step /= 2) {
-      const __m512 probe =
-          _mm512_permutexvar_ps(_mm512_add_epi32(code, _mm512_set1_epi32(step - 1)), k.midpoints);
-      code = _mm512_mask_add_epi32(code, _mm512_cmp_ps_mask(probe, v, _CMP_LT_OQ), code, _mm512_set1_epi32(step));
-    }
+    const __m512i code = nearest_level(xv, safe_v, k);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(trial + c), _mm512_cvtepi32_epi8(code));
     const __m512 diff = _mm512_sub_ps(_mm512_mul_ps(_mm512_permutexvar_ps(code, k.levels), scale_v), xv);
     err[c / kLanes] = pairwise_sum(_mm512_mul_ps(diff, diff));
@@ -191,20 +196,142 @@ inline void quantize_per_group(const float* x, const float* absmax, const RowGeo
   }
 }
 
-// TWO_LEVEL scales (reference.quantize_two_level): the row code covers the row's absmax; per
-// group, the rungs from the smallest covering one down, search_steps of them (clamped).
-inline void quantize_two_level(const float* x, const float* absmax, const RowGeometry row, int search_steps,
-                               const Tables& t, const SearchConstants& constants, uint8_t* codes,
-                               uint8_t* scale_bytes) {
-  const int group = static_cast<int>(row.group);
-  const int bits = static_cast<int>(row.relative_bits), rungs = 1 << bits;
+// Relative code k of group gi into the packed bytes (LSB first, as relative_code reads them).
+inline void pack_relative_code(uint8_t* packed, int64_t gi, int bits, int32_t k) {
+  const int64_t bit = bits * gi, byte = bit >> 3, shift = bit & 7;
+  packed[byte] = static_cast<uint8_t>(packed[byte] | (k << shift));
+  if (shift + bits > 8) packed[byte + 1] = static_cast<uint8_t>(packed[byte + 1] | (k >> (8 - shift)));
+}
+
+#if defined(NF4KV_AVX512)
+// The two-level rung search of a row of at most 8 groups with the groups side by side: lane
+// l < 8 is group l at search step s, lane 8 + l the same group at step s + 1, and one register
+// holds element i of every group. Each lane does group_trial's operations on its own group's
+// values (divide, clamp, nearest level, squared error), and the error sum is pairwise_sum's
+// tree: with groups of a multiple of 8 its first three levels are the aligned blocks of 8
+// summed here, register by register, then pairwise_sum over the blocks. The steps are
+// compared in order, the first minimum kept. So the rungs are the one-group-at-a-time
+// search's, bit for bit; the codes are computed once more at the chosen rungs (the same
+// nearest_level) and packed straight into the row's code bytes. The shipped keys are 8 groups
+// x 8 steps: one group at a time filled half a register (groups of 8) and paid a horizontal
+// sum, a branch and a copy of the codes per trial (store 1.7x faster at head_dim 64,
+// docs/performance.md).
+constexpr int kSideBySideGroups = kLanes / 2;
+constexpr int kSideBySideGroupSize = 32;  // the shipped keys' largest group (head_dim 256)
+constexpr int kErrorBlock = 8;            // elements whose squared errors are summed in registers
+
+// kGroup: the group size as a constant (8, 16, 32: the loops unroll), or 0 for row.group.
+template <int kGroup>
+void quantize_two_level_side_by_side(const float* x, const float* absmax, const RowGeometry row, int search_steps,
+                                     float row_scale, const SearchConstants& k, uint8_t* out) {
+  const int group = kGroup != 0 ? kGroup : static_cast<int>(row.group), groups = static_cast<int>(row.num_groups);
+  const int last_rung = (1 << row.relative_bits) - 1;
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i group_of_lane = _mm512_and_si512(lane, _mm512_set1_epi32(kSideBySideGroups - 1));
+  const __m512i upper_half = _mm512_srli_epi32(lane, 3);  // 0 in lanes 0-7, 1 in lanes 8-15
+  const __mmask16 low = static_cast<__mmask16>((1u << groups) - 1), used = static_cast<__mmask16>(low | (low << 8));
+  const __m512i one = _mm512_set1_epi32(1);
+  // element i of every group, in both halves
+  __m512 xs[kSideBySideGroupSize];
+  const __m512i first_element = _mm512_mullo_epi32(group_of_lane, _mm512_set1_epi32(group));
+  for (int i = 0; i < group; ++i)
+    xs[i] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), used, _mm512_add_epi32(first_element, _mm512_set1_epi32(i)),
+                                     x, 4);
+  // the smallest covering rung of each group (quantize_two_level's count, compare for compare)
+  const __m512 group_absmax = _mm512_permutexvar_ps(group_of_lane, _mm512_maskz_loadu_ps(low, absmax));
+  __m512i covering = _mm512_setzero_si512();
+  for (int r = 0; r <= last_rung; ++r) {
+    const __m512 rung = _mm512_set1_ps(row_scale * row.ladder[r]);
+    covering = _mm512_mask_add_epi32(covering, _mm512_cmp_ps_mask(rung, group_absmax, _CMP_GE_OQ), covering, one);
+  }
+  const __m512i first = _mm512_max_epi32(_mm512_sub_epi32(covering, one), _mm512_setzero_si512());
+
+  __m512 best_err = _mm512_setzero_ps();
+  __m512i best_rung = first;
+  for (int step = 0; step < search_steps; step += 2) {
+    const __m512i rung = _mm512_min_epi32(_mm512_add_epi32(first, _mm512_add_epi32(_mm512_set1_epi32(step), upper_half)),
+                                          _mm512_set1_epi32(last_rung));
+    const __m512 scale =
+        _mm512_mul_ps(_mm512_set1_ps(row_scale), _mm512_mask_i32gather_ps(_mm512_setzero_ps(), used, rung, row.ladder, 4));
+    const __m512 safe = _mm512_mask_mov_ps(_mm512_set1_ps(1.0f), _mm512_cmp_ps_mask(scale, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                           scale);
+    __m512 blocks[kSideBySideGroupSize / kErrorBlock];
+    for (int b = 0; b < group / kErrorBlock; ++b) {
+      __m512 err[kErrorBlock];
+      for (int e = 0; e < kErrorBlock; ++e) {
+        const __m512 xi = xs[b * kErrorBlock + e];
+        const __m512i code = nearest_level(xi, safe, k);
+        const __m512 diff = _mm512_sub_ps(_mm512_mul_ps(_mm512_permutexvar_ps(code, k.levels), scale), xi);
+        err[e] = _mm512_mul_ps(diff, diff);
+      }
+      for (int width = kErrorBlock / 2; width >= 1; width /= 2)  // (0+1), (2+3), ...: pairwise_sum's first levels
+        for (int e = 0; e < width; ++e) err[e] = _mm512_add_ps(err[2 * e], err[2 * e + 1]);
+      blocks[b] = err[0];
+    }
+    for (int n = group / kErrorBlock; n > 1;) {  // pairwise_sum over the blocks, an odd tail + 0
+      const int half = (n + 1) / 2;
+      for (int b = 0; b < half; ++b)
+        blocks[b] = _mm512_add_ps(blocks[2 * b], 2 * b + 1 < n ? blocks[2 * b + 1] : _mm512_setzero_ps());
+      n = half;
+    }
+    __m512 total = blocks[0];
+    // step, then step + 1 (moved to the low lanes): strictly better replaces, ties keep the earlier
+    __m512i step_rung = rung;
+    for (int s = step; s < std::min(step + 2, search_steps); ++s) {
+      const __mmask16 better = s == 0 ? low : _mm512_mask_cmp_ps_mask(low, total, best_err, _CMP_LT_OQ);
+      best_err = _mm512_mask_mov_ps(best_err, better, total);
+      best_rung = _mm512_mask_mov_epi32(best_rung, better, step_rung);
+      total = _mm512_shuffle_f32x4(total, total, _MM_SHUFFLE(1, 0, 3, 2));
+      step_rung = _mm512_shuffle_i32x4(step_rung, step_rung, _MM_SHUFFLE(1, 0, 3, 2));
+    }
+  }
+  // the codes at each group's rung, element i of every group a register, two codes a byte: the
+  // code bytes of a group of a multiple of 8 are whole dwords, element i in dword i / 8, byte
+  // (i % 8) / 2, the high nibble when i is even
+  const __m512 scale =
+      _mm512_mul_ps(_mm512_set1_ps(row_scale), _mm512_mask_i32gather_ps(_mm512_setzero_ps(), low, best_rung, row.ladder, 4));
+  const __m512 safe = _mm512_mask_mov_ps(_mm512_set1_ps(1.0f), _mm512_cmp_ps_mask(scale, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                         scale);
+  const int dwords = group / kErrorBlock;
+  const __m512i first_dword = _mm512_mullo_epi32(group_of_lane, _mm512_set1_epi32(dwords));
+  for (int q = 0; q < dwords; ++q) {
+    __m512i word = _mm512_setzero_si512();
+    for (int i = 0; i < kErrorBlock; ++i) {
+      const int shift = 8 * (i / 2) + (i % 2 == 0 ? CODE_BITS : 0);
+      word = _mm512_or_si512(word, _mm512_slli_epi32(nearest_level(xs[q * kErrorBlock + i], safe, k), shift));
+    }
+    _mm512_mask_i32scatter_epi32(out, low, _mm512_add_epi32(first_dword, _mm512_set1_epi32(q)), word, 4);
+  }
+  alignas(64) int32_t rung[kLanes];
+  _mm512_store_si512(rung, best_rung);
+  uint8_t* packed = out + row.scale_offset + 1;
+  for (int gi = 0; gi < groups; ++gi) pack_relative_code(packed, gi, static_cast<int>(row.relative_bits), rung[gi]);
+}
+
+// Whether quantize_two_level_side_by_side takes this row.
+inline bool side_by_side(const RowGeometry& row) {
+  return row.num_groups <= kSideBySideGroups && row.group % kErrorBlock == 0 && row.group <= kSideBySideGroupSize;
+}
+#endif
+
+// TWO_LEVEL rows (reference.quantize_two_level): the row code covers the row's absmax, written
+// with the relative codes zeroed; returns the row scale.
+inline float start_two_level(const float* absmax, const RowGeometry row, const Tables& t, uint8_t* scale_bytes) {
   float row_absmax = 0.0f;
   for (int64_t gi = 0; gi < row.num_groups; ++gi) row_absmax = std::max(row_absmax, absmax[gi]);
   const int32_t row_code = encode_scale_ceil(row_absmax);
-  const float row_scale = t.scale_values[row_code];
   scale_bytes[0] = static_cast<uint8_t>(row_code);
-  uint8_t* packed = scale_bytes + 1;
-  std::memset(packed, 0, row.scale_bytes - 1);
+  std::memset(scale_bytes + 1, 0, row.scale_bytes - 1);
+  return t.scale_values[row_code];
+}
+
+// TWO_LEVEL scales one group at a time: per group, the rungs from the smallest covering one
+// down, search_steps of them (clamped).
+inline void quantize_two_level(const float* x, const float* absmax, const RowGeometry row, int search_steps,
+                               float row_scale, const Tables& t, const SearchConstants& constants, uint8_t* codes,
+                               uint8_t* scale_bytes) {
+  const int group = static_cast<int>(row.group);
+  const int bits = static_cast<int>(row.relative_bits), rungs = 1 << bits;
   for (int64_t gi = 0; gi < row.num_groups; ++gi) {
     int covering = 0;
     for (int k = 0; k < rungs; ++k) {
@@ -216,10 +343,7 @@ inline void quantize_two_level(const float* x, const float* absmax, const RowGeo
     const int best = search_group(
         x + gi * group, group, search_steps, [&](int step) { return row_scale * row.ladder[rung_at(step)]; }, t,
         constants, codes + gi * group);
-    const int32_t k = rung_at(best);
-    const int64_t bit = bits * gi, byte = bit >> 3, shift = bit & 7;  // LSB first, as relative_code reads
-    packed[byte] = static_cast<uint8_t>(packed[byte] | (k << shift));
-    if (shift + bits > 8) packed[byte + 1] = static_cast<uint8_t>(packed[byte + 1] | (k >> (8 - shift)));
+    pack_relative_code(scale_bytes + 1, gi, bits, rung_at(best));
   }
 }
 
@@ -230,18 +354,46 @@ inline void quantize_row(const float* x_in, const RowGeometry row, int search_st
                          const SearchConstants& constants, uint8_t* out) {
   const int head_dim = static_cast<int>(row.head_dim), group = static_cast<int>(row.group);
   float x[CPU_MAX_HEAD_DIM];
-  for (int i = 0; i < head_dim; ++i) x[i] = sanitize(x_in[i]);
   float absmax[CPU_MAX_SCALE_GROUPS];
-  for (int64_t gi = 0; gi < row.num_groups; ++gi) {
-    float m = 0.0f;
-    for (int i = 0; i < group; ++i) m = std::max(m, std::fabs(x[gi * group + i]));
-    absmax[gi] = m;
+#if defined(NF4KV_AVX512)
+  if (group % 8 == 0) {  // eight values a register (a maximum is exact in any order)
+    const __m256 magnitude_bits = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (int64_t gi = 0; gi < row.num_groups; ++gi) {
+      __m256 m = _mm256_setzero_ps();
+      for (int i = static_cast<int>(gi) * group; i < (static_cast<int>(gi) + 1) * group; i += 8) {
+        const __m256 v = sanitize(_mm256_loadu_ps(x_in + i));
+        _mm256_storeu_ps(x + i, v);
+        m = _mm256_max_ps(m, _mm256_and_ps(v, magnitude_bits));
+      }
+      absmax[gi] = _mm512_reduce_max_ps(_mm512_zextps256_ps512(m));
+    }
+  } else
+#endif
+  {
+    for (int i = 0; i < head_dim; ++i) x[i] = sanitize(x_in[i]);
+    for (int64_t gi = 0; gi < row.num_groups; ++gi) {
+      float m = 0.0f;
+      for (int i = 0; i < group; ++i) m = std::max(m, std::fabs(x[gi * group + i]));
+      absmax[gi] = m;
+    }
   }
   uint8_t codes[CPU_MAX_HEAD_DIM];
-  if (row.relative_bits == 0)
+  if (row.relative_bits == 0) {
     quantize_per_group(x, absmax, row, search_steps, t, constants, codes, out + row.scale_offset);
-  else
-    quantize_two_level(x, absmax, row, search_steps, t, constants, codes, out + row.scale_offset);
+  } else {
+    const float row_scale = start_two_level(absmax, row, t, out + row.scale_offset);
+#if defined(NF4KV_AVX512)
+    if (side_by_side(row)) {  // writes the code bytes too
+      switch (group) {
+        case 8: return quantize_two_level_side_by_side<8>(x, absmax, row, search_steps, row_scale, constants, out);
+        case 16: return quantize_two_level_side_by_side<16>(x, absmax, row, search_steps, row_scale, constants, out);
+        case 32: return quantize_two_level_side_by_side<32>(x, absmax, row, search_steps, row_scale, constants, out);
+        default: return quantize_two_level_side_by_side<0>(x, absmax, row, search_steps, row_scale, constants, out);
+      }
+    }
+#endif
+    quantize_two_level(x, absmax, row, search_steps, row_scale, t, constants, codes, out + row.scale_offset);
+  }
   // two codes a byte, the even element in the high nibble
   const int64_t code_bytes = row.code_bytes;
   for (int64_t i = 0; i < code_bytes; ++i)

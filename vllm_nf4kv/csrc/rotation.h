@@ -70,7 +70,7 @@ class Rotation {
 #if defined(NF4KV_AVX512)
       if (size >= 8) {  // a power of two: whole registers of 8
         butterflies_within_registers(b, size);
-        stride = 8;
+        for (stride = 8; stride < size; stride *= 2) butterflies_across_registers(b, size, stride);
       }
 #endif
       for (; stride < size; stride *= 2)
@@ -101,6 +101,17 @@ class Rotation {
       x = _mm512_mask_blend_pd(0xF0, _mm512_add_pd(x, partner), _mm512_sub_pd(partner, x));
       _mm512_storeu_pd(b + i, x);
     }
+  }
+
+  // One stage of stride 8 or more: partners are whole registers apart, so each register pair
+  // gives first + second and first - second, the scalar loop's operations eight at a time.
+  static void butterflies_across_registers(double* b, int64_t size, int64_t stride) {
+    for (int64_t i = 0; i < size; i += 2 * stride)
+      for (int64_t j = i; j < i + stride; j += 8) {
+        const __m512d first = _mm512_loadu_pd(b + j), second = _mm512_loadu_pd(b + j + stride);
+        _mm512_storeu_pd(b + j, _mm512_add_pd(first, second));
+        _mm512_storeu_pd(b + j + stride, _mm512_sub_pd(first, second));
+      }
   }
 #endif
 
