@@ -219,6 +219,7 @@ inline void pack_relative_code(uint8_t* packed, int64_t gi, int bits, int32_t k)
 constexpr int kSideBySideGroups = kLanes / 2;
 constexpr int kSideBySideGroupSize = 32;  // the shipped keys' largest group (head_dim 256)
 constexpr int kErrorBlock = 8;            // elements whose squared errors are summed in registers
+static_assert(kErrorBlock % kCodesPerDword == 0, "a group of whole error blocks is whole code dwords");
 
 // kGroup: the group size as a constant (8, 16, 32: the loops unroll), or 0 for row.group.
 template <int kGroup>
@@ -231,6 +232,14 @@ void quantize_two_level_side_by_side(const float* x, const float* absmax, const 
   const __m512i upper_half = _mm512_srli_epi32(lane, 3);  // 0 in lanes 0-7, 1 in lanes 8-15
   const __mmask16 low = static_cast<__mmask16>((1u << groups) - 1), used = static_cast<__mmask16>(low | (low << 8));
   const __m512i one = _mm512_set1_epi32(1);
+  // row scale * ladder[rung] per lane (the scalar search's product), and group_trial's divisor
+  const auto rung_scale = [&](__m512i rung, __mmask16 lanes) {
+    return _mm512_mul_ps(_mm512_set1_ps(row_scale),
+                         _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, rung, row.ladder, 4));
+  };
+  const auto divisor = [](__m512 scale) {
+    return _mm512_mask_mov_ps(_mm512_set1_ps(1.0f), _mm512_cmp_ps_mask(scale, _mm512_setzero_ps(), _CMP_GT_OQ), scale);
+  };
   // element i of every group, in both halves
   __m512 xs[kSideBySideGroupSize];
   const __m512i first_element = _mm512_mullo_epi32(group_of_lane, _mm512_set1_epi32(group));
@@ -251,10 +260,7 @@ void quantize_two_level_side_by_side(const float* x, const float* absmax, const 
   for (int step = 0; step < search_steps; step += 2) {
     const __m512i rung = _mm512_min_epi32(_mm512_add_epi32(first, _mm512_add_epi32(_mm512_set1_epi32(step), upper_half)),
                                           _mm512_set1_epi32(last_rung));
-    const __m512 scale =
-        _mm512_mul_ps(_mm512_set1_ps(row_scale), _mm512_mask_i32gather_ps(_mm512_setzero_ps(), used, rung, row.ladder, 4));
-    const __m512 safe = _mm512_mask_mov_ps(_mm512_set1_ps(1.0f), _mm512_cmp_ps_mask(scale, _mm512_setzero_ps(), _CMP_GT_OQ),
-                                           scale);
+    const __m512 scale = rung_scale(rung, used), safe = divisor(scale);
     __m512 blocks[kSideBySideGroupSize / kErrorBlock];
     for (int b = 0; b < group / kErrorBlock; ++b) {
       __m512 err[kErrorBlock];
@@ -285,21 +291,16 @@ void quantize_two_level_side_by_side(const float* x, const float* absmax, const 
       step_rung = _mm512_shuffle_i32x4(step_rung, step_rung, _MM_SHUFFLE(1, 0, 3, 2));
     }
   }
-  // the codes at each group's rung, element i of every group a register, two codes a byte: the
-  // code bytes of a group of a multiple of 8 are whole dwords, element i in dword i / 8, byte
-  // (i % 8) / 2, the high nibble when i is even
-  const __m512 scale =
-      _mm512_mul_ps(_mm512_set1_ps(row_scale), _mm512_mask_i32gather_ps(_mm512_setzero_ps(), low, best_rung, row.ladder, 4));
-  const __m512 safe = _mm512_mask_mov_ps(_mm512_set1_ps(1.0f), _mm512_cmp_ps_mask(scale, _mm512_setzero_ps(), _CMP_GT_OQ),
-                                         scale);
-  const int dwords = group / kErrorBlock;
+  // the codes at each group's rung, element i of every group a register: the code bytes of a
+  // group of a multiple of 8 are whole dwords, element i in dword i / 8 at nibble_shift(i % 8)
+  const __m512 safe = divisor(rung_scale(best_rung, low));
+  const int dwords = group / kCodesPerDword;
   const __m512i first_dword = _mm512_mullo_epi32(group_of_lane, _mm512_set1_epi32(dwords));
   for (int q = 0; q < dwords; ++q) {
     __m512i word = _mm512_setzero_si512();
-    for (int i = 0; i < kErrorBlock; ++i) {
-      const int shift = 8 * (i / 2) + (i % 2 == 0 ? CODE_BITS : 0);
-      word = _mm512_or_si512(word, _mm512_slli_epi32(nearest_level(xs[q * kErrorBlock + i], safe, k), shift));
-    }
+    for (int i = 0; i < kCodesPerDword; ++i)
+      word = _mm512_or_si512(word,
+                             _mm512_slli_epi32(nearest_level(xs[q * kCodesPerDword + i], safe, k), nibble_shift(i)));
     _mm512_mask_i32scatter_epi32(out, low, _mm512_add_epi32(first_dword, _mm512_set1_epi32(q)), word, 4);
   }
   alignas(64) int32_t rung[kLanes];

@@ -29,6 +29,11 @@ namespace {
 
 constexpr int kLanes = 16;                          // one AVX-512 register of fp32
 constexpr int kNumScaleCodes = SCALE_CODE_MAX + 1;  // entries of the scale_values table
+constexpr int kCodesPerDword = 32 / CODE_BITS;
+
+// Where code e of a little-endian dword of a row's code bytes sits: byte e / 2, the even
+// element in the high nibble (the decoders read codes this way, the store packs them).
+constexpr int nibble_shift(int e) { return 8 * (e / 2) + (e % 2 == 0 ? CODE_BITS : 0); }
 
 #if defined(NF4KV_AVX512)
 constexpr bool kAvx512 = true;

@@ -82,10 +82,6 @@ static_assert(NUM_LEVELS == kLanes, "a register holds the 16 levels: vpermps loo
 static_assert(CPU_MAX_SCALE_GROUPS <= kLanes, "a register holds a row's scales");
 
 constexpr int kBytesPerChunk = kLanes * CODE_BITS / 8;  // code bytes of 16 values
-constexpr int kCodesPerDword = 32 / CODE_BITS;
-
-// Where code e of a little-endian dword sits: byte e / 2, the even element in the high nibble.
-constexpr int nibble_shift(int e) { return 8 * (e / 2) + (e % 2 == 0 ? CODE_BITS : 0); }
 
 // ue5m3 codes (one per lane) -> fp32 scales from their bits, as reference.decode_scale builds
 // them (code 0 -> 0.0). Computed in registers: a table lookup per code would stall on store
