@@ -24,12 +24,12 @@ import triton.language as tl
 from vllm_nf4kv.format import CellLayout
 from vllm_nf4kv.kernels.triton_codec import (
     alignment,
+    cell_reader_constexprs,
     dequant_pairs,
     fp32_to_bf16_bits,
     ladder_table,
     next_power_of_2,
     nf4_tables,
-    relative_bits,
 )
 from vllm_nf4kv.kernels.triton_store import _check_cache, _check_device
 
@@ -208,13 +208,7 @@ def load_kv_nf4(
         *key.stride()[:3],
         BLOCK_SIZE=block_size,
         HEAD_DIM=layout.head_dim,
-        VALUE_OFFSET=layout.value_offset,
-        K_GROUP=layout.key.group_size,
-        K_SCALE_OFFSET=layout.key.scale_offset,
-        K_RELATIVE_BITS=relative_bits(layout.key),
-        V_GROUP=layout.value.group_size,
-        V_SCALE_OFFSET=layout.value.scale_offset,
-        V_RELATIVE_BITS=relative_bits(layout.value),
+        **cell_reader_constexprs(layout),
         HALF_PAD=next_power_of_2(layout.head_dim // 2),
         TILE_N=_LOAD_TILE_N,
         ROW_ALIGN=alignment(*kv_cache.stride()[:3]),

@@ -35,11 +35,11 @@ from vllm_nf4kv.format import CellLayout
 from vllm_nf4kv.kernels.triton_attention_kernels import _nf4_attention_kernel, _nf4_attention_merge_kernel
 from vllm_nf4kv.kernels.triton_codec import (
     alignment,
+    cell_reader_constexprs,
     check_head_table,
     ladder_table,
     next_power_of_2,
     nf4_tables,
-    relative_bits,
     require_scheme,
 )
 from vllm_nf4kv.kernels.triton_rotation import rotation_constexprs, rotation_table
@@ -285,13 +285,7 @@ def nf4_paged_attention(
         scale_log2, num_seqs, num_q_heads, max_chunks, *strides,
         **shape,
         BLOCK_SIZE=block_size,
-        VALUE_OFFSET=layout.value_offset,
-        K_GROUP=layout.key.group_size,
-        K_SCALE_OFFSET=layout.key.scale_offset,
-        K_RELATIVE_BITS=relative_bits(layout.key),
-        V_GROUP=layout.value.group_size,
-        V_SCALE_OFFSET=layout.value.scale_offset,
-        V_RELATIVE_BITS=relative_bits(layout.value),
+        **cell_reader_constexprs(layout),
         ROW_ALIGN=alignment(*kv_cache.stride()[:3]),
         SPLIT=split,
         HAS_QUERY_SCALE=query_scale is not None,

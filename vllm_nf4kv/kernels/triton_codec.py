@@ -81,6 +81,19 @@ def relative_bits(row: fmt.RowFormat) -> int:
     raise NotImplementedError(f"the Triton kernels have no {row.scale_scheme} rows yet")
 
 
+def cell_reader_constexprs(layout: fmt.CellLayout) -> dict[str, int]:
+    """The constexprs a kernel that reads cells passes on to :func:`dequant_pairs` for K and V."""
+    return {
+        "VALUE_OFFSET": layout.value_offset,
+        "K_GROUP": layout.key.group_size,
+        "K_SCALE_OFFSET": layout.key.scale_offset,
+        "K_RELATIVE_BITS": relative_bits(layout.key),
+        "V_GROUP": layout.value.group_size,
+        "V_SCALE_OFFSET": layout.value.scale_offset,
+        "V_RELATIVE_BITS": relative_bits(layout.value),
+    }
+
+
 def ladder_table(row: fmt.RowFormat, device: torch.device) -> torch.Tensor:
     """The fp32 ladder a TWO_LEVEL row's kernel multiplies the row scale by (``reference.relative_ladder``).
 
