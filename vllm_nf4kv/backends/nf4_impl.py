@@ -12,7 +12,7 @@ Everything here is views and Python: the CUDA impl's hot path must issue no tens
 
 from __future__ import annotations
 
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -24,7 +24,7 @@ from vllm_nf4kv.backends.smoothing import layer_smoothing
 from vllm_nf4kv.kv_transform import KVTransform
 
 
-class NF4ImplBase:
+class NF4ImplBase(ABC):
     """Put first in the bases of an NF4 impl: its ``__init__``, ``do_kv_cache_update`` and ``forward`` win."""
 
     PLATFORM: ClassVar[str]  # "cpu" or "cuda": the kernel limits check_layer holds the layer to
