@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--output-tokens", type=int, help="time the whole workload instead (see above)")
     parser.add_argument("--kv-memory-bytes", type=int, default=256 * 2**20)
+    parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--capacity-control", action="store_true",
                         help="with --output-tokens: after nf4, run auto with as many KV tokens as nf4 had")
     args = parser.parse_args()
@@ -46,12 +47,16 @@ def main() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
     from bench_serve import CAPACITY_CONTROL, auto_bytes_per_token
+    from provenance import provenance
     from vllm import LLM, SamplingParams, TokensPrompt
 
+    source = provenance("vllm_nf4kv", "scripts/bench_engine_steps.py")
+    print(f"# {Path(args.model).name}, {source}", flush=True)
     runs = [(dtype, dtype, args.kv_memory_bytes) for dtype in args.dtypes]
     for label, dtype, kv_bytes in runs:
         llm = LLM(model=args.model, kv_cache_dtype=dtype, enforce_eager=True, seed=0,
-                  kv_cache_memory_bytes=kv_bytes, max_model_len=2048, enable_prefix_caching=False)
+                  kv_cache_memory_bytes=kv_bytes, max_model_len=args.max_model_len,
+                  enable_prefix_caching=False)
         cache = llm.llm_engine.vllm_config.cache_config
         kv_tokens = cache.num_gpu_blocks * cache.block_size
         if args.capacity_control and dtype == "nf4":

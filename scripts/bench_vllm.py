@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from provenance import provenance  # noqa: E402
 
 from vllm_nf4kv.tools.llm_measures import (  # noqa: E402
     GREEDY_PROMPTS,
@@ -68,23 +69,6 @@ def served_calibration(llm) -> str:
     if resolved.calibration is None:
         return "none"
     return f"`{resolved.calibration.source}` (offsets for contexts up to {resolved.calibration.context})"
-
-
-def provenance() -> str:
-    """The git revision (with `+changes` when the code that makes the numbers differs) and the CPU."""
-    import subprocess
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    changed = git("status", "--porcelain", "--", "vllm_nf4kv", "scripts/bench_vllm.py")
-    revision = git("rev-parse", "--short", "HEAD") + ("+changes" if changed else "")
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor() or platform.machine(),
-    )  # fmt: skip
-    return f"git {revision}, {cpu}, {os.cpu_count()} cores"
 
 
 def main() -> None:
@@ -134,7 +118,7 @@ def main() -> None:
         f"{args.kv_memory_bytes / 2**20:.0f} MiB for every dtype; perplexity over the first "
         f"{args.tokens} tokens in windows of {args.window}; greedy agreement over "
         f"{len(GREEDY_PROMPTS)} prompts x {args.greedy_tokens} tokens vs auto. "
-        f"nf4 calibration: {served}. {provenance()}.",
+        f"nf4 calibration: {served}. {provenance('vllm_nf4kv', 'scripts/bench_vllm.py')}.",
         "",
         "| kv-cache-dtype | KV tokens | vs auto | "
         + " | ".join(f"PPL {n} | Δ vs auto" for n in texts)

@@ -320,6 +320,92 @@ def test_a_query_gets_the_same_bits_however_it_is_batched(build, request):
     assert torch.equal(batched[1:91], whole[60:])
 
 
+# (head_dim, query heads, KV heads, sliding window) for contexts of several key segments:
+# SmolLM2's shape (also with a window that starts inside a segment), Gemma-3's (one KV head,
+# 4 query heads, 256 dims: value blocks in passes), Qwen2.5's 7 query heads a KV head (row
+# passes), 8 a KV head at 128, and head_dim 80 (key groups of 10: scales change inside a
+# dword; value groups of 40: the decode path decodes values through scratch).
+LONG_CASES = [(64, 9, 3, None), (64, 9, 3, 1500), (256, 4, 1, None), (64, 14, 2, None), (128, 8, 1, None),
+              (80, 4, 4, None)]
+LONG_CONTEXT = 2600  # six segments of 512 keys (csrc/attention.cpp kKeySegment)
+
+
+def _stored_cache(seq_lens, num_kv_heads, head_dim, seed, ops):
+    """Random K/V stored by the C++ op (the reference's bytes, tested above) into shuffled 16-token blocks."""
+    layout = format_for("nf4", head_dim)
+    gen = torch.Generator().manual_seed(seed)
+    per_seq = [-(-n // 16) for n in seq_lens]
+    order = torch.randperm(sum(per_seq) + 2, generator=gen)
+    cache = torch.zeros(len(order), num_kv_heads, 16, layout.cell_bytes, dtype=torch.uint8)
+    table = torch.zeros(len(seq_lens), max(per_seq), dtype=torch.int32)
+    used = 0
+    for r, (n, blocks) in enumerate(zip(seq_lens, per_seq, strict=True)):
+        table[r, :blocks] = order[used : used + blocks]
+        used += blocks
+        positions = torch.arange(n)
+        key, value = _kv(n, num_kv_heads, head_dim, seed=seed + r, dtype=torch.float32)
+        slots = table[r].long()[positions // 16] * 16 + positions % 16
+        cpu_kernels.store(cache, key, value, slots, layout, ops=ops)
+    return cache, table, layout
+
+
+@pytest.mark.parametrize("case", LONG_CASES)
+@pytest.mark.parametrize("build", BUILDS)
+def test_long_contexts_get_the_same_bits_however_their_segments_run(case, build, native, request):
+    """Beyond 512 keys a query's softmax runs per key segment and the segments are folded in order.
+
+    A prefill folds them inside one task (64 queries); a decode runs one task per segment, on
+    whichever thread is free, and folds their partial states afterwards; a decode also scores
+    and accumulates straight from the codes (AVX-512) instead of through scratch. The last 80
+    positions of a 2,600-token request must get the same bits as one prefill chunk, each alone
+    as a decode (one and two threads), and batched behind another request; and stay within the
+    reference's tolerance.
+    """
+    head_dim, heads, kv_heads, window = case
+    ops = request.getfixturevalue(build)
+    seed = head_dim + heads
+    cache, table, layout = _stored_cache([LONG_CONTEXT, 1500], kv_heads, head_dim, seed=seed, ops=native)
+    first = LONG_CONTEXT - 80
+    query = torch.randn(80, heads, head_dim, generator=torch.Generator().manual_seed(40))
+    scale = head_dim**-0.5
+
+    def run(q, starts, lens, rows):
+        return cpu_kernels.attention(
+            q, cache, layout, torch.tensor(starts), torch.tensor(lens), table[rows], scale,
+            sliding_window=window, ops=ops,
+        )
+
+    chunk = run(query, [0, 80], [LONG_CONTEXT], [0])
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            decodes = [run(query[i : i + 1], [0, 1], [first + i + 1], [0]) for i in range(0, 80, 9)]
+            decodes = torch.cat(decodes)
+            assert torch.equal(decodes, chunk[::9]), n
+    finally:
+        torch.set_num_threads(threads)
+    other = torch.randn(30, heads, head_dim, generator=torch.Generator().manual_seed(41))
+    batched = run(torch.cat([other, query[-1:]]), [0, 30, 31], [1500, LONG_CONTEXT], [1, 0])
+    assert torch.equal(batched[30:], chunk[-1:])
+    want = reference_in_model_space(
+        query, cache, table[:1], layout, [0, 80], [LONG_CONTEXT], scale, window=window
+    )
+    torch.testing.assert_close(chunk.double(), want, atol=ATOL, rtol=RTOL)
+
+
+def test_long_contexts_native_and_portable_builds_agree_bit_for_bit(avx512, portable):
+    """The segment folds are one scalar loop in both builds; the decode path is AVX-512 only."""
+    for head_dim, heads, kv_heads, window in LONG_CASES:
+        cache, table, layout = _stored_cache([LONG_CONTEXT, 1500], kv_heads, head_dim, seed=7, ops=avx512)
+        query = torch.randn(33, heads, head_dim, generator=torch.Generator().manual_seed(42))
+        lens = torch.tensor([LONG_CONTEXT, 1500])
+        args = (query, cache, layout, torch.tensor([0, 1, 33]), lens, table, 0.1)
+        a = cpu_kernels.attention(*args, sliding_window=window, ops=avx512)
+        b = cpu_kernels.attention(*args, sliding_window=window, ops=portable)
+        assert torch.equal(a, b), (head_dim, heads, window, (a - b).abs().max())
+
+
 @pytest.mark.parametrize("build", BUILDS)
 def test_kv_heads_split_over_ranks_give_the_same_bits(build, request):
     """Tensor parallel: a rank holds the pages of its own KV heads and the queries that read them.

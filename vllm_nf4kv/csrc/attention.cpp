@@ -1,6 +1,7 @@
 // The attention op: paged attention that reads NF4 pages directly. Each task (up to 64
-// queries of one request against one KV head) dequantizes the pages it needs, a chunk at a
-// time, into cache-resident fp32 scratch; no fp32 copy of the cache exists.
+// queries of one request against one KV head, or one key segment of a long decode)
+// dequantizes the pages it needs, a chunk at a time, into cache-resident fp32 scratch; no
+// fp32 copy of the cache exists.
 //
 // This file checks the batch, cuts it into tasks and runs them on the thread pool; the
 // arithmetic is attention_math.h, the decoding decoders.h, the rotation rotation.h. A task's
@@ -14,6 +15,7 @@
 
 #include "attention_math.h"
 #include "common.h"
+#include "decode_step.h"
 #include "decoders.h"
 #include "ops.h"
 #include "rotation.h"
@@ -24,6 +26,9 @@ namespace {
 constexpr int kQueryTile = 64;     // queries of one request per attention task
 constexpr int64_t kKeyChunk = 64;  // tokens dequantized at a time (16 KB of K or V at head_dim 64)
 static_assert(kKeyChunk % kLanes == 0, "chunks start on key-tile boundaries");
+// Keys [k S, (k + 1) S) of a request get one softmax each, folded in order (attention_math.h).
+// Part of the arithmetic: changing it changes the bits of queries with more than S keys.
+constexpr int64_t kKeySegment = 512;
 
 // The batch as the tasks read it, checked once.
 struct Batch {
@@ -90,36 +95,6 @@ Batch check_batch(const at::Tensor& query, const at::Tensor& cache, const at::Te
   return b;
 }
 
-// Up to kQueryTile queries of one request against one KV head.
-struct Task {
-  int64_t request, kv_head, first_query, end_query;
-};
-
-// One task per (request, tile of its queries, KV head), checking each request's metadata.
-std::vector<Task> make_tasks(const Batch& b, int64_t num_query_tokens) {
-  std::vector<Task> tasks;
-  for (int64_t r = 0; r < b.num_reqs; ++r) {
-    const int64_t q_len = b.starts[r + 1] - b.starts[r];
-    TORCH_CHECK(q_len >= 0 && q_len <= b.lens[r], "request ", r, ": ", q_len, " queries but seq_len ", b.lens[r]);
-    TORCH_CHECK((b.lens[r] + b.g.block_size - 1) / b.g.block_size <= b.g.max_blocks, "request ", r,
-                ": block table too short for seq_len ", b.lens[r]);
-    TORCH_CHECK(b.starts[r + 1] <= num_query_tokens, "query_start_loc beyond the query tensor");
-    for (int64_t j = 0; j < q_len; j += kQueryTile)
-      for (int64_t h = 0; h < b.g.num_kv_heads; ++h) tasks.push_back({r, h, j, std::min(q_len, j + kQueryTile)});
-  }
-  return tasks;
-}
-
-// Longest tasks first: handed out one at a time, a static split would give one thread the
-// late (long) query tiles of a causal prefill and leave the other idle.
-void order_longest_first(std::vector<Task>& tasks, const Batch& b) {
-  auto cost = [&](const Task& task) {
-    return (task.end_query - task.first_query + 1) *
-           (b.lens[task.request] - b.starts[task.request + 1] + b.starts[task.request] + task.end_query);
-  };
-  std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& x, const Task& y) { return cost(x) > cost(y); });
-}
-
 // Keys query j of a request may read: [first(j), end(j)), both nondecreasing in j.
 struct KeyWindow {
   int64_t context, seq_len, sliding_window;
@@ -130,61 +105,162 @@ struct KeyWindow {
   int64_t end(int64_t j) const { return causal ? std::min(context + j + 1, seq_len) : seq_len; }
 };
 
-// One thread's scratch, and the steps of one task: rotate its query rows in, score them
-// against the keys, softmax, accumulate the values, divide and rotate the outputs back. Keys,
-// then values, are dequantized kKeyChunk tokens at a time (the chunk stays in L1); chunk
-// starts are lo + multiples of 16, so score tiles line up across chunks.
+KeyWindow window_of(const Batch& b, int64_t request) {
+  const int64_t seq_len = b.lens[request];
+  return {seq_len - (b.starts[request + 1] - b.starts[request]), seq_len, b.sliding_window, b.causal};
+}
+
+// Up to kQueryTile queries of one request against one KV head, over key segments
+// [first_segment, end_segment) (attention_math.h). A decode whose keys span several segments
+// becomes one task per segment, each leaving its state in a partial slot (slot >= 0) for
+// merge_decode to fold: with two threads, one long sequence (or one KV head) keeps both busy.
+struct Task {
+  int64_t request, kv_head, first_query, end_query;
+  int64_t first_segment, end_segment;
+  int64_t slot;  // < 0: the task folds its segments and writes the outputs itself
+};
+
+// A split decode: its segments' partial slots are slot, slot + 1, ... in segment order.
+struct SplitDecode {
+  int64_t request, kv_head, query, num_segments, slot;
+};
+
+// A partial slot: per query row, the segment's max, sum and unnormalized output.
+int64_t slot_floats(const Batch& b) { return b.group * (2 + b.g.head_dim); }
+
+// One task per (request, tile of its queries, KV head), checking each request's metadata; a
+// decode over more than one segment is split by segment (`splits`, and its slots).
+std::vector<Task> make_tasks(const Batch& b, int64_t num_query_tokens, std::vector<SplitDecode>& splits) {
+  std::vector<Task> tasks;
+  int64_t slots = 0;
+  for (int64_t r = 0; r < b.num_reqs; ++r) {
+    const int64_t q_len = b.starts[r + 1] - b.starts[r];
+    TORCH_CHECK(q_len >= 0 && q_len <= b.lens[r], "request ", r, ": ", q_len, " queries but seq_len ", b.lens[r]);
+    TORCH_CHECK((b.lens[r] + b.g.block_size - 1) / b.g.block_size <= b.g.max_blocks, "request ", r,
+                ": block table too short for seq_len ", b.lens[r]);
+    TORCH_CHECK(b.starts[r + 1] <= num_query_tokens, "query_start_loc beyond the query tensor");
+    const KeyWindow window = window_of(b, r);
+    for (int64_t j = 0; j < q_len; j += kQueryTile) {
+      const int64_t end_query = std::min(q_len, j + kQueryTile);
+      const int64_t lo = window.first(j), hi = window.end(end_query - 1);
+      const int64_t first_segment = lo / kKeySegment, end_segment = std::max(lo, hi - 1) / kKeySegment + 1;
+      const bool split = end_query - j == 1 && end_segment - first_segment > 1;
+      for (int64_t h = 0; h < b.g.num_kv_heads; ++h) {
+        if (!split) {
+          tasks.push_back({r, h, j, end_query, first_segment, end_segment, -1});
+          continue;
+        }
+        splits.push_back({r, h, j, end_segment - first_segment, slots});
+        for (int64_t k = first_segment; k < end_segment; ++k) tasks.push_back({r, h, j, end_query, k, k + 1, slots++});
+      }
+    }
+  }
+  return tasks;
+}
+
+// Longest tasks first: handed out one at a time, a static split would give one thread the
+// late (long) query tiles of a causal prefill and leave the other idle.
+void order_longest_first(std::vector<Task>& tasks, const Batch& b) {
+  auto cost = [&](const Task& task) {
+    const KeyWindow window = window_of(b, task.request);
+    const int64_t lo = std::max(window.first(task.first_query), task.first_segment * kKeySegment);
+    const int64_t hi = std::min(window.end(task.end_query - 1), task.end_segment * kKeySegment);
+    return (task.end_query - task.first_query + 1) * std::max<int64_t>(0, hi - lo);
+  };
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& x, const Task& y) { return cost(x) > cost(y); });
+}
+
+// out = rotation^-1 (acc / sum): a row's output from its folded softmax (acc is overwritten).
+inline void write_output(const SoftmaxState& state, const Rotation& rotation, int64_t head_dim, float* out) {
+  const float inv = 1.0f / state.sum;
+  for (int64_t i = 0; i < head_dim; ++i) state.acc[i] = state.acc[i] * inv;
+  rotation.inverse(state.acc, out);
+}
+
+// (token, query head) index of row `row` of query j of a request, for a KV head
+int64_t token_head(const Batch& b, int64_t request, int64_t kv_head, int64_t j, int64_t row) {
+  return (b.starts[request] + j) * b.g.num_heads + kv_head * b.group + row;
+}
+
+// One thread's scratch, and the steps of one task: rotate its query rows in, then per key
+// segment score the rows against the keys, softmax, accumulate the values and fold the
+// segment into each row's state; then divide and rotate the outputs back (or leave the state
+// in the task's partial slot). Keys, then values, are dequantized kKeyChunk tokens at a time
+// (the chunk stays in L1); chunk starts are lo + multiples of 16, so score tiles line up
+// across chunks.
 //
 // The steps are always_inline: run() is then one function body, as the loop was before it was
 // split, and the compiler keeps the same values in registers (left to itself GCC kept the
 // steps apart, and a causal prefill ran ~8% slower; scripts/bench_cpu_kernels.py --against).
 class TaskRunner {
  public:
-  TaskRunner(const Batch& b, const Rotation& rotation, const Tables& t)
-      : b_(b), rotation_(rotation), decoders_(t, b.g.cell), keys_(static_cast<size_t>(kKeyChunk * b.g.head_dim)),
-        values_(keys_.size()) {}
+  TaskRunner(const Batch& b, const Rotation& rotation, const Tables& t, float* slots)
+      : b_(b), rotation_(rotation), decoders_(t, b.g.cell), slots_(slots),
+        keys_(static_cast<size_t>(kKeyChunk * b.g.head_dim)), values_(keys_.size()) {}
 
   void run(const Task& task) {
     task_ = task;
-    const int64_t seq_len = b_.lens[task.request];
-    window_ = {seq_len - (b_.starts[task.request + 1] - b_.starts[task.request]), seq_len, b_.sliding_window,
-               b_.causal};
+    window_ = window_of(b_, task.request);
     blocks_ = b_.block_table + task.request * b_.g.max_blocks;
-    lo_ = window_.first(task.first_query);
-    hi_ = window_.end(task.end_query - 1);
     load_queries();
-    score_keys();
-    for (int64_t row = 0; row < num_rows_; ++row) {
-      const int64_t j = task_.first_query + row / b_.group;
-      denominators_[row] = softmax_numerators(score_rows_[row], window_.first(j) - lo_, window_.end(j) - lo_);
+    const int64_t lo = window_.first(task.first_query), hi = window_.end(task.end_query - 1);
+    for (int64_t k = task.first_segment; k < task.end_segment; ++k) {
+      segment_begin_ = k * kKeySegment;
+      segment_end_ = segment_begin_ + kKeySegment;
+      lo_ = std::max(lo, segment_begin_);
+      hi_ = std::min(hi, segment_end_);
+      if (lo_ >= hi_) continue;
+      score_keys();
+      for (int64_t row = 0; row < num_rows_; ++row) {
+        const int64_t j = task_.first_query + row / b_.group;
+        const int64_t a = first_key(j), e = end_key(j);
+        has_keys_[row] = a < e;
+        if (a < e) segments_[row] = softmax_numerators(score_rows_[row], a - lo_, e - lo_);
+      }
+      std::fill(acc_.begin(), acc_.end(), 0.0f);
+      accumulate_values_of_chunks();
+      fold_segment();
     }
-    accumulate_values_of_chunks();
-    write_outputs();
+    if (task.slot >= 0)
+      leave_partial();
+    else
+      write_outputs();
   }
 
  private:
   // One row per (query of the task, query head of this KV head), rotated into the cache's space.
   [[gnu::always_inline]] void load_queries() {
     const int64_t d = b_.g.head_dim;
-    const int64_t span = (hi_ - lo_ + kLanes - 1) / kLanes * kLanes;  // whole key tiles
     num_rows_ = (task_.end_query - task_.first_query) * b_.group;
-    scores_.resize(static_cast<size_t>(num_rows_ * span));
+    scores_.resize(static_cast<size_t>(num_rows_ * kKeySegment));
     query_rows_.resize(static_cast<size_t>(num_rows_ * d));
-    acc_.assign(static_cast<size_t>(num_rows_ * d), 0.0f);
-    denominators_.resize(static_cast<size_t>(num_rows_));
+    acc_.resize(static_cast<size_t>(num_rows_ * d));
+    state_acc_.resize(static_cast<size_t>(num_rows_ * d));
+    states_.resize(num_rows_);
+    segments_.resize(num_rows_);
+    has_keys_.resize(num_rows_);
+    started_.assign(num_rows_, false);
     q_rows_.resize(num_rows_);
     score_rows_.resize(num_rows_);
     acc_rows_.resize(num_rows_);
     for (int64_t row = 0; row < num_rows_; ++row) {
-      rotation_.forward(b_.query + token_head(row) * d, query_rows_.data() + row * d);
+      rotation_.forward(b_.query + row_index(row) * d, query_rows_.data() + row * d);
       q_rows_[row] = query_rows_.data() + row * d;
-      score_rows_[row] = scores_.data() + row * span;
+      score_rows_[row] = scores_.data() + row * kKeySegment;
       acc_rows_[row] = acc_.data() + row * d;
+      states_[row].acc = state_acc_.data() + row * d;
     }
   }
 
   [[gnu::always_inline]] void score_keys() {
     const int rows_per_query = static_cast<int>(b_.group);
+#if defined(NF4KV_AVX512)
+    if (task_.end_query - task_.first_query == 1) {
+      score_decode_keys(b_.cache, blocks_, task_.kv_head, lo_, hi_, b_.g, decoders_.key, q_rows_.data(),
+                        rows_per_query, b_.scale, score_rows_.data());
+      return;
+    }
+#endif
     for (int64_t c0 = lo_; c0 < hi_; c0 += kKeyChunk) {
       const int64_t c1 = std::min(hi_, c0 + kKeyChunk);
       gather_keys(b_.cache, blocks_, task_.kv_head, c0, c1, b_.g, decoders_.key, keys_.data());
@@ -198,6 +274,13 @@ class TaskRunner {
 
   [[gnu::always_inline]] void accumulate_values_of_chunks() {
     const int rows_per_query = static_cast<int>(b_.group);
+#if defined(NF4KV_AVX512)
+    if (task_.end_query - task_.first_query == 1 && decodes_value_blocks(b_.g.cell.value)) {
+      accumulate_decode_values(b_.cache, blocks_, task_.kv_head, lo_, hi_, b_.g, decoders_.value, block_order_,
+                               score_rows_.data(), rows_per_query, acc_rows_.data());
+      return;
+    }
+#endif
     for (int64_t c0 = lo_; c0 < hi_; c0 += kKeyChunk) {
       const int64_t c1 = std::min(hi_, c0 + kKeyChunk);
       gather_values(b_.cache, blocks_, task_.kv_head, c0, c1, b_.g, decoders_.value, values_.data());
@@ -209,47 +292,94 @@ class TaskRunner {
     }
   }
 
+  [[gnu::always_inline]] void fold_segment() {
+    const int64_t d = b_.g.head_dim;
+    for (int64_t row = 0; row < num_rows_; ++row) {
+      if (!has_keys_[row]) continue;
+      if (started_[row])
+        states_[row].fold(segments_[row], acc_rows_[row], d);
+      else
+        states_[row].take(segments_[row], acc_rows_[row], d);
+      started_[row] = true;
+    }
+  }
+
   [[gnu::always_inline]] void write_outputs() {
     const int64_t d = b_.g.head_dim;
     for (int64_t row = 0; row < num_rows_; ++row) {
-      const int64_t j = task_.first_query + row / b_.group;
-      float* out = b_.out + token_head(row) * d;
-      if (window_.end(j) <= window_.first(j)) {  // cannot happen for decoders (a query sees itself)
+      float* out = b_.out + row_index(row) * d;
+      if (!started_[row])  // no key to read: cannot happen for decoders (a query sees itself)
         std::fill(out, out + d, 0.0f);
-        continue;
-      }
-      const float inv = 1.0f / denominators_[row];
-      for (int64_t i = 0; i < d; ++i) acc_rows_[row][i] = acc_rows_[row][i] * inv;
-      rotation_.inverse(acc_rows_[row], out);
+      else
+        write_output(states_[row], rotation_, d, out);
     }
   }
+
+  // A split decode's segment: [max, sum, acc...] per row (its only query sees keys here).
+  void leave_partial() const {
+    const int64_t d = b_.g.head_dim;
+    float* slot = slots_ + task_.slot * slot_floats(b_);
+    for (int64_t row = 0; row < num_rows_; ++row, slot += 2 + d) {
+      slot[0] = states_[row].max;
+      slot[1] = states_[row].sum;
+      std::copy(states_[row].acc, states_[row].acc + d, slot + 2);
+    }
+  }
+
+  // Query j's keys within the current segment: [first_key(j), end_key(j)).
+  int64_t first_key(int64_t j) const { return std::max(window_.first(j), segment_begin_); }
+  int64_t end_key(int64_t j) const { return std::min(window_.end(j), segment_end_); }
 
   // visit(first row of query j, the query's keys within chunk [c0, c1) as [a, b) from c0)
   template <class Visit>
   void for_each_query(int64_t c0, int64_t c1, Visit&& visit) const {
     for (int64_t j = task_.first_query; j < task_.end_query; ++j) {
-      const int64_t a = std::max(window_.first(j), c0), b = std::min(window_.end(j), c1);
+      const int64_t a = std::max(first_key(j), c0), b = std::min(end_key(j), c1);
       if (a < b) visit((j - task_.first_query) * b_.group, a - c0, b - c0);
     }
   }
 
-  // (token, query head) index of a row in the query and output tensors
-  int64_t token_head(int64_t row) const {
-    const int64_t j = task_.first_query + row / b_.group, h = task_.kv_head * b_.group + row % b_.group;
-    return (b_.starts[task_.request] + j) * b_.g.num_heads + h;
+  int64_t row_index(int64_t row) const {
+    return token_head(b_, task_.request, task_.kv_head, task_.first_query + row / b_.group, row % b_.group);
   }
 
   const Batch& b_;
   const Rotation& rotation_;
   const KVDecoders decoders_;
-  std::vector<float> keys_, values_, scores_, query_rows_, acc_, denominators_;
+#if defined(NF4KV_AVX512)
+  const BlockOrder block_order_;
+#endif
+  float* slots_;
+  std::vector<float> keys_, values_, scores_, query_rows_, acc_, state_acc_;
+  std::vector<SoftmaxState> states_;
+  std::vector<SegmentSoftmax> segments_;
+  std::vector<char> has_keys_, started_;
   std::vector<const float*> q_rows_;
   std::vector<float*> score_rows_, acc_rows_;
   Task task_{};
   KeyWindow window_{};
   const int32_t* blocks_ = nullptr;
-  int64_t lo_ = 0, hi_ = 0, num_rows_ = 0;
+  int64_t lo_ = 0, hi_ = 0, num_rows_ = 0, segment_begin_ = 0, segment_end_ = 0;
 };
+
+// A split decode's segments folded in order, the same take / fold as inside a task.
+void merge_decode(const Batch& b, const Rotation& rotation, const SplitDecode& split, const float* slots,
+                  std::vector<float>& acc) {
+  const int64_t d = b.g.head_dim;
+  acc.resize(static_cast<size_t>(d));
+  for (int64_t row = 0; row < b.group; ++row) {
+    SoftmaxState state{0.0f, 0.0f, acc.data()};
+    for (int64_t k = 0; k < split.num_segments; ++k) {
+      const float* slot = slots + (split.slot + k) * slot_floats(b) + row * (2 + d);
+      const SegmentSoftmax segment{slot[0], slot[1]};
+      if (k == 0)
+        state.take(segment, slot + 2, d);
+      else
+        state.fold(segment, slot + 2, d);
+    }
+    write_output(state, rotation, d, b.out + token_head(b, split.request, split.kv_head, split.query, row) * d);
+  }
+}
 
 }  // namespace
 
@@ -269,14 +399,23 @@ void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tenso
                                   sliding_window, key_row, value_row, out);
   const Rotation rotation(signs_of(signs, batch.g.head_dim), batch.g.head_dim);
   const Tables t = tables_of(levels, nullptr, scale_values);
-  std::vector<Task> tasks = make_tasks(batch, query.size(0));
+  std::vector<SplitDecode> splits;
+  std::vector<Task> tasks = make_tasks(batch, query.size(0), splits);
   order_longest_first(tasks, batch);
+  int64_t num_slots = 0;
+  for (const SplitDecode& split : splits) num_slots += split.num_segments;
+  std::vector<float> slots(static_cast<size_t>(num_slots * slot_floats(batch)));
   // Tasks handed out one at a time; which thread runs a task does not change its bits.
   std::atomic<int64_t> next_task{0};
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_tasks), 1, [&](int64_t, int64_t) {
-    TaskRunner runner(batch, rotation, t);
+    TaskRunner runner(batch, rotation, t, slots.data());
     for (int64_t i; (i = next_task.fetch_add(1)) < num_tasks;) runner.run(tasks[i]);
+  });
+  const int64_t num_splits = static_cast<int64_t>(splits.size());
+  at::parallel_for(0, num_splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc;
+    for (int64_t i = begin; i < end; ++i) merge_decode(batch, rotation, splits[i], slots.data(), acc);
   });
 }
 

@@ -8,6 +8,13 @@
 // (i, i+2), (0, 1). The AVX-512 path computes 16 keys at a time from transposed key tiles
 // (one register = one dimension of 16 keys, decoders.h).
 //
+// A query's keys are cut at fixed positions into segments (kKeySegment keys: [k S, (k + 1) S)
+// of its request). Each segment gets its own softmax and value sum, and the segments are folded
+// into one running (max, sum, outputs) in order (SoftmaxState): inside one task for a prefill,
+// or from per-segment partials in a second pass when a decode's segments ran on different
+// threads. Either way the same folds in the same order, so a context of S keys or fewer gives
+// the bits of one softmax, and a longer one the same bits however its segments were scheduled.
+//
 // None of it depends on where a query sits in the batch, which is what makes a prefix-cache
 // hit, chunked prefill and a cold run reproduce each other bit for bit.
 
@@ -25,7 +32,7 @@ namespace {
 // exp(x) for x <= 0: Cody-Waite reduction and a degree-6 polynomial (about 2
 // ulp). Branch-free so the compiler vectorizes it, and the same instructions
 // for every element, so results do not depend on where an element sits.
-inline float exp_nonpositive(float x) {
+[[gnu::always_inline]] inline float exp_nonpositive(float x) {
   x = std::max(x, -87.0f);
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   float n = x * 1.44269504088896341f + shifter;
@@ -136,7 +143,12 @@ inline float tree_sum(float* lane) {
   return lane[0];
 }
 
-inline float softmax_numerators(float* scores, int64_t a, int64_t b) {
+// What softmax_numerators leaves beside the numerators: their max (subtracted) and sum.
+struct SegmentSoftmax {
+  float max, sum;
+};
+
+inline SegmentSoftmax softmax_numerators(float* scores, int64_t a, int64_t b) {
   float lane_max[kLanes];
   std::fill(lane_max, lane_max + kLanes, -std::numeric_limits<float>::infinity());
   int64_t t = a;
@@ -149,8 +161,32 @@ inline float softmax_numerators(float* scores, int64_t a, int64_t b) {
   for (t = a; t + kLanes <= b; t += kLanes)
     for (int l = 0; l < kLanes; ++l) lane[l] += scores[t + l];
   for (int l = 0; t + l < b; ++l) lane[l] += scores[t + l];
-  return tree_sum(lane);
+  return {m, tree_sum(lane)};
 }
+
+// One row's softmax over the segments folded so far: their max, sum of exponentials and the
+// unnormalized output, all relative to `max`. The first segment is taken as it is (exact), so
+// a query with one segment gets the bits of a single softmax; each later one is folded in by
+// rescaling both sides to the larger max, in one order everywhere (the scalar loop is the
+// same source in both builds; fp-contract is off, the fmas are explicit).
+struct SoftmaxState {
+  float max, sum;
+  float* acc;  // [head_dim]
+
+  void take(const SegmentSoftmax& segment, const float* segment_acc, int64_t head_dim) {
+    max = segment.max;
+    sum = segment.sum;
+    std::copy(segment_acc, segment_acc + head_dim, acc);
+  }
+
+  void fold(const SegmentSoftmax& segment, const float* segment_acc, int64_t head_dim) {
+    const float m = std::max(max, segment.max);
+    const float mine = exp_nonpositive(max - m), theirs = exp_nonpositive(segment.max - m);
+    sum = std::fma(segment.sum, theirs, sum * mine);
+    for (int64_t i = 0; i < head_dim; ++i) acc[i] = std::fma(segment_acc[i], theirs, acc[i] * mine);
+    max = m;
+  }
+};
 
 // ---- acc[r] += sum_t p[r][t] v_t for keys [a, b): per element an fma chain over t in
 // order, continued across calls (fp32 stores and loads are exact), so walking the

@@ -44,6 +44,20 @@ class CellCursor {
   int64_t block_, offset_;
 };
 
+// Where the cell of position pos of one KV head is, and how many cells from it on are
+// contiguous (the rest of its block).
+struct CellRun {
+  const uint8_t* first;
+  int64_t length;
+};
+
+inline CellRun cell_run(const uint8_t* cache, const int32_t* blocks, int64_t kv_head, int64_t pos,
+                        const CacheGeometry& g) {
+  const int64_t block = pos / g.block_size, offset = pos % g.block_size;
+  return {cache + ((blocks[block] * g.num_kv_heads + kv_head) * g.block_size + offset) * g.cell.cell_bytes,
+          g.block_size - offset};
+}
+
 // ---- portable: plain table lookups
 
 // One row's codes -> level * scale, row-major.
@@ -186,27 +200,46 @@ inline void transpose_16x16(__m512* r) {
   }
 }
 
+// dwords of the longest row: its codes, then its scale bytes (a TWO_LEVEL row: one more)
+constexpr int kMaxKeyColumns = (CPU_MAX_HEAD_DIM * CODE_BITS / 8 + CPU_MAX_SCALE_GROUPS + 1 + 3) / 4;
+
+// One key tile before its levels are looked up: the 16 cells' dwords transposed
+// ([column][token]: dword w of a row holds the codes of dims 8w .. 8w + 7) and each group's
+// 16 scales.
+struct KeyTileCodes {
+  alignas(64) int32_t words[kMaxKeyColumns * kLanes];
+  __m512 scales[CPU_MAX_SCALE_GROUPS];
+};
+
 // The keys of 16 tokens straight into a transposed tile [d][16 tokens]. The cells' code and
 // scale-code bytes are loaded as rows of dwords and transposed as dwords (a dword holds 8
 // codes, so this moves 1/8 of what transposing decoded fp32 would); then each dimension of the
 // 16 tokens is one shift, one level lookup (vpermps reads only the index's low 4 bits) and one
-// multiply by its group's 16 scales: the same fp32 products as the reference.
+// multiply by its group's 16 scales: the same fp32 products as the reference. load() and key()
+// are the two halves, for decode steps that score the keys as they are decoded
+// (decode_step.h); decode() writes the whole tile.
 struct KeyTileDecoder {
-  // dwords of the longest row: its codes, then its scale bytes (a TWO_LEVEL row: one more)
-  static constexpr int kMaxColumns = (CPU_MAX_HEAD_DIM * CODE_BITS / 8 + CPU_MAX_SCALE_GROUPS + 1 + 3) / 4;
   __m512 levels;
+  __m512 ladder_low, ladder_high;  // TWO_LEVEL with <= 5 relative bits: the ladder in two registers
   RowGeometry row;
   int64_t columns;  // dwords this row spans
 
   KeyTileDecoder(const Tables& t, const RowGeometry& row_)
-      : levels(_mm512_loadu_ps(t.levels)), row(row_), columns((row_.row_bytes + 3) / 4) {}
+      : levels(_mm512_loadu_ps(t.levels)), ladder_low(_mm512_setzero_ps()), ladder_high(_mm512_setzero_ps()),
+        row(row_), columns((row_.row_bytes + 3) / 4) {
+    if (row.relative_bits > 0 && row.relative_bits <= 5) {
+      const int64_t entries = int64_t{1} << row.relative_bits;
+      ladder_low = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << std::min<int64_t>(entries, kLanes)) - 1),
+                                         row.ladder);
+      if (entries > kLanes) ladder_high = _mm512_loadu_ps(row.ladder + kLanes);
+    }
+  }
 
   // cells[k] for k < n; tokens n..15 of the tile decode as zeros.
-  void decode(const uint8_t* const* cells, int64_t n, float* tile) const {
+  void load(const uint8_t* const* cells, int64_t n, KeyTileCodes& tile) const {
     const RowGeometry row = this->row;  // locals: see RowDecoder::decode
-    const __m512 levels = this->levels;
     const int64_t columns = this->columns;
-    alignas(64) int32_t words[kMaxColumns * kLanes];  // [column][token]
+    int32_t* words = tile.words;
     for (int64_t c0 = 0; c0 < columns; c0 += kLanes) {
       const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(kLanes, columns - c0)) - 1);
       __m512 r[kLanes];
@@ -217,35 +250,48 @@ struct KeyTileDecoder {
         _mm512_store_ps(reinterpret_cast<float*>(words + (c0 + j) * kLanes), r[j]);
     }
     // byte b of each token's row, one token a lane
-    const auto byte_lanes = [&words](int64_t b) {
+    const auto byte_lanes = [words](int64_t b) {
       const __m512i word = _mm512_load_si512(words + b / 4 * kLanes);
       return _mm512_and_si512(_mm512_srli_epi32(word, 8 * (b % 4)), _mm512_set1_epi32(0xFF));
     };
-    __m512 scales[kLanes];
     if (row.relative_bits == 0) {
-      for (int64_t gi = 0; gi < row.num_groups; ++gi) scales[gi] = decode_scales(byte_lanes(row.scale_offset + gi));
-    } else {  // TWO_LEVEL: row scale * ladder[relative code], as group_scales computes them
-      const int64_t bits = row.relative_bits;
-      const __m512 row_scale = decode_scales(byte_lanes(row.scale_offset));
-      for (int64_t gi = 0; gi < row.num_groups; ++gi) {
-        const int64_t bit = bits * gi, byte = row.scale_offset + 1 + (bit >> 3), shift = bit & 7;
-        __m512i code = _mm512_srli_epi32(byte_lanes(byte), static_cast<unsigned>(shift));
-        if (shift + bits > 8)
-          code = _mm512_or_si512(code, _mm512_slli_epi32(byte_lanes(byte + 1), static_cast<unsigned>(8 - shift)));
-        code = _mm512_and_si512(code, _mm512_set1_epi32((1 << bits) - 1));
-        scales[gi] = _mm512_mul_ps(row_scale, _mm512_i32gather_ps(code, row.ladder, 4));
-      }
+      for (int64_t gi = 0; gi < row.num_groups; ++gi) tile.scales[gi] = decode_scales(byte_lanes(row.scale_offset + gi));
+      return;
     }
-    // dword w holds the codes of dims 8w .. 8w + 7: byte b = dims (2b high nibble, 2b + 1 low)
+    // TWO_LEVEL: row scale * ladder[relative code], as group_scales computes them
+    const int64_t bits = row.relative_bits;
+    const __m512 row_scale = decode_scales(byte_lanes(row.scale_offset));
+    for (int64_t gi = 0; gi < row.num_groups; ++gi) {
+      const int64_t bit = bits * gi, byte = row.scale_offset + 1 + (bit >> 3), shift = bit & 7;
+      __m512i code = _mm512_srli_epi32(byte_lanes(byte), static_cast<unsigned>(shift));
+      if (shift + bits > 8)
+        code = _mm512_or_si512(code, _mm512_slli_epi32(byte_lanes(byte + 1), static_cast<unsigned>(8 - shift)));
+      code = _mm512_and_si512(code, _mm512_set1_epi32((1 << bits) - 1));
+      const __m512 relative = bits <= 5 ? _mm512_permutex2var_ps(ladder_low, code, ladder_high)
+                                        : _mm512_i32gather_ps(code, row.ladder, 4);
+      tile.scales[gi] = _mm512_mul_ps(row_scale, relative);
+    }
+  }
+
+  // Dimension 8w + e of the tile's 16 tokens, given its dword w and its group's scales.
+  static __m512 key(__m512 levels, __m512i word, int e, __m512 scales) {
+    return _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(word, nibble_shift(e)), levels), scales);
+  }
+
+  void decode(const uint8_t* const* cells, int64_t n, float* tile) const {
+    KeyTileCodes codes;
+    load(cells, n, codes);
+    const RowGeometry row = this->row;
+    const __m512 levels = this->levels;
     for (int64_t w = 0; w < row.head_dim / kCodesPerDword; ++w) {
-      const __m512i word = _mm512_load_si512(words + w * kLanes);
+      const __m512i word = _mm512_load_si512(codes.words + w * kLanes);
       float* dims = tile + kCodesPerDword * w * kLanes;
-      const __m512 word_scales = scales[kCodesPerDword * w / row.group];
+      const __m512 word_scales = codes.scales[kCodesPerDword * w / row.group];
 #pragma GCC unroll 8
       for (int e = 0; e < kCodesPerDword; ++e) {
-        const __m512 s = row.group % kCodesPerDword == 0 ? word_scales : scales[(kCodesPerDword * w + e) / row.group];
-        const __m512i index = _mm512_srli_epi32(word, nibble_shift(e));
-        _mm512_storeu_ps(dims + e * kLanes, _mm512_mul_ps(_mm512_permutexvar_ps(index, levels), s));
+        const __m512 s =
+            row.group % kCodesPerDword == 0 ? word_scales : codes.scales[(kCodesPerDword * w + e) / row.group];
+        _mm512_storeu_ps(dims + e * kLanes, key(levels, word, e, s));
       }
     }
   }
