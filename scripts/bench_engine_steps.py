@@ -3,7 +3,10 @@
 Separates the two costs that `vllm serve` mixes: the time to prefill N prompts
 of L tokens (one token generated), and the time per decode step with those N
 sequences running (a second run generating more tokens, minus the first).
-Prefix caching is off so both runs prefill. Single process
+Prefix caching is off so both runs prefill; with ``--repeats K`` it is on instead, the
+prompts are prefilled cold once (the prefill time), and the decode steps are timed K times as
+the difference between a run generating 1 + S tokens and one generating 1 token, both finding
+the prompts cached (median, min and max of the K). Single process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0), so no API server shares the cores.
 
 ``--output-tokens K`` instead times the whole KV-bound workload in the engine
@@ -22,10 +25,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def wall(llm, prompts, max_tokens: int) -> float:
+    """Seconds `llm` takes to generate exactly `max_tokens` for each of `prompts`."""
+    from vllm import SamplingParams
+
+    start = time.perf_counter()
+    llm.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -36,6 +49,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=1000)
     parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="> 1: prefix caching on; after the cold prefill, the decode steps timed this "
+                             "many times on the cached prompts (median, min, max)")
     parser.add_argument("--output-tokens", type=int, help="time the whole workload instead (see above)")
     parser.add_argument("--kv-memory-bytes", type=int, default=256 * 2**20)
     parser.add_argument("--max-model-len", type=int, default=2048)
@@ -56,7 +72,7 @@ def main() -> None:
     for label, dtype, kv_bytes in runs:
         llm = LLM(model=args.model, kv_cache_dtype=dtype, enforce_eager=True, seed=0,
                   kv_cache_memory_bytes=kv_bytes, max_model_len=args.max_model_len,
-                  enable_prefix_caching=False)
+                  enable_prefix_caching=args.repeats > 1)
         cache = llm.llm_engine.vllm_config.cache_config
         kv_tokens = cache.num_gpu_blocks * cache.block_size
         if args.capacity_control and dtype == "nf4":
@@ -64,7 +80,8 @@ def main() -> None:
         ids = llm.get_tokenizer().encode(Path(args.text).read_text())
         n = args.prompt_tokens
         prompts = [TokensPrompt(prompt_token_ids=ids[i * n : (i + 1) * n]) for i in range(args.prompts)]
-        llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+        warm_up = TokensPrompt(prompt_token_ids=ids[-n:])  # not one of the prompts: they must start cold
+        llm.generate([warm_up], SamplingParams(max_tokens=2), use_tqdm=False)
         if args.output_tokens:
             out = args.output_tokens
             start = time.perf_counter()
@@ -74,15 +91,18 @@ def main() -> None:
                   f"in {wall:.1f} s, {args.prompts * out / wall:.1f} output tok/s")
             del llm
             continue
-        start = time.perf_counter()
-        llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        params = SamplingParams(max_tokens=1 + args.decode_steps, ignore_eos=True)
-        llm.generate(prompts, params, use_tqdm=False)
-        decode = time.perf_counter() - start - prefill
-        print(f"{label}: prefill {args.prompts} x {n} tokens {prefill:.2f} s; "
-              f"decode step with {args.prompts} sequences {decode / args.decode_steps * 1e3:.0f} ms")
+        prefill = wall(llm, prompts, 1)
+        longer = 1 + args.decode_steps
+        if args.repeats == 1:  # a second cold run: its decode steps are what it adds
+            steps = [(wall(llm, prompts, longer) - prefill) / args.decode_steps]
+        else:  # the prompts are cached now: both runs of a pair recompute one token per prompt
+            steps = [(wall(llm, prompts, longer) - wall(llm, prompts, 1)) / args.decode_steps
+                     for _ in range(args.repeats)]
+        spread = ""
+        if len(steps) > 1:
+            spread = f" (min {min(steps) * 1e3:.0f}, max {max(steps) * 1e3:.0f}, {len(steps)} runs)"
+        print(f"{label}: prefill {args.prompts} x {n} tokens {prefill:.2f} s; decode step with "
+              f"{args.prompts} sequences {statistics.median(steps) * 1e3:.0f} ms{spread}", flush=True)
         del llm
 
 

@@ -66,15 +66,18 @@ def slug(*parts: str) -> str:
     return "-".join(p.replace(" ", "_").replace(",", "").replace("'", "") for p in parts)
 
 
-def bench(url: str, model: Path, workload: Workload, result: Path) -> dict:
-    """One `vllm bench serve` run; its saved JSON."""
+def bench(url: str, model: Path, workload: Workload, result: Path, prompts: int) -> dict:
+    """One `vllm bench serve` run of `prompts` requests; its saved JSON."""
     vllm = Path(sys.executable).with_name("vllm")
     command = [
         str(vllm), "bench", "serve", "--backend", "openai", "--base-url", url, "--model", str(model),
-        "--num-prompts", str(workload.prompts), "--ignore-eos", "--seed", "0", "--disable-tqdm",
+        "--num-prompts", str(prompts), "--ignore-eos", "--seed", "0", "--disable-tqdm",
         "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name, *workload.args,
     ]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    run = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if run.returncode:
+        tail = "\n".join(run.stderr.splitlines()[-20:])
+        raise RuntimeError(f"vllm bench serve failed ({run.returncode}):\n{tail}")
     return json.loads(result.read_text())
 
 
@@ -83,6 +86,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["auto", "fp8", "nf4"])
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--out", type=Path, required=True, help="markdown; JSON results go to OUT's stem/")
+    parser.add_argument("--num-prompts", type=int, help="instead of each workload's own (a quick try)")
     args = parser.parse_args()
     results_dir = args.out.with_suffix("")
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +103,7 @@ def main() -> None:
                 if label == CONTROL and workload.name != "decode-heavy":
                     continue
                 result = results_dir / f"{slug(workload.name, label)}.json"
-                data = bench(server.url, args.model, workload, result)
+                data = bench(server.url, args.model, workload, result, args.num_prompts or workload.prompts)
                 rows[workload.name].append((label, tokens, data))
                 print(f"{workload.name} {label}: {data['output_throughput']:.1f} output tok/s", flush=True)
         if dtype == "nf4" and kv_bytes == 64 * MIB and tokens and "auto" in args.dtypes:
@@ -113,7 +117,8 @@ def main() -> None:
     for workload in WORKLOADS:
         base = next((d["output_throughput"] for label, _, d in rows[workload.name] if label == "auto"), None)
         lines += [
-            f"**{workload.name}** ({workload.prompts} prompts, {workload.kv_bytes // MIB} MiB of KV; "
+            f"**{workload.name}** ({args.num_prompts or workload.prompts} prompts, "
+            f"{workload.kv_bytes // MIB} MiB of KV; "
             f"`{' '.join(workload.args)}`)",
             "",
             "| kv-cache-dtype | KV tokens | output tok/s | vs auto | mean TTFT (ms) | mean TPOT (ms) |",
