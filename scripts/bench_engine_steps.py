@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def wall(llm, prompts, max_tokens: int) -> float:
+def generate_seconds(llm, prompts, max_tokens: int) -> float:
     """Seconds `llm` takes to generate exactly `max_tokens` for each of `prompts`."""
     from vllm import SamplingParams
 
@@ -91,13 +91,14 @@ def main() -> None:
                   f"in {wall:.1f} s, {args.prompts * out / wall:.1f} output tok/s")
             del llm
             continue
-        prefill = wall(llm, prompts, 1)
+        prefill = generate_seconds(llm, prompts, 1)
         longer = 1 + args.decode_steps
         if args.repeats == 1:  # a second cold run: its decode steps are what it adds
-            steps = [(wall(llm, prompts, longer) - prefill) / args.decode_steps]
+            steps = [(generate_seconds(llm, prompts, longer) - prefill) / args.decode_steps]
         else:  # the prompts are cached now: both runs of a pair recompute one token per prompt
-            steps = [(wall(llm, prompts, longer) - wall(llm, prompts, 1)) / args.decode_steps
+            pairs = [(generate_seconds(llm, prompts, longer), generate_seconds(llm, prompts, 1))
                      for _ in range(args.repeats)]
+            steps = [(long_run - short_run) / args.decode_steps for long_run, short_run in pairs]
         spread = ""
         if len(steps) > 1:
             spread = f" (min {min(steps) * 1e3:.0f}, max {max(steps) * 1e3:.0f}, {len(steps)} runs)"

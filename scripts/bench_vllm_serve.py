@@ -87,11 +87,14 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--out", type=Path, required=True, help="markdown; JSON results go to OUT's stem/")
     parser.add_argument("--num-prompts", type=int, help="instead of each workload's own (a quick try)")
+    parser.add_argument("--workloads", nargs="+", choices=[w.name for w in WORKLOADS],
+                        help="only these (default: all)")
     args = parser.parse_args()
     results_dir = args.out.with_suffix("")
     results_dir.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, list[tuple[str, int | None, dict]]] = {w.name: [] for w in WORKLOADS}
-    budgets = sorted({w.kv_bytes for w in WORKLOADS})
+    workloads = [w for w in WORKLOADS if not args.workloads or w.name in args.workloads]
+    rows: dict[str, list[tuple[str, int | None, dict]]] = {w.name: [] for w in workloads}
+    budgets = sorted({w.kv_bytes for w in workloads})
     servers = [(dtype, dtype, budget) for budget in budgets for dtype in args.dtypes]
     for label, dtype, kv_bytes in servers:
         log = results_dir / f"server-{slug(label)}-{kv_bytes // MIB}MiB.log"
@@ -99,14 +102,15 @@ def main() -> None:
         with LoopbackServer.serve(args.model, log, *flags, env=serve_env()) as server:
             server.wait_ready(timeout_s=600)
             tokens = capacity(log)
-            for workload in (w for w in WORKLOADS if w.kv_bytes == kv_bytes):
-                if label == CONTROL and workload.name != "decode-heavy":
+            for workload in workloads:
+                if (workload.name != "decode-heavy") if label == CONTROL else (workload.kv_bytes != kv_bytes):
                     continue
                 result = results_dir / f"{slug(workload.name, label)}.json"
                 data = bench(server.url, args.model, workload, result, args.num_prompts or workload.prompts)
                 rows[workload.name].append((label, tokens, data))
                 print(f"{workload.name} {label}: {data['output_throughput']:.1f} output tok/s", flush=True)
-        if dtype == "nf4" and kv_bytes == 64 * MIB and tokens and "auto" in args.dtypes:
+        wants_control = any(w.name == "decode-heavy" for w in workloads) and "auto" in args.dtypes
+        if dtype == "nf4" and kv_bytes == 64 * MIB and tokens and wants_control:
             servers.append((CONTROL, "auto", tokens * auto_bytes_per_token(args.model)))
     lines = [
         f"`vllm bench serve` against `vllm serve {args.model.name}` ({' '.join(SERVER_FLAGS)}), "
@@ -114,7 +118,7 @@ def main() -> None:
         f"[{results_dir.name}/]({results_dir.name}/).",
         "",
     ]
-    for workload in WORKLOADS:
+    for workload in workloads:
         base = next((d["output_throughput"] for label, _, d in rows[workload.name] if label == "auto"), None)
         lines += [
             f"**{workload.name}** ({args.num_prompts or workload.prompts} prompts, "
