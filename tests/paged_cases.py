@@ -11,8 +11,10 @@ from vllm_nf4kv import reference
 from vllm_nf4kv.format import format_for
 
 
-def fill_cache(seq_lens, num_kv_heads, head_dim, block_size, seed=0, layout=None):
-    """Random K/V written through the reference codec into shuffled blocks."""
+def fill_cache(
+    seq_lens, num_kv_heads, head_dim, block_size, seed=0, layout=None, store=reference.write_paged
+):
+    """Random K/V written through the reference codec (or `store`, same signature) into shuffled blocks."""
     gen = torch.Generator().manual_seed(seed)
     layout = layout or format_for("nf4", head_dim)
     blocks_per_seq = [-(-n // block_size) for n in seq_lens]
@@ -27,5 +29,5 @@ def fill_cache(seq_lens, num_kv_heads, head_dim, block_size, seed=0, layout=None
         slots = torch.tensor([int(table[r, t // block_size]) * block_size + t % block_size for t in range(n)])
         key = torch.randn(n, num_kv_heads, head_dim, generator=gen) * 2
         value = torch.randn(n, num_kv_heads, head_dim, generator=gen)
-        reference.write_paged(cache, key, value, slots, layout)
+        store(cache, key, value, slots, layout)
     return cache, table, layout
