@@ -67,15 +67,31 @@ def per_group_only(ops: Any) -> bool:
     return "key_relative_bits" not in _arguments(ops.store)
 
 
+def takes_model_tensors(ops: Any) -> bool:
+    """Whether `ops` take K/V/queries in the model's dtype, the calibration and an output to write."""
+    return "key_offset" in _arguments(ops.store)
+
+
 def previous_layout(head_dim: int) -> CellLayout:
     """What ``--kv-cache-dtype nf4`` stored before two-level key rows: ``D / 4`` ue5m3 groups, K and V."""
     row = RowFormat(head_dim, max(16, head_dim // 4))
     return CellLayout(row, row)
 
 
+def _rows_of(ops: Any, layout: CellLayout) -> tuple:
+    """The rows' arguments in `ops`' signature: a group size each, or (group, bits, ladder) each."""
+    if per_group_only(ops):
+        return layout.key.group_size, layout.value.group_size
+    return (*cpu_kernels._row_args(layout.key), *cpu_kernels._row_args(layout.value))
+
+
 def attention_of(ops: Any) -> Callable[..., torch.Tensor]:
-    """``attention(query, cache, layout, starts, lens, table, scale)`` through `ops`, any signature."""
-    if not per_group_only(ops):
+    """``attention(query, cache, layout, starts, lens, table, scale)`` through `ops`, any signature.
+
+    Revisions before :class:`cpu_kernels.LayoutKernels` took contiguous fp32 queries and a
+    zeroed fp32 output, as the wrapper of their day made them (that conversion is timed too).
+    """
+    if takes_model_tensors(ops):
         return partial(cpu_kernels.attention, ops=ops)
     levels, scales = nf4_levels(), decode_scale(torch.arange(SCALE_CODE_MAX + 1)).contiguous()
 
@@ -84,8 +100,7 @@ def attention_of(ops: Any) -> Callable[..., torch.Tensor]:
         out = torch.zeros_like(query)
         ops.attention(
             query, cache, table.int().contiguous(), rotation_signs(layout.head_dim), lens.int().contiguous(),
-            starts.int().contiguous(), levels, scales, float(scale), True, 0, layout.key.group_size,
-            layout.value.group_size, out,
+            starts.int().contiguous(), levels, scales, float(scale), True, 0, *_rows_of(ops, layout), out,
         )
         return out
 
@@ -96,12 +111,12 @@ def store_of(ops: Any) -> Callable[..., None]:
     """``store(cache, key, value, slots, layout)`` through `ops`, whichever op signature its revision has.
 
     Revisions before per-row search steps take one ``search_steps`` for K and V; revisions
-    before two-level rows take a group size per row and per-row search steps.
+    before two-level rows take a group size per row; revisions before
+    :class:`cpu_kernels.LayoutKernels` take contiguous fp32 K and V.
     """
-    arguments = _arguments(ops.store)
-    if "search_steps" not in arguments and not per_group_only(ops):
+    if takes_model_tensors(ops):
         return partial(cpu_kernels.store, ops=ops)
-
+    arguments = _arguments(ops.store)
     tables = nf4_levels(), nf4_midpoints(), decode_scale(torch.arange(SCALE_CODE_MAX + 1)).contiguous()
 
     def store(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
@@ -113,8 +128,7 @@ def store_of(ops: Any) -> Callable[..., None]:
             layout.key.search_steps, layout.value.search_steps)
         ops.store(
             key.float().contiguous(), value.float().contiguous(), cache, slots.long().contiguous(),
-            rotation_signs(layout.head_dim), *tables, layout.key.group_size, layout.value.group_size,
-            *steps,
+            rotation_signs(layout.head_dim), *tables, *_rows_of(ops, layout), *steps,
         )
 
     return store

@@ -361,7 +361,8 @@ def test_cpu_backend_serves_biased_keys_and_values_through_the_transform(kernels
             config = types.SimpleNamespace(model_config=types.SimpleNamespace(dtype=torch.float32))
             patch.setattr(cpu_attn, "get_current_vllm_config", lambda: config)
             impl = NF4CPUAttentionImpl(heads, dim, dim**-0.5, kv_heads, None, None, "nf4")
-        impl.use_kernels = kernels
+        if not kernels:
+            impl.kernels = None  # the PyTorch path, as where the kernels cannot be built
         impl.smoothing = smoothing
         cache = torch.zeros(4, kv_heads, block, impl.layout.cell_bytes, dtype=torch.uint8)
         impl.do_kv_cache_update(layer, k, v, cache, torch.arange(tokens))

@@ -21,6 +21,7 @@ from vllm_nf4kv import cpu_kernels, reference
 from vllm_nf4kv import format as fmt
 from vllm_nf4kv.format import SCALE_CODE_MAX, CellLayout, RowFormat, format_for
 from vllm_nf4kv.kernel_limits import CPU_LIMITS
+from vllm_nf4kv.kv_transform import KVTransform
 from vllm_nf4kv.reference_attention import ATTENTION_TOLERANCE, paged_attention_reference
 from vllm_nf4kv.rotation import rotate, unrotate
 
@@ -288,6 +289,68 @@ def test_padding_rows_are_zero_and_bad_metadata_is_refused(native):
         attend(query, [0], [1])
     with pytest.raises(ValueError, match="query must be"):
         attend(query[..., :32], starts, seq_lens)
+
+
+def _calibration(num_heads, num_kv_heads, head_dim, seed) -> KVTransform:
+    gen = torch.Generator().manual_seed(seed)
+    key_scale = torch.rand(num_kv_heads, head_dim, generator=gen) * 3 + 0.25
+    key_offset = torch.randn(num_kv_heads, head_dim, generator=gen) * 4
+    value_offset = torch.randn(num_kv_heads, head_dim, generator=gen) * 2
+    return KVTransform(key_scale, key_offset, value_offset, num_heads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("calibrated", [True, False], ids=["calibrated", "plain"])
+@pytest.mark.parametrize("build", BUILDS)
+def test_the_ops_take_vllms_tensors_and_the_calibration_with_the_transforms_bits(
+    dtype, calibrated, build, request
+):
+    """What the backend hands the ops (strided K/V views of the model's qkv, queries and an
+    output in the model's dtype, the layer's calibration tables) stores the bytes and writes the
+    outputs of the PyTorch transform + fp32 ops + copy into the output, bit for bit: moving that
+    work into the ops changed no bit of the cache or of any output. A padding row past the last
+    query gets zero attention (plus the offset), as before."""
+    ops = request.getfixturevalue(build)
+    num_heads, num_kv_heads, head_dim, block_size = 8, 2, 64, 16
+    seq_lens = [40, 700, 9]  # a decode, a decode over two key segments, a prefill of 9
+    starts = torch.tensor([0, 1, 2, 11], dtype=torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    blocks = [-(-n // block_size) for n in seq_lens]
+    table = torch.zeros(3, max(blocks), dtype=torch.int32)
+    first = 0
+    for r, n in enumerate(blocks):
+        table[r, :n] = torch.arange(first, first + n)
+        first += n
+    slots = torch.cat([table[r, torch.arange(n) // block_size] * block_size + torch.arange(n) % block_size
+                       for r, n in enumerate(seq_lens)]).long()  # fmt: skip
+    gen = torch.Generator().manual_seed(7)
+    width = (num_heads + 2 * num_kv_heads) * head_dim  # vLLM's qkv: K and V are strided views of it
+    qkv = (torch.randn(len(slots), width, generator=gen) * 3).to(dtype)
+    key = qkv[:, num_heads * head_dim :][:, : num_kv_heads * head_dim].view(-1, num_kv_heads, head_dim)
+    value = qkv[:, (num_heads + num_kv_heads) * head_dim :].view(-1, num_kv_heads, head_dim)
+    assert not key.is_contiguous()
+    query = torch.randn(12, num_heads, head_dim, generator=gen).to(dtype)  # the last row: padding
+    transform = _calibration(num_heads, num_kv_heads, head_dim, seed=3) if calibrated else None
+    layout = format_for("nf4", head_dim)
+    metadata = (starts, lens, table)
+
+    before = torch.zeros(first, num_kv_heads, block_size, layout.cell_bytes, dtype=torch.uint8)
+    k, v, q = (key, value, query) if transform is None else (
+        transform.keys(key), transform.values(value), transform.queries(query))  # fmt: skip
+    cpu_kernels.store(before, k, v, slots, layout, ops=ops)
+    fp32 = cpu_kernels.attention(q, before, layout, *metadata, head_dim**-0.5, ops=ops)
+    want = torch.empty_like(query)
+    want[:] = fp32 if transform is None else transform.outputs(fp32)
+
+    kernels = cpu_kernels.LayoutKernels(layout, ops)
+    after = torch.zeros_like(before)
+    kernels.store(after, key, value, slots, **(transform.store_tables(key.device) if transform else {}))
+    got = torch.full_like(query, float("nan"))
+    tables = transform.attention_tables(query.device) if transform else {}
+    kernels.attention(query, after, *metadata, head_dim**-0.5, out=got, **tables)
+    assert torch.equal(after, before)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert not got.isnan().any()
 
 
 @pytest.mark.parametrize("build", BUILDS)

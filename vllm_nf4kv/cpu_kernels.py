@@ -222,7 +222,7 @@ def check_layout(layout: CellLayout) -> None:
     _check_layout(layout, CPU_LIMITS)
 
 
-@cache  # every store and attention call checks, and a one-token store takes ~12 us in all
+@cache  # store() and attention() check on every call; a one-token store takes ~10 us in all
 def _check_layout(layout: CellLayout, limits: KernelLimits) -> None:
     refused = limits.layout_refusals(layout)
     if refused:
@@ -236,7 +236,6 @@ def _tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return nf4_levels(), nf4_midpoints(), decode_scale(torch.arange(fmt.SCALE_CODE_MAX + 1)).contiguous()
 
 
-@cache
 def _row_args(row: fmt.RowFormat) -> tuple[int, int, torch.Tensor]:
     """A row's scheme as the ops take it: group size, relative bits (0: ue5m3 a group), ladder."""
     bits = row.relative_bits
@@ -244,45 +243,121 @@ def _row_args(row: fmt.RowFormat) -> tuple[int, int, torch.Tensor]:
     return row.group_size, bits, ladder.contiguous()
 
 
+_HEAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # csrc/head_rows.h reads these
+
+
+def _head_vectors(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the ops read it: a dtype they convert themselves, head vectors contiguous."""
+    if x.dtype not in _HEAD_DTYPES:
+        x = x.float()
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class LayoutKernels:
+    """The two ops bound to one cell layout: checked, and their tables made, once.
+
+    A backend holds one per layer (the layout cannot change; ``check_layer`` refused at startup
+    what the kernels cannot take), so a call costs the op and the op's own checks of the
+    tensors, nothing else: per layer and decode step, Python around a short decode's kernels
+    had cost as much as the kernels (``docs/performance.md``). The calibration
+    (``KVTransform.store_tables`` / ``attention_tables``) is applied inside the ops, with the
+    PyTorch transform's arithmetic: the same bytes and outputs bit for bit.
+    """
+
+    def __init__(self, layout: CellLayout, ops: Any | None = None) -> None:
+        check_layout(layout)
+        self.layout = layout
+        self.ops = _ops(ops)
+        levels, midpoints, scales = _tables()
+        signs = rotation_signs(layout.head_dim)
+        key, value = _row_args(layout.key), _row_args(layout.value)
+        steps = (layout.key.search_steps, layout.value.search_steps)
+        self._store_args = (signs, levels, midpoints, scales, *key, *value, *steps)
+        self._attention_tables = (levels, scales)
+        self._signs = signs
+        self._row_args = (*key, *value)
+
+    def store(
+        self,
+        kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes] uint8
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], as the model made it
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        slot_mapping: torch.Tensor,  # [num_tokens], < 0 skipped
+        key_offset: torch.Tensor | None = None,  # [num_kv_heads, head_dim] fp32: c
+        key_scale: torch.Tensor | None = None,  # d
+        value_offset: torch.Tensor | None = None,  # mu
+    ) -> None:
+        """Rotate and quantize ``(k - c) * d`` and ``v - mu`` into their slots: the bytes of
+        :func:`reference.write_paged`. Each row's search steps come from the layout
+        (``layout.key.search_steps``): they decide the bytes, so they belong to the format."""
+        self.ops.store(
+            _head_vectors(key), _head_vectors(value), kv_cache, slot_mapping.long().contiguous(),
+            *self._store_args, key_offset, key_scale, value_offset,
+        )
+
+    def attention(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim], as the model made it
+        kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes] uint8
+        query_start_loc: torch.Tensor,  # [num_reqs + 1]
+        seq_lens: torch.Tensor,  # [num_reqs], tokens in the cache incl. this step's
+        block_table: torch.Tensor,  # [num_reqs, max_blocks]
+        scale: float,
+        causal: bool = True,
+        sliding_window: int | None = None,
+        out: torch.Tensor | None = None,  # shaped like query, any float dtype: written in place
+        query_scale: torch.Tensor | None = None,  # [num_heads, head_dim] fp32: 1 / d
+        output_offset: torch.Tensor | None = None,  # mu
+    ) -> torch.Tensor:
+        """Attention of ``query * query_scale`` over the NF4 pages, plus ``output_offset``, into
+        ``out`` (default: a new fp32 tensor), which is returned. Queries are rotated in and
+        outputs back inside the op. Rows past ``query_start_loc[-1]`` (vLLM's padding) get zero
+        attention."""
+        query = _head_vectors(query)
+        if out is None:
+            out = torch.empty(query.shape, dtype=torch.float32)
+        self.ops.attention(
+            query, kv_cache, block_table.int().contiguous(), self._signs, seq_lens.int().contiguous(),
+            query_start_loc.int().contiguous(), *self._attention_tables, float(scale), bool(causal),
+            int(sliding_window or 0), *self._row_args, out, query_scale, output_offset,
+        )
+        return out
+
+
+@cache
+def _bound(layout: CellLayout, ops: Any) -> LayoutKernels:
+    return LayoutKernels(layout, ops)
+
+
 def store(
-    kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes] uint8
-    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], as the model made it
-    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-    slot_mapping: torch.Tensor,  # [num_tokens], < 0 skipped
+    kv_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
     layout: CellLayout,
     ops: Any | None = None,
 ) -> None:
-    """Rotate and quantize K/V into their slots: the same bytes as :func:`reference.write_paged`.
-
-    Each row's search steps come from the layout (``layout.key.search_steps``,
-    ``layout.value.search_steps``): they decide the bytes, so they belong to the format.
-    """
-    check_layout(layout)
+    """:meth:`LayoutKernels.store` without calibration, for callers that hold no
+    :class:`LayoutKernels` (tests, benchmarks): the same bytes as :func:`reference.write_paged`."""
+    check_layout(layout)  # each call: the limits are module state (the tests patch them)
     check_paged_cache(kv_cache, layout)
-    levels, midpoints, scales = _tables()
-    _ops(ops).store(
-        key.float().contiguous(), value.float().contiguous(), kv_cache, slot_mapping.long().contiguous(),
-        rotation_signs(layout.head_dim), levels, midpoints, scales, *_row_args(layout.key),
-        *_row_args(layout.value), layout.key.search_steps, layout.value.search_steps,
-    )
+    _bound(layout, _ops(ops)).store(kv_cache, key, value, slot_mapping)
 
 
 def attention(
-    query: torch.Tensor,  # [num_tokens, num_heads, head_dim], as the model made it
-    kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, cell_bytes] uint8
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
     layout: CellLayout,
-    query_start_loc: torch.Tensor,  # [num_reqs + 1]
-    seq_lens: torch.Tensor,  # [num_reqs], tokens in the cache incl. this step's
-    block_table: torch.Tensor,  # [num_reqs, max_blocks]
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
     scale: float,
     causal: bool = True,
     sliding_window: int | None = None,
     ops: Any | None = None,
 ) -> torch.Tensor:
-    """Attention over NF4 pages: fp32 ``[num_tokens, Hq, D]`` (queries rotated in, outputs back).
-
-    Rows past ``query_start_loc[-1]`` (vLLM's padding) are zero.
-    """
+    """:meth:`LayoutKernels.attention` without calibration into a new fp32 ``[num_tokens, Hq, D]``,
+    the arguments checked in Python first (``ValueError`` naming what is wrong)."""
     check_layout(layout)
     check_paged_cache(kv_cache, layout)
     if query.dim() != 3 or query.shape[-1] != layout.head_dim:
@@ -292,12 +367,6 @@ def attention(
     gqa = CPU_LIMITS.gqa_refusal(query.shape[1], kv_cache.shape[1])
     if gqa is not None:
         raise ValueError(f"the nf4 CPU kernels do not take {gqa}")
-    query = query.float().contiguous()
-    out = torch.zeros_like(query)
-    levels, _, scales = _tables()
-    _ops(ops).attention(
-        query, kv_cache, block_table.int().contiguous(), rotation_signs(layout.head_dim),
-        seq_lens.int().contiguous(), query_start_loc.int().contiguous(), levels, scales, float(scale),
-        bool(causal), int(sliding_window or 0), *_row_args(layout.key), *_row_args(layout.value), out,
+    return _bound(layout, _ops(ops)).attention(
+        query, kv_cache, query_start_loc, seq_lens, block_table, scale, causal, sliding_window
     )
-    return out

@@ -7,7 +7,8 @@ that touch pages: ``do_kv_cache_update`` quantizes K/V into NF4 cells, and
 prefix-cache hit reads exactly what a cold run wrote.
 
 Both run the C++ kernels of :mod:`vllm_nf4kv.cpu_kernels` (built on first
-use); where they cannot be built, the PyTorch reference path
+use), bound to the layer's layout once, the calibration applied inside them as the Triton
+kernels do; where they cannot be built, the PyTorch reference path
 (:func:`vllm_nf4kv.reference.write_paged`, :mod:`vllm_nf4kv.paged_attention`),
 which writes the same bytes and is several times slower.
 """
@@ -80,40 +81,42 @@ class NF4CPUAttentionImpl(NF4ImplBase, CPUAttentionBackendImpl):
 
     def init_platform(self, *args: Any) -> None:
         CPUAttentionBackendImpl.__init__(self, *args)
-        self.use_kernels = cpu_kernels.available()
+        self.kernels = cpu_kernels.LayoutKernels(self.layout) if cpu_kernels.available() else None
         logger.info_once("nf4 KV cache on CPU: %s", cpu_kernels.describe())
 
     def store(
         self, cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
         transform: KVTransform | None,
     ) -> None:
+        if self.kernels is not None:  # the op stores min(tokens, slots) tokens
+            tables = transform.store_tables(cache.device) if transform is not None else {}
+            self.kernels.store(cache, key, value, slot_mapping, **tables)
+            return
         n = slot_mapping.shape[0]
         key, value = key[:n], value[:n]
         if transform is not None:
             key, value = transform.keys(key), transform.values(value)
-        if not self.use_kernels:
-            write_paged(cache, key, value, slot_mapping, self.layout)
-            return
-        cpu_kernels.store(cache, key, value, slot_mapping, self.layout)
+        write_paged(cache, key, value, slot_mapping, self.layout)
 
     def attend(
         self, query: torch.Tensor, cache: torch.Tensor, attn_metadata: CPUAttentionMetadata,
         transform: KVTransform | None, output: torch.Tensor,
     ) -> None:
-        if transform is not None:
-            query = transform.queries(query)
         metadata = (attn_metadata.query_start_loc, attn_metadata.seq_lens, attn_metadata.block_table)
         window = self.sliding_window if self.sliding_window > 0 else None
-        if self.use_kernels:  # rotation in and out happens inside the kernel
-            result = cpu_kernels.attention(
-                query, cache, self.layout, *metadata, self.scale, attn_metadata.causal, window
+        if self.kernels is not None:  # rotation in and out, calibration, output dtype: inside the op
+            tables = transform.attention_tables(cache.device) if transform is not None else {}
+            self.kernels.attention(
+                query, cache, *metadata, self.scale, attn_metadata.causal, window, out=output, **tables
             )
-        else:
-            rotated = paged_attention(
-                rotate(query, ATTENTION_DTYPE), cache, self.layout, *metadata, self.scale,
-                attn_metadata.causal, window,
-            )
-            result = unrotate(rotated, torch.float32 if transform is not None else output.dtype)
+            return
+        if transform is not None:
+            query = transform.queries(query)
+        rotated = paged_attention(
+            rotate(query, ATTENTION_DTYPE), cache, self.layout, *metadata, self.scale,
+            attn_metadata.causal, window,
+        )
+        result = unrotate(rotated, torch.float32 if transform is not None else output.dtype)
         if transform is not None:
             result = transform.outputs(result)
         output[:] = result

@@ -6,7 +6,8 @@
 // This file checks the batch, cuts it into tasks and runs them on the thread pool; the
 // arithmetic is attention_math.h, the decoding decoders.h, the rotation rotation.h. A task's
 // bits depend only on its own queries and keys (attention_math.h), never on which thread runs
-// it or what else is in the batch.
+// it or what else is in the batch. Queries and outputs are vLLM's tensors in the model's dtype,
+// the layer's calibration applied on the way (head_rows.h).
 
 #include <ATen/Parallel.h>
 
@@ -17,6 +18,7 @@
 #include "common.h"
 #include "decode_step.h"
 #include "decoders.h"
+#include "head_rows.h"
 #include "ops.h"
 #include "rotation.h"
 
@@ -39,8 +41,8 @@ struct Batch {
   const int32_t* block_table;  // [num_reqs, max_blocks]
   const int32_t* starts;       // query_start_loc
   const int32_t* lens;         // seq_lens
-  const float* query;
-  float* out;
+  HeadRows query, out;
+  HeadTable query_scale, output_offset;  // [num_heads, head_dim] each, or none
   float scale;
   bool causal;
   int64_t sliding_window;
@@ -49,11 +51,12 @@ struct Batch {
 Batch check_batch(const at::Tensor& query, const at::Tensor& cache, const at::Tensor& block_table,
                   const at::Tensor& seq_lens, const at::Tensor& query_start_loc, double scale, bool causal,
                   int64_t sliding_window, const RowGeometry& key_row, const RowGeometry& value_row,
-                  const at::Tensor& out) {
-  TORCH_CHECK(query.dtype() == at::kFloat && query.is_contiguous() && query.dim() == 3,
-              "query must be contiguous fp32 [num_tokens, num_heads, head_dim]");
-  TORCH_CHECK(out.dtype() == at::kFloat && out.is_contiguous() && out.sizes() == query.sizes(),
-              "out must be contiguous fp32 shaped like the query ", query.sizes(), ", got ", out.dtype(), " ",
+                  const at::Tensor& out, const std::optional<at::Tensor>& query_scale,
+                  const std::optional<at::Tensor>& output_offset) {
+  Batch b{};
+  b.query = HeadRows(query, "query");
+  b.out = HeadRows(out, "out");
+  TORCH_CHECK(out.sizes() == query.sizes(), "out must be shaped like the query ", query.sizes(), ", got ",
               out.sizes());
   TORCH_CHECK(block_table.dtype() == at::kInt && block_table.is_contiguous() && block_table.dim() == 2,
               "block_table must be contiguous int32 [num_reqs, max_blocks], got ", block_table.dtype(), " ",
@@ -66,7 +69,6 @@ Batch check_batch(const at::Tensor& query, const at::Tensor& cache, const at::Te
               num_reqs, " requests needs query_start_loc of >= ", num_reqs + 1, " entries (got ",
               query_start_loc.size(0), ") and a block_table of >= ", num_reqs, " rows (got ", block_table.size(0),
               ")");
-  Batch b{};
   CacheGeometry& g = b.g;
   g.num_heads = query.size(1);
   g.head_dim = query.size(2);
@@ -87,8 +89,8 @@ Batch check_batch(const at::Tensor& query, const at::Tensor& cache, const at::Te
   b.block_table = block_table.data_ptr<int32_t>();
   b.starts = query_start_loc.data_ptr<int32_t>();
   b.lens = seq_lens.data_ptr<int32_t>();
-  b.query = query.data_ptr<float>();
-  b.out = out.data_ptr<float>();
+  b.query_scale = HeadTable(query_scale, g.num_heads, g.head_dim, "query_scale");
+  b.output_offset = HeadTable(output_offset, g.num_heads, g.head_dim, "output_offset");
   b.scale = static_cast<float>(scale);
   b.causal = causal;
   b.sliding_window = sliding_window;
@@ -170,16 +172,36 @@ void order_longest_first(std::vector<Task>& tasks, const Batch& b) {
   std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& x, const Task& y) { return cost(x) > cost(y); });
 }
 
-// out = rotation^-1 (acc / sum): a row's output from its folded softmax (acc is overwritten).
-inline void write_output(const SoftmaxState& state, const Rotation& rotation, int64_t head_dim, float* out) {
-  const float inv = 1.0f / state.sum;
-  for (int64_t i = 0; i < head_dim; ++i) state.acc[i] = state.acc[i] * inv;
-  rotation.inverse(state.acc, out);
+// Where a row's output goes: its token and query head.
+struct RowPlace {
+  int64_t token, head;
+};
+
+// Row `row` (of this KV head's query heads) of query j of a request.
+RowPlace place_of(const Batch& b, int64_t request, int64_t kv_head, int64_t j, int64_t row) {
+  return {b.starts[request] + j, kv_head * b.group + row};
 }
 
-// (token, query head) index of row `row` of query j of a request, for a KV head
-int64_t token_head(const Batch& b, int64_t request, int64_t kv_head, int64_t j, int64_t row) {
-  return (b.starts[request] + j) * b.g.num_heads + kv_head * b.group + row;
+// A row's output (fp32, in the model's space) plus the calibration's offset, in out's dtype.
+inline void store_output(const Batch& b, RowPlace place, float* output) {
+  add_offset(output, b.g.head_dim, b.output_offset, place.head);
+  b.out.write(place.token, place.head, b.g.head_dim, output);
+}
+
+// out = rotation^-1 (acc / sum): a row's output from its folded softmax (acc is overwritten).
+inline void write_output(const Batch& b, const SoftmaxState& state, const Rotation& rotation, RowPlace place) {
+  const int64_t d = b.g.head_dim;
+  const float inv = 1.0f / state.sum;
+  for (int64_t i = 0; i < d; ++i) state.acc[i] = state.acc[i] * inv;
+  float output[CPU_MAX_HEAD_DIM];
+  rotation.inverse(state.acc, output);
+  store_output(b, place, output);
+}
+
+// A row no key reaches, or past the batch's last query (vLLM's padding): zero attention.
+inline void write_zero_output(const Batch& b, RowPlace place) {
+  float output[CPU_MAX_HEAD_DIM] = {};
+  store_output(b, place, output);
 }
 
 // One thread's scratch, and the steps of one task: rotate its query rows in, then per key
@@ -244,7 +266,11 @@ class TaskRunner {
     score_rows_.resize(num_rows_);
     acc_rows_.resize(num_rows_);
     for (int64_t row = 0; row < num_rows_; ++row) {
-      rotation_.forward(b_.query + row_index(row) * d, query_rows_.data() + row * d);
+      const RowPlace place = place_of_row(row);
+      float query[CPU_MAX_HEAD_DIM];
+      b_.query.read(place.token, place.head, d, query);
+      shift_and_scale(query, d, HeadTable(), b_.query_scale, place.head);
+      rotation_.forward(query, query_rows_.data() + row * d);
       q_rows_[row] = query_rows_.data() + row * d;
       score_rows_[row] = scores_.data() + row * kKeySegment;
       acc_rows_[row] = acc_.data() + row * d;
@@ -305,13 +331,11 @@ class TaskRunner {
   }
 
   [[gnu::always_inline]] void write_outputs() {
-    const int64_t d = b_.g.head_dim;
     for (int64_t row = 0; row < num_rows_; ++row) {
-      float* out = b_.out + row_index(row) * d;
       if (!started_[row])  // no key to read: cannot happen for decoders (a query sees itself)
-        std::fill(out, out + d, 0.0f);
+        write_zero_output(b_, place_of_row(row));
       else
-        write_output(states_[row], rotation_, d, out);
+        write_output(b_, states_[row], rotation_, place_of_row(row));
     }
   }
 
@@ -339,8 +363,8 @@ class TaskRunner {
     }
   }
 
-  int64_t row_index(int64_t row) const {
-    return token_head(b_, task_.request, task_.kv_head, task_.first_query + row / b_.group, row % b_.group);
+  RowPlace place_of_row(int64_t row) const {
+    return place_of(b_, task_.request, task_.kv_head, task_.first_query + row / b_.group, row % b_.group);
   }
 
   const Batch& b_;
@@ -377,7 +401,7 @@ void merge_decode(const Batch& b, const Rotation& rotation, const SplitDecode& s
       else
         state.fold(segment, slot + 2, d);
     }
-    write_output(state, rotation, d, b.out + token_head(b, split.request, split.kv_head, split.query, row) * d);
+    write_output(b, state, rotation, place_of(b, split.request, split.kv_head, split.query, row));
   }
 }
 
@@ -390,13 +414,14 @@ void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tenso
                const at::Tensor& levels, const at::Tensor& scale_values, double scale, bool causal,
                int64_t sliding_window, int64_t key_group, int64_t key_relative_bits, const at::Tensor& key_ladder,
                int64_t value_group, int64_t value_relative_bits, const at::Tensor& value_ladder,
-               const at::Tensor& out) {
+               const at::Tensor& out, const std::optional<at::Tensor>& query_scale,
+               const std::optional<at::Tensor>& output_offset) {
   TORCH_CHECK(query.dim() == 3, "query must be [num_tokens, num_heads, head_dim], got ", query.sizes());
   const int64_t head_dim = query.size(2);
   const RowGeometry key_row = row_geometry(head_dim, key_group, key_relative_bits, key_ladder);
   const RowGeometry value_row = row_geometry(head_dim, value_group, value_relative_bits, value_ladder);
   const Batch batch = check_batch(query, cache, block_table, seq_lens, query_start_loc, scale, causal,
-                                  sliding_window, key_row, value_row, out);
+                                  sliding_window, key_row, value_row, out, query_scale, output_offset);
   const Rotation rotation(signs_of(signs, batch.g.head_dim), batch.g.head_dim);
   const Tables t = tables_of(levels, nullptr, scale_values);
   std::vector<SplitDecode> splits;
@@ -417,6 +442,8 @@ void attention(const at::Tensor& query, const at::Tensor& cache, const at::Tenso
     std::vector<float> acc;
     for (int64_t i = begin; i < end; ++i) merge_decode(batch, rotation, splits[i], slots.data(), acc);
   });
+  for (int64_t token = batch.starts[batch.num_reqs]; token < query.size(0); ++token)
+    for (int64_t head = 0; head < batch.g.num_heads; ++head) write_zero_output(batch, {token, head});
 }
 
 }  // namespace NF4KV_OPS

@@ -42,13 +42,13 @@ NF4KV_LIBRARY(NF4KV_OPS, m) {
       "store(Tensor key, Tensor value, Tensor(a!) cache, Tensor slot_mapping, Tensor signs, Tensor levels, "
       "Tensor midpoints, Tensor scale_values, int key_group, int key_relative_bits, Tensor key_ladder, "
       "int value_group, int value_relative_bits, Tensor value_ladder, int key_search_steps, "
-      "int value_search_steps) -> ()");
+      "int value_search_steps, Tensor? key_offset=None, Tensor? key_scale=None, Tensor? value_offset=None) -> ()");
   m.def(
       "attention(Tensor query, Tensor cache, Tensor block_table, Tensor signs, Tensor seq_lens, "
       "Tensor query_start_loc, "
       "Tensor levels, Tensor scale_values, float scale, bool causal, int sliding_window, int key_group, "
       "int key_relative_bits, Tensor key_ladder, int value_group, int value_relative_bits, Tensor value_ladder, "
-      "Tensor(a!) out) -> ()");
+      "Tensor(a!) out, Tensor? query_scale=None, Tensor? output_offset=None) -> ()");
   m.def("has_avx512() -> bool", +[]() { return nf4kv::kAvx512; });
   m.def("format_constants() -> Dict(str, float)", &nf4kv::format_constants);
   m.def("row_geometry(int head_dim, int group, int relative_bits) -> int[]", &nf4kv::row_geometry_of);
