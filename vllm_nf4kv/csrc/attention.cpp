@@ -9,6 +9,7 @@
 // it or what else is in the batch. Queries and outputs are vLLM's tensors in the model's dtype,
 // the layer's calibration applied on the way (head_rows.h).
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
 #include <atomic>
@@ -58,6 +59,7 @@ Batch check_batch(const at::Tensor& query, const at::Tensor& cache, const at::Te
   b.out = HeadRows(out, "out");
   TORCH_CHECK(out.sizes() == query.sizes(), "out must be shaped like the query ", query.sizes(), ", got ",
               out.sizes());
+  at::assert_no_overlap(out, query);  // tasks read query rows while others write outputs
   TORCH_CHECK(block_table.dtype() == at::kInt && block_table.is_contiguous() && block_table.dim() == 2,
               "block_table must be contiguous int32 [num_reqs, max_blocks], got ", block_table.dtype(), " ",
               block_table.sizes());
@@ -173,9 +175,7 @@ void order_longest_first(std::vector<Task>& tasks, const Batch& b) {
 }
 
 // Where a row's output goes: its token and query head.
-struct RowPlace {
-  int64_t token, head;
-};
+struct RowPlace { int64_t token, head; };
 
 // Row `row` (of this KV head's query heads) of query j of a request.
 RowPlace place_of(const Batch& b, int64_t request, int64_t kv_head, int64_t j, int64_t row) {

@@ -1,0 +1,143 @@
+"""One attention layer's calls in a short decode step, nf4 against vLLM's bf16, as the backends make them.
+
+Where attention is a small part of a step (short contexts: issue 27's "not KV-bound" workload),
+what decides nf4's step time is what each layer costs around the kernels. Per layer and step,
+timed in-process with the batch's tensors as vLLM hands them (bf16 queries, K/V strided views
+of the qkv projection, the output to write, the layer's calibration tables):
+
+- ``bf16``: vLLM CPU's ``cpu_attn_reshape_and_cache`` + ``cpu_attention_with_kv_cache``;
+- ``nf4``: what the CPU backend calls, ``LayoutKernels.store`` + ``.attention`` with the
+  calibration applied inside the ops, writing vLLM's output in place;
+- ``nf4, transform in PyTorch``: the same ops the way the backend called them before
+  (``KVTransform`` on K, V, queries and outputs in PyTorch, fp32 copies, an fp32 output copied
+  into vLLM's): the same bytes and bits (tests/test_cpu_kernels.py), more Python.
+
+    OMP_NUM_THREADS=2 python scripts/bench_layer_calls.py --out docs/results/layer-calls.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from provenance import provenance
+
+from vllm_nf4kv import cpu_kernels
+from vllm_nf4kv.format import format_for
+from vllm_nf4kv.kv_transform import KVTransform
+
+SHAPE = ("SmolLM2-135M", 64, 9, 3)  # name, head_dim, query heads, KV heads
+BATCHES = [(2, 128), (2, 512), (8, 128), (8, 512)]  # sequences x tokens of context
+BLOCK_SIZE = 128
+
+
+def per_call_us(call: Callable[[], object], calls: int, repeats: int) -> float:
+    """Best of `repeats` means over `calls` calls (us per call)."""
+    for _ in range(calls // 10):
+        call()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best * 1e6
+
+
+def layer_calls(num_reqs: int, context: int, gen: torch.Generator) -> dict[str, Callable[[], None]]:
+    import vllm._custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    _, head_dim, heads, kv_heads = SHAPE
+    per_req = -(-context // BLOCK_SIZE)
+    num_blocks = num_reqs * per_req
+    table = torch.arange(num_blocks, dtype=torch.int32).view(num_reqs, per_req)
+    starts = torch.arange(num_reqs + 1, dtype=torch.int32)
+    lens = torch.full((num_reqs,), context, dtype=torch.int32)
+    slots = (table[:, -1].long() * BLOCK_SIZE + (context - 1) % BLOCK_SIZE).contiguous()  # this step's token
+    qkv = torch.randn(num_reqs, (heads + 2 * kv_heads) * head_dim, generator=gen).bfloat16()
+    widths = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    query, key, value = (part.view(num_reqs, -1, head_dim) for part in qkv.split(widths, dim=-1))
+    output = torch.empty(num_reqs, heads, head_dim, dtype=torch.bfloat16)
+    scale = head_dim**-0.5
+
+    bf16 = torch.randn(2, num_blocks, kv_heads, BLOCK_SIZE, head_dim, generator=gen).bfloat16()
+    isa = _get_attn_isa(torch.bfloat16, BLOCK_SIZE, head_dim, "auto")
+    plan = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=num_reqs, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, seq_lens=lens,
+        dtype=torch.bfloat16, query_start_loc=starts, causal=True, sliding_window_size=-1, isa=isa,
+        enable_kv_split=True,
+    )
+
+    def bf16_layer() -> None:
+        ops.cpu_attn_reshape_and_cache(key, value, bf16[0], bf16[1], slots, isa)
+        ops.cpu_attention_with_kv_cache(
+            query=query, key_cache=bf16[0], value_cache=bf16[1], output=output, query_start_loc=starts,
+            seq_lens=lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1, block_table=table,
+            softcap=0.0, scheduler_metadata=plan, s_aux=None,
+        )
+
+    layout = format_for("nf4", head_dim)
+    cache = torch.zeros(num_blocks, kv_heads, BLOCK_SIZE, layout.cell_bytes, dtype=torch.uint8)
+    filler = torch.randn(num_blocks * BLOCK_SIZE, kv_heads, head_dim, generator=gen)
+    cpu_kernels.store(cache, filler, filler, torch.arange(num_blocks * BLOCK_SIZE), layout)
+    transform = KVTransform(
+        torch.rand(kv_heads, head_dim, generator=gen) + 0.5, torch.randn(kv_heads, head_dim, generator=gen),
+        torch.randn(kv_heads, head_dim, generator=gen), heads,
+    )
+    transform.move_to(torch.device("cpu"))
+    kernels = cpu_kernels.LayoutKernels(layout)
+    metadata = (starts, lens, table)
+
+    def nf4_layer() -> None:
+        kernels.store(cache, key, value, slots, **transform.store_tables(cache.device))
+        kernels.attention(
+            query, cache, *metadata, scale, True, None, out=output, **transform.attention_tables(cache.device)
+        )
+
+    def nf4_transform_in_pytorch() -> None:
+        keys, values = transform.keys(key).float().contiguous(), transform.values(value).float().contiguous()
+        kernels.store(cache, keys, values, slots)
+        result = kernels.attention(transform.queries(query).float().contiguous(), cache, *metadata, scale)
+        output[:] = transform.outputs(result)
+
+    return {"bf16": bf16_layer, "nf4": nf4_layer, "nf4, transform in PyTorch": nf4_transform_in_pytorch}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if not cpu_kernels.available():
+        raise SystemExit("the C++ kernels are not available here (see the log)")
+    gen = torch.Generator().manual_seed(0)
+    name, head_dim, heads, kv_heads = SHAPE
+    lines = [
+        f"One attention layer of a decode step (store this step's K/V + attend), {name}'s shape ({heads}/"
+        f"{kv_heads} heads, d {head_dim}), bf16 model tensors, block size {BLOCK_SIZE}, "
+        f"{torch.get_num_threads()} thread(s); best of {args.repeats} means over {args.calls} calls. "
+        f"{provenance('vllm_nf4kv', 'scripts/bench_layer_calls.py')}.",
+        "",
+        "| sequences x context | bf16 (us) | nf4 (us) | nf4 / bf16 | nf4, transform in PyTorch (us) |",
+        "|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for num_reqs, context in BATCHES:
+        timings = {label: per_call_us(call, args.calls, args.repeats)
+                   for label, call in layer_calls(num_reqs, context, gen).items()}  # fmt: skip
+        row = (f"| {num_reqs} x {context} | {timings['bf16']:.1f} | {timings['nf4']:.1f} | "
+               f"{timings['nf4'] / timings['bf16']:.2f}x | {timings['nf4, transform in PyTorch']:.1f} |")
+        print(row, flush=True)
+        lines.append(row)
+    if args.out:
+        command = "OMP_NUM_THREADS=2 python scripts/bench_layer_calls.py --out docs/results/layer-calls.md"
+        Path(args.out).write_text(f"```bash\n{command}\n```\n\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
