@@ -12,11 +12,17 @@ cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), k
 sources, the generated format header, the flags, torch's version and this CPU's feature flags.
 
 ``csrc/`` by job: ``common.h`` (ISA switch, row and cell geometry, table checks),
-``rotation.h``, ``codec.h`` and ``store.cpp`` (quantize-on-write), ``decoders.h`` (pages back
-to fp32), ``attention_math.h`` (exp, scores, softmax, accumulate), ``attention.cpp`` (checks,
-tasks, scheduler), ``ops.cpp`` (registration). The format's numbers reach them through
+``head_rows.h`` (vLLM's K/V/query/output tensors in the model's dtype, the calibration applied
+on the way), ``rotation.h``, ``codec.h`` and ``store.cpp`` (quantize-on-write), ``decoders.h``
+(pages back to fp32), ``decode_step.h`` (one-query steps straight from the codes),
+``attention_math.h`` (exp, scores, softmax, accumulate), ``attention.cpp`` (checks, tasks,
+scheduler), ``ops.cpp`` (registration). The format's numbers reach them through
 ``nf4kv_format.h``, which :func:`format_header` renders from :mod:`vllm_nf4kv.format` and
 :data:`~vllm_nf4kv.kernel_limits.CPU_LIMITS` into the build directory: no C++ file retypes one.
+
+The backend holds one :class:`LayoutKernels` per layer and hands it vLLM's tensors as they
+are; :func:`store` and :func:`attention` are the same ops for callers without one (tests,
+benchmarks), checking their arguments in Python first.
 
 If they cannot be built (no C++ compiler), the backend logs why and uses the PyTorch path: the
 same cache bytes, several times slower. ``NF4KV_CPU_KERNELS=0`` forces that path, e.g. to
