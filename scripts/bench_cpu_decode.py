@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,33 +46,42 @@ def timed(calls, repeats: int) -> float:
     return best * 1e3
 
 
-def bf16_call(num_reqs: int, seq_len: int, head_dim: int, heads: int, kv_heads: int, block_size: int, gen):
-    """One layer of vLLM's bf16 CPU decode attention, as its backend calls it."""
+def vllm_bf16_attention(
+    query, key_cache, value_cache, output, starts, lens, table
+) -> tuple[Callable[[], None], str]:
+    """vLLM CPU's bf16 attention over these tensors as its backend calls it (its scheduler plan,
+    KV split on as by default): the call, and the ISA vLLM picked."""
     import vllm._custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    per_req = -(-seq_len // block_size)
-    cache = torch.randn(num_reqs * per_req, kv_heads, 2 * block_size, head_dim, generator=gen).bfloat16()
-    key_cache, value_cache = cache.chunk(2, dim=2)
-    table = torch.randperm(num_reqs * per_req, generator=gen).view(num_reqs, per_req).int()
-    starts, lens = torch.arange(num_reqs + 1).int(), torch.full((num_reqs,), seq_len).int()
-    query = torch.randn(num_reqs, heads, head_dim, generator=gen).bfloat16()
-    out = torch.empty_like(query)
+    heads, head_dim = query.shape[1:]
+    kv_heads, block_size = key_cache.shape[1:3]
     isa = _get_attn_isa(torch.bfloat16, block_size, head_dim, "auto")
     plan = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=num_reqs, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, seq_lens=lens,
+        num_reqs=lens.shape[0], num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, seq_lens=lens,
         dtype=torch.bfloat16, query_start_loc=starts, causal=True, sliding_window_size=-1, isa=isa,
         enable_kv_split=True,
     )
 
     def call() -> None:
         ops.cpu_attention_with_kv_cache(
-            query=query, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=starts,
+            query=query, key_cache=key_cache, value_cache=value_cache, output=output, query_start_loc=starts,
             seq_lens=lens, scale=head_dim**-0.5, causal=True, alibi_slopes=None, sliding_window=-1,
             block_table=table, softcap=0.0, scheduler_metadata=plan, s_aux=None,
         )
 
     return call, isa
+
+
+def bf16_call(num_reqs: int, seq_len: int, head_dim: int, heads: int, kv_heads: int, block_size: int, gen):
+    """One layer of vLLM's bf16 CPU decode attention, as its backend calls it."""
+    per_req = -(-seq_len // block_size)
+    cache = torch.randn(num_reqs * per_req, kv_heads, 2 * block_size, head_dim, generator=gen).bfloat16()
+    key_cache, value_cache = cache.chunk(2, dim=2)
+    table = torch.randperm(num_reqs * per_req, generator=gen).view(num_reqs, per_req).int()
+    starts, lens = torch.arange(num_reqs + 1).int(), torch.full((num_reqs,), seq_len).int()
+    query = torch.randn(num_reqs, heads, head_dim, generator=gen).bfloat16()
+    return vllm_bf16_attention(query, key_cache, value_cache, torch.empty_like(query), starts, lens, table)
 
 
 def nf4_call(num_reqs: int, seq_len: int, head_dim: int, heads: int, kv_heads: int, block_size: int, gen):

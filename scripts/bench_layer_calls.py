@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_cpu_decode import vllm_bf16_attention
 from provenance import provenance
 
 from vllm_nf4kv import cpu_kernels
@@ -57,7 +58,6 @@ Calls = dict[str, tuple[Callable[[], None], Callable[[], None]]]  # label -> (st
 
 def layer_calls(num_reqs: int, context: int, new: int, gen: torch.Generator) -> Calls:
     import vllm._custom_ops as ops
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     _, head_dim, heads, kv_heads = SHAPE
     per_req = -(-context // BLOCK_SIZE)
@@ -75,22 +75,10 @@ def layer_calls(num_reqs: int, context: int, new: int, gen: torch.Generator) -> 
     scale = head_dim**-0.5
 
     bf16 = torch.randn(2, num_blocks, kv_heads, BLOCK_SIZE, head_dim, generator=gen).bfloat16()
-    isa = _get_attn_isa(torch.bfloat16, BLOCK_SIZE, head_dim, "auto")
-    plan = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=num_reqs, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, seq_lens=lens,
-        dtype=torch.bfloat16, query_start_loc=starts, causal=True, sliding_window_size=-1, isa=isa,
-        enable_kv_split=True,
-    )
+    bf16_attend, isa = vllm_bf16_attention(query, bf16[0], bf16[1], output, starts, lens, table)
 
     def bf16_store() -> None:
         ops.cpu_attn_reshape_and_cache(key, value, bf16[0], bf16[1], slots, isa)
-
-    def bf16_attend() -> None:
-        ops.cpu_attention_with_kv_cache(
-            query=query, key_cache=bf16[0], value_cache=bf16[1], output=output, query_start_loc=starts,
-            seq_lens=lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1, block_table=table,
-            softcap=0.0, scheduler_metadata=plan, s_aux=None,
-        )
 
     layout = format_for("nf4", head_dim)
     cache = torch.zeros(num_blocks, kv_heads, BLOCK_SIZE, layout.cell_bytes, dtype=torch.uint8)
